@@ -1,0 +1,51 @@
+# notify: every target creates .venv and installs the pinned requirements when they are missing
+# or have changed. Settings come from the environment (and .env, for `make run`).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
+
+.PHONY: help venv run test lint format migrate topology bench clean
+
+help:
+	@echo "make run       install, create databases, migrate, declare topology, start all services"
+	@echo "make test      run the test suite against the local PostgreSQL, Redis and RabbitMQ"
+	@echo "make lint      ruff and mypy"
+	@echo "make migrate   create missing databases and apply migrations"
+	@echo "make topology  declare the RabbitMQ exchange and queues"
+	@echo "make bench     run the benchmarks and append the figures to BENCHMARKS.md"
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP)
+
+run: venv
+	$(BIN)/python -m scripts.run_local
+
+test: venv
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+migrate: venv
+	$(BIN)/python -m common.migrate
+
+topology: venv
+	$(BIN)/python -m topology
+
+bench: venv
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

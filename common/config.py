@@ -1,0 +1,209 @@
+"""Configuration: one frozen dataclass, read once from the environment.
+
+Defaults are the ones in DESIGN.md, for a machine running PostgreSQL, Redis and RabbitMQ locally.
+A malformed value stops the process with a message naming the variable, before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+SMTP_TLS_MODES = ("none", "starttls", "tls")
+EMAIL_PROVIDER_NAMES = ("smtp", "sendgrid", "mailgun")
+LOG_FORMATS = ("json", "text")
+QUEUE_TYPES = ("classic", "quorum")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    users_db_url: str = "postgresql://postgres@127.0.0.1:5432/users_db"
+    templates_db_url: str = "postgresql://postgres@127.0.0.1:5432/templates_db"
+    notifications_db_url: str = "postgresql://postgres@127.0.0.1:5432/notifications_db"
+    user_service_url: str = "http://127.0.0.1:8001"
+    template_service_url: str = "http://127.0.0.1:8002"
+    gateway_api_keys: tuple[str, ...] = ()
+    internal_api_token: str = ""
+    jwt_secret: str = ""
+    jwt_ttl_seconds: int = 3600
+    host: str = "127.0.0.1"
+    port: int | None = None
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 1025
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_tls: str = "none"
+    smtp_timeout: float = 10.0
+    smtp_pool_size: int = 8
+    email_from: str = "notify@localhost"
+    email_providers: tuple[str, ...] = ("smtp",)
+    sendgrid_api_key: str | None = None
+    sendgrid_base_url: str = "https://api.sendgrid.com"
+    mailgun_api_key: str | None = None
+    mailgun_domain: str | None = None
+    mailgun_base_url: str = "https://api.mailgun.net"
+    fcm_credentials_file: str | None = None
+    fcm_base_url: str = "https://fcm.googleapis.com"
+    fcm_token_url: str = "https://oauth2.googleapis.com/token"
+    onesignal_app_id: str | None = None
+    onesignal_api_key: str | None = None
+    onesignal_base_url: str = "https://api.onesignal.com"
+    vapid_private_key: str | None = None
+    vapid_subject: str | None = None
+    retry_delays: tuple[float, ...] = (1.0, 5.0, 25.0, 125.0, 625.0)
+    worker_prefetch: int = 32
+    queue_type: str = "classic"
+    http_timeout: float = 10.0
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.retry_delays) + 1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f.name.upper()
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            parser = _PARSERS.get(f.name, _str)
+            try:
+                values[f.name] = parser(raw.strip())
+            except ValueError as exc:
+                raise ConfigError(f"{name}={raw!r} is not valid: {exc}") from None
+        return cls(**values)
+
+    def require(self, *names: str) -> None:
+        """Refuse to start without the settings this service cannot work without."""
+        missing = [n.upper() for n in names if not getattr(self, n)]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)} must be set for this service")
+
+
+def _str(raw: str) -> str:
+    return raw
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise ValueError("must be a port number between 1 and 65535")
+    return value
+
+
+def _csv(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _providers(raw: str) -> tuple[str, ...]:
+    names = tuple(p.lower() for p in _csv(raw))
+    unknown = [n for n in names if n not in EMAIL_PROVIDER_NAMES]
+    if unknown or not names:
+        raise ValueError(f"each provider must be one of {', '.join(EMAIL_PROVIDER_NAMES)}")
+    return names
+
+
+def _delays(raw: str) -> tuple[float, ...]:
+    delays = tuple(_positive_float(p) for p in _csv(raw))
+    if not delays:
+        raise ValueError("needs at least one delay in seconds")
+    return delays
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"must be a {' or '.join(schemes)} URL with a host")
+        return raw.rstrip("/") if parts.scheme.startswith("http") else raw
+
+    return parse
+
+
+def _log_level(raw: str) -> str:
+    value = raw.upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return value
+
+
+_http = _url("http", "https")
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "rabbitmq_url": _url("amqp", "amqps"),
+    "redis_url": _url("redis", "rediss"),
+    "users_db_url": _url("postgresql", "postgres"),
+    "templates_db_url": _url("postgresql", "postgres"),
+    "notifications_db_url": _url("postgresql", "postgres"),
+    "user_service_url": _http,
+    "template_service_url": _http,
+    "gateway_api_keys": _csv,
+    "jwt_ttl_seconds": _positive_int,
+    "port": _port,
+    "smtp_port": _port,
+    "smtp_tls": _one_of(SMTP_TLS_MODES),
+    "smtp_timeout": _positive_float,
+    "smtp_pool_size": _positive_int,
+    "email_providers": _providers,
+    "sendgrid_base_url": _http,
+    "mailgun_base_url": _http,
+    "fcm_base_url": _http,
+    "fcm_token_url": _http,
+    "onesignal_base_url": _http,
+    "retry_delays": _delays,
+    "worker_prefetch": _positive_int,
+    "queue_type": _one_of(QUEUE_TYPES),
+    "http_timeout": _positive_float,
+    "log_level": _log_level,
+    "log_format": _one_of(LOG_FORMATS),
+}
+
+
+def load_config(*required: str) -> Config:
+    """Read the environment once, for a service's main(); exit 2 with a clear message on error."""
+    try:
+        config = Config.from_env()
+        config.require(*required)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return config

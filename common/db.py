@@ -1,0 +1,199 @@
+"""PostgreSQL access (aiopg). Every query in the project goes through this module.
+
+Queries use psycopg2's `%s` placeholders. Rows come back as dicts; jsonb is decoded with orjson
+and uuid columns as `uuid.UUID`, both of which the envelope serialises as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiopg
+import orjson
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+psycopg2.extras.register_uuid()
+psycopg2.extras.register_default_jsonb(loads=orjson.loads, globally=True)
+
+# Re-exported so services can catch driver errors without importing the driver.
+UniqueViolation = psycopg2.errors.UniqueViolation
+DatabaseError = psycopg2.Error
+OperationalError = psycopg2.OperationalError
+
+Row = dict[str, Any]
+
+
+class Json(psycopg2.extras.Json):
+    """A jsonb parameter, dumped with orjson."""
+
+    def dumps(self, obj: Any) -> str:
+        return orjson.dumps(obj).decode()
+
+
+psycopg2.extensions.register_adapter(dict, Json)
+
+
+def _dsn(url: str) -> str:
+    # libpq wants "postgresql://"; accept the "postgres://" spelling too.
+    return "postgresql://" + url.split("://", 1)[1]
+
+
+def database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def _params(args: tuple[Any, ...]) -> Any:
+    # One dict argument means %(name)s placeholders; otherwise positional %s.
+    if len(args) == 1 and isinstance(args[0], dict):
+        return args[0]
+    return args or None
+
+
+class Executor:
+    """Query helpers over one cursor source: the pool, or a connection inside a transaction."""
+
+    def __init__(self, cursor_source: Any) -> None:
+        # A callable returning an async context manager that yields a cursor.
+        self._cursor = cursor_source
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        async with self._cursor() as cur:
+            await cur.execute(sql, _params(args))
+            return [dict(r) for r in await cur.fetchall()]
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        async with self._cursor() as cur:
+            await cur.execute(sql, _params(args))
+            row = await cur.fetchone()
+            return dict(row) if row is not None else None
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        row = await self.fetchrow(sql, *args)
+        return next(iter(row.values())) if row else None
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        async with self._cursor() as cur:
+            await cur.execute(sql, _params(args))
+            return int(cur.rowcount)
+
+
+class Database(Executor):
+    def __init__(self, pool: aiopg.Pool) -> None:
+        self.pool = pool
+        super().__init__(self._pool_cursor)
+
+    @asynccontextmanager
+    async def _pool_cursor(self) -> AsyncIterator[Any]:
+        async with self.pool.acquire() as conn:
+            async with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+                yield cur
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Executor]:
+        async with self.pool.acquire() as conn:
+            async with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+                await cur.execute("BEGIN")
+                try:
+                    yield _TxExecutor(cur)
+                except BaseException:
+                    await cur.execute("ROLLBACK")
+                    raise
+                await cur.execute("COMMIT")
+
+    async def ping(self) -> None:
+        await self.fetchval("SELECT 1")
+
+    async def close(self) -> None:
+        self.pool.close()
+        await self.pool.wait_closed()
+
+
+class _TxExecutor(Executor):
+    def __init__(self, cur: Any) -> None:
+        @asynccontextmanager
+        async def same_cursor() -> AsyncIterator[Any]:
+            yield cur
+
+        super().__init__(same_cursor)
+
+
+async def connect(url: str, minsize: int = 1, maxsize: int = 10) -> Database:
+    pool = await aiopg.create_pool(
+        _dsn(url), minsize=minsize, maxsize=maxsize, timeout=10, enable_hstore=False
+    )
+    return Database(pool)
+
+
+async def create_database(url: str) -> bool:
+    """Create the database named in `url` when it does not exist; True when it was created."""
+    name = database_name(url)
+    parts = urlsplit(_dsn(url))
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    async with aiopg.connect(admin, timeout=10, enable_hstore=False) as conn, conn.cursor() as cur:
+        await cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        if await cur.fetchone():
+            return False
+        try:
+            await cur.execute(f'CREATE DATABASE "{name}"')
+        except psycopg2.errors.DuplicateDatabase:
+            return False  # created by a concurrent runner
+        return True
+
+
+async def drop_database(url: str) -> None:
+    name = database_name(url)
+    parts = urlsplit(_dsn(url))
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    async with aiopg.connect(admin, timeout=10, enable_hstore=False) as conn, conn.cursor() as cur:
+        await cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def migrate(url: str, schema: str) -> list[str]:
+    """Apply migrations/<schema>/NNN_name.sql not yet applied, in order, each once.
+
+    `schema` names the folder (users_db, templates_db, notifications_db); `url` may name a
+    database of any name, so tests can migrate their own copies. Returns the files applied.
+    """
+    await create_database(url)
+    files = sorted((MIGRATIONS_DIR / schema).glob("[0-9][0-9][0-9]_*.sql"))
+    applied: list[str] = []
+    async with aiopg.connect(_dsn(url), timeout=10, enable_hstore=False) as conn, conn.cursor() as cur:
+        # Two runners starting together (make run, several containers) must not both apply.
+        await cur.execute("SELECT pg_advisory_lock(72616001)")
+        try:
+            await cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            await cur.execute("SELECT name FROM schema_migrations")
+            done = {r[0] for r in await cur.fetchall()}
+            for path in files:
+                if path.name in done:
+                    continue
+                await cur.execute("BEGIN")
+                try:
+                    await cur.execute(path.read_text())
+                    await cur.execute(
+                        "INSERT INTO schema_migrations (name) VALUES (%s)", (path.name,)
+                    )
+                except BaseException:
+                    await cur.execute("ROLLBACK")
+                    raise
+                await cur.execute("COMMIT")
+                applied.append(path.name)
+                log.info("applied migration %s/%s", schema, path.name)
+        finally:
+            await cur.execute("SELECT pg_advisory_unlock(72616001)")
+    return applied

@@ -1,0 +1,308 @@
+"""What every service shares over HTTP: the envelope, errors, middlewares, /health, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from common.config import Config
+from common.db import OperationalError
+from common.logs import correlation_id_var, install_record_factory
+from common.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = web.AppKey("config", Config)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+HEALTH_KEY = web.AppKey("health_checks", dict)
+SERVICE_KEY = web.AppKey("service", str)
+
+CORRELATION_HEADER = "X-Correlation-ID"
+_CORRELATION_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class ApiError(Exception):
+    """A domain error with its HTTP status and stable machine code."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.data = data
+        self.headers = headers
+
+
+def validation_error(fields: Mapping[str, str]) -> ApiError:
+    names = ", ".join(fields)
+    return ApiError(400, "validation_error", f"Invalid fields: {names}.", data={"fields": fields})
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, "not_found", f"{what} was not found.")
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+
+
+def json_response(
+    data: Any = None,
+    message: str = "",
+    *,
+    status: int = 200,
+    meta: Mapping[str, Any] | None = None,
+    error: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    body = {
+        "success": error is None,
+        "data": data,
+        "error": error,
+        "message": message,
+        "meta": meta,
+    }
+    return web.Response(
+        body=dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def page_meta(total: int, limit: int, page: int) -> dict[str, Any]:
+    total_pages = (total + limit - 1) // limit
+    return {
+        "total": total,
+        "limit": limit,
+        "page": page,
+        "total_pages": total_pages,
+        "has_next": page < total_pages,
+        "has_previous": page > 1,
+    }
+
+
+def paging(request: web.Request, max_limit: int = 100) -> tuple[int, int]:
+    errors: dict[str, str] = {}
+    values: dict[str, int] = {}
+    for name, default, upper in (("page", 1, 1_000_000), ("limit", 20, max_limit)):
+        raw = request.query.get(name, str(default))
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            errors[name] = "must be a whole number"
+            continue
+        if not 1 <= values[name] <= upper:
+            errors[name] = f"must be between 1 and {upper}"
+    if errors:
+        raise validation_error(errors)
+    return values["page"], values["limit"]
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
+    return body
+
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable_entity",
+    429: "rate_limited",
+    503: "service_unavailable",
+}
+
+
+@web.middleware
+async def correlation_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    incoming = request.headers.get(CORRELATION_HEADER, "")
+    correlation_id = incoming if _CORRELATION_RE.match(incoming) else uuid.uuid4().hex
+    token = correlation_id_var.set(correlation_id)
+    try:
+        response = await handler(request)
+    finally:
+        correlation_id_var.reset(token)
+    response.headers[CORRELATION_HEADER] = correlation_id
+    return response
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return json_response(
+            exc.data, exc.message, status=exc.status, error=exc.code, headers=exc.headers
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _STATUS_CODES.get(exc.status, "error")
+        message = {
+            404: f"No route for {request.method} {request.path}.",
+            405: f"{request.method} is not allowed on {request.path}.",
+            413: "The request body is too large.",
+        }.get(exc.status, exc.reason)
+        return json_response(None, message, status=exc.status, error=code)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
+        # A dependency (database, broker, another service) did not answer: not our bug, and
+        # the caller can try again. Logged once with the correlation id.
+        log.warning("dependency unavailable: %s: %s", type(exc).__name__, exc)
+        return json_response(
+            None,
+            "A dependency is unavailable; please retry shortly.",
+            status=503,
+            error="service_unavailable",
+            headers={"Retry-After": "1"},
+        )
+    except Exception as exc:
+        if _is_db_unavailable(exc):
+            log.warning("database unavailable: %s", exc)
+            return json_response(
+                None,
+                "The database is unavailable; please retry shortly.",
+                status=503,
+                error="service_unavailable",
+                headers={"Retry-After": "1"},
+            )
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return json_response(None, "Internal error.", status=500, error="internal_error")
+
+
+def _is_db_unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, OperationalError)
+
+
+def metrics_middleware(metrics: Metrics) -> Any:
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            info = request.match_info.route.resource
+            route = info.canonical if info is not None else "unmatched"
+            metrics.http_requests.labels(request.method, route, str(status)).inc()
+            metrics.http_latency.labels(request.method, route).observe(
+                time.perf_counter() - started
+            )
+
+    return middleware
+
+
+# A check raises when its dependency is down. `critical` decides 503 (critical) or "degraded".
+HealthCheck = Callable[[], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Check:
+    probe: HealthCheck
+    critical: bool = True
+
+
+async def health(request: web.Request) -> web.Response:
+    """Readiness: each dependency probed with a short timeout; 503 names the one that is down."""
+    checks: dict[str, Check] = request.app[HEALTH_KEY]
+
+    async def run(check: Check) -> str:
+        try:
+            await asyncio.wait_for(check.probe(), timeout=2)
+        except Exception as exc:  # noqa: BLE001 - any failure means "down", reported by name
+            return f"down: {type(exc).__name__}: {exc}"[:300]
+        return "ok"
+
+    results = dict(zip(checks, await asyncio.gather(*(run(c) for c in checks.values())), strict=True))
+    down = [name for name, result in results.items() if result != "ok"]
+    critical_down = [name for name in down if checks[name].critical]
+    status = "unavailable" if critical_down else "degraded" if down else "ok"
+    message = (
+        f"Unavailable: {', '.join(critical_down)} down."
+        if critical_down
+        else f"Degraded: {', '.join(down)} down." if down else "All dependencies are up."
+    )
+    data = {"service": request.app[SERVICE_KEY], "status": status, "checks": results}
+    return json_response(
+        data, message, status=503 if critical_down else 200,
+        error="service_unavailable" if critical_down else None,
+    )
+
+
+async def liveness(request: web.Request) -> web.Response:
+    return json_response({"service": request.app[SERVICE_KEY], "status": "alive"}, "alive")
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS_KEY].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def base_app(service: str, config: Config, *, client_max_size: int = 1024**2) -> web.Application:
+    """An application with the shared middlewares and the /health, /metrics routes."""
+    install_record_factory()
+    metrics = Metrics()
+    app = web.Application(
+        middlewares=[correlation_middleware, metrics_middleware(metrics), error_middleware],
+        client_max_size=client_max_size,
+    )
+    app[SERVICE_KEY] = service
+    app[CONFIG_KEY] = config
+    app[METRICS_KEY] = metrics
+    app[HEALTH_KEY] = {}
+    app.router.add_get("/health", health)
+    app.router.add_get("/health/live", liveness)
+    app.router.add_get("/metrics", metrics_view)
+    return app
+
+
+def outgoing_headers(token: str | None = None) -> dict[str, str]:
+    """Headers for a call to another service: the correlation id, and the internal token."""
+    headers = {}
+    correlation_id = correlation_id_var.get()
+    if correlation_id:
+        headers[CORRELATION_HEADER] = correlation_id
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def run(app: web.Application, config: Config, default_port: int) -> None:
+    port = config.port or default_port
+    print(f"{app[SERVICE_KEY]} listening on http://{config.host}:{port}", flush=True)
+    web.run_app(app, host=config.host, port=port, print=None, shutdown_timeout=15)

@@ -1,0 +1,212 @@
+"""The shared status store (notifications_db): every notification's state and its history.
+
+The gateway writes a notification before publishing it; workers move it through
+sending → retrying → delivered | failed. Each change also appends a history event, in the same
+statement, so the record and its history cannot disagree.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from common.db import Database, Executor, Row
+
+FINAL_STATUSES = ("delivered", "failed", "skipped")
+STATUSES = ("pending", "sending", "retrying", "delivered", "failed", "skipped")
+
+_PUBLIC_COLUMNS = (
+    "id, request_id, user_id, notification_type, template_code, template_version, language, "
+    "variables, metadata, priority, status, attempts, error, provider, correlation_id, "
+    "publish_pending, created_at, updated_at, delivered_at"
+)
+
+
+@dataclass(frozen=True)
+class NewNotification:
+    id: uuid.UUID
+    client_id: str
+    request_id: str
+    body_hash: str
+    user_id: uuid.UUID
+    notification_type: str
+    template_code: str
+    language: str | None
+    priority: int
+    correlation_id: str
+    status: str = "pending"
+    error: str | None = None
+    variables: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class StatusStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create(self, n: NewNotification) -> Row | None:
+        """Insert, unless (client_id, request_id) exists: then None, and nothing is written."""
+        values = asdict(n)
+        values["publish_pending"] = n.status == "pending"
+        return await self.db.fetchrow(
+            f"""
+            WITH n AS (
+                INSERT INTO notifications (id, client_id, request_id, body_hash, user_id,
+                    notification_type, template_code, language, variables, metadata, priority,
+                    status, error, correlation_id, publish_pending)
+                VALUES (%(id)s, %(client_id)s, %(request_id)s, %(body_hash)s, %(user_id)s,
+                    %(notification_type)s, %(template_code)s, %(language)s, %(variables)s,
+                    %(metadata)s, %(priority)s, %(status)s, %(error)s, %(correlation_id)s,
+                    %(publish_pending)s)
+                ON CONFLICT (client_id, request_id) DO NOTHING
+                RETURNING {_PUBLIC_COLUMNS}
+            ), e AS (
+                INSERT INTO notification_events (notification_id, status, detail)
+                SELECT id, status, error FROM n
+            )
+            SELECT * FROM n
+            """,
+            values,
+        )
+
+    async def by_request(self, client_id: str, request_id: str) -> Row | None:
+        return await self.db.fetchrow(
+            f"SELECT {_PUBLIC_COLUMNS}, body_hash FROM notifications"
+            " WHERE client_id = %s AND request_id = %s",
+            client_id,
+            request_id,
+        )
+
+    async def get(self, notification_id: uuid.UUID) -> Row | None:
+        return await self.db.fetchrow(
+            f"SELECT {_PUBLIC_COLUMNS} FROM notifications WHERE id = %s", notification_id
+        )
+
+    async def history(self, notification_id: uuid.UUID) -> list[Row]:
+        return await self.db.fetch(
+            "SELECT status, attempt, provider, device, detail, created_at"
+            " FROM notification_events WHERE notification_id = %s ORDER BY id",
+            notification_id,
+        )
+
+    async def list(
+        self, *, user_id: uuid.UUID | None, status: str | None, page: int, limit: int
+    ) -> tuple[list[Row], int]:
+        where, args = [], []
+        if user_id is not None:
+            where.append("user_id = %s")
+            args.append(user_id)
+        if status is not None:
+            where.append("status = %s")
+            args.append(status)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        total = await self.db.fetchval(f"SELECT count(*) FROM notifications {clause}", *args)
+        rows = await self.db.fetch(
+            f"SELECT {_PUBLIC_COLUMNS} FROM notifications {clause}"
+            " ORDER BY created_at DESC, id LIMIT %s OFFSET %s",
+            *args,
+            limit,
+            (page - 1) * limit,
+        )
+        return rows, int(total or 0)
+
+    async def mark_published(self, notification_id: uuid.UUID, db: Executor | None = None) -> None:
+        await (db or self.db).execute(
+            "UPDATE notifications SET publish_pending = false WHERE id = %s", notification_id
+        )
+
+    async def claim(self, notification_id: uuid.UUID, attempt: int) -> Row | None:
+        """Mark an attempt as started; None when the notification is final or unknown."""
+        return await self.db.fetchrow(
+            f"""
+            WITH n AS (
+                UPDATE notifications
+                SET status = 'sending', attempts = %s, updated_at = now()
+                WHERE id = %s AND status NOT IN ('delivered', 'failed', 'skipped')
+                RETURNING {_PUBLIC_COLUMNS}
+            ), e AS (
+                INSERT INTO notification_events (notification_id, status, attempt)
+                SELECT id, 'sending', attempts FROM n
+            )
+            SELECT * FROM n
+            """,
+            attempt,
+            notification_id,
+        )
+
+    async def record(
+        self,
+        notification_id: uuid.UUID,
+        status: str,
+        *,
+        attempt: int | None = None,
+        error: str | None = None,
+        provider: str | None = None,
+        device: str | None = None,
+        template_version: int | None = None,
+        language: str | None = None,
+    ) -> bool:
+        """Move to `status`, keeping the reason and provider; appends the history event."""
+        row = await self.db.fetchrow(
+            """
+            WITH n AS (
+                UPDATE notifications SET
+                    status = %(status)s,
+                    attempts = coalesce(%(attempt)s, attempts),
+                    error = CASE WHEN %(status)s = 'delivered' THEN NULL
+                                 ELSE coalesce(%(error)s, error) END,
+                    provider = coalesce(%(provider)s, provider),
+                    template_version = coalesce(%(template_version)s, template_version),
+                    language = coalesce(%(language)s, language),
+                    delivered_at = CASE WHEN %(status)s = 'delivered' THEN now()
+                                        ELSE delivered_at END,
+                    updated_at = now()
+                WHERE id = %(id)s
+                RETURNING id, attempts
+            )
+            INSERT INTO notification_events
+                (notification_id, status, attempt, provider, device, detail)
+            SELECT id, %(status)s, attempts, %(provider)s, %(device)s, %(error)s FROM n
+            RETURNING notification_id
+            """,
+            {
+                "id": notification_id,
+                "status": status,
+                "attempt": attempt,
+                "error": error,
+                "provider": provider,
+                "device": device,
+                "template_version": template_version,
+                "language": language,
+            },
+        )
+        return row is not None
+
+    async def requeue_failed(self, notification_id: uuid.UUID) -> Row | None:
+        """A failed notification back to pending, for a manual retry; None if not failed."""
+        return await self.db.fetchrow(
+            f"""
+            WITH n AS (
+                UPDATE notifications
+                SET status = 'pending', publish_pending = true, updated_at = now()
+                WHERE id = %s AND status = 'failed'
+                RETURNING {_PUBLIC_COLUMNS}
+            ), e AS (
+                INSERT INTO notification_events (notification_id, status, attempt, detail)
+                SELECT id, 'pending', attempts, 'manual retry' FROM n
+            )
+            SELECT * FROM n
+            """,
+            notification_id,
+        )
+
+    async def unpublished(self, db: Executor, older_than: float, limit: int) -> list[Row]:
+        """Rows accepted but not confirmed by the broker, oldest first; locked for this relay."""
+        return await db.fetch(
+            f"SELECT {_PUBLIC_COLUMNS} FROM notifications"
+            " WHERE publish_pending AND updated_at < now() - make_interval(secs => %s)"
+            " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED",
+            older_than,
+            limit,
+        )

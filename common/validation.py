@@ -1,0 +1,117 @@
+"""Small validators that collect every bad field, so one 400 names them all."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from typing import Any
+
+from common.http import validation_error
+
+EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.[A-Za-z]{2,63}$")
+LANGUAGE_RE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
+CODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class Fields:
+    """Collects field errors; `check()` raises one validation error naming each of them."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.errors: dict[str, str] = {}
+
+    def error(self, name: str, message: str) -> None:
+        self.errors.setdefault(name, message)
+
+    def check(self) -> None:
+        if self.errors:
+            raise validation_error(self.errors)
+
+    def unknown(self, allowed: set[str]) -> None:
+        for name in self.body:
+            if name not in allowed:
+                self.error(name, "is not a known field")
+
+    def string(
+        self, name: str, *, required: bool = True, max_len: int = 255, min_len: int = 1,
+        pattern: re.Pattern[str] | None = None, hint: str = "",
+    ) -> str | None:
+        value = self.body.get(name)
+        if value is None:
+            if required:
+                self.error(name, "is required")
+            return None
+        if not isinstance(value, str):
+            self.error(name, "must be a string")
+            return None
+        if not min_len <= len(value) <= max_len:
+            self.error(name, f"must be {min_len} to {max_len} characters long")
+            return None
+        if pattern is not None and not pattern.match(value):
+            self.error(name, hint or "has an invalid format")
+            return None
+        return value
+
+    def email(self, name: str, *, required: bool = True) -> str | None:
+        value = self.string(name, required=required, max_len=254)
+        if value is not None and not EMAIL_RE.match(value):
+            self.error(name, "must be a valid email address")
+            return None
+        return value
+
+    def uuid(self, name: str, *, required: bool = True) -> uuid.UUID | None:
+        value = self.string(name, required=required, max_len=36)
+        if value is None:
+            return None
+        return parse_uuid(value, lambda: self.error(name, "must be a UUID"))
+
+    def integer(self, name: str, *, default: int, low: int, high: int) -> int:
+        value = self.body.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.error(name, f"must be a whole number from {low} to {high}")
+            return default
+        return value
+
+    def boolean(self, name: str, *, required: bool = True) -> bool | None:
+        value = self.body.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, bool):
+            self.error(name, "must be true or false")
+            return None
+        return value
+
+    def object(self, name: str, *, required: bool = False) -> dict[str, Any]:
+        value = self.body.get(name)
+        if value is None:
+            if required:
+                self.error(name, "is required")
+            return {}
+        if not isinstance(value, dict):
+            self.error(name, "must be a JSON object")
+            return {}
+        return value
+
+
+def parse_uuid(value: str, on_error: Any = None) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        if on_error is not None:
+            on_error()
+        return None
+
+
+def b64url_decode(value: str) -> bytes | None:
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def normalize_language(value: str) -> str:
+    """`pt_br`, `PT-br` → `pt-BR`: the form stored and matched."""
+    parts = value.replace("_", "-").split("-")
+    return "-".join([parts[0].lower(), *(p.upper() if len(p) == 2 else p for p in parts[1:])])

@@ -1,0 +1,256 @@
+"""The one consumer loop both workers run. A worker module supplies only its delivery step.
+
+For each message: parse it → claim the notification in the status store (a notification that is
+already final is acknowledged and not sent again) → deliver → record the outcome. A transient
+failure moves the message to the retry queue for its attempt; a permanent one, or the last
+attempt, marks it failed and puts a copy in failed.queue with the reason in its headers.
+Every message is settled exactly once, by the `message.process()` block around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+from aiohttp import web
+
+from common import amqp, db
+from common.config import Config
+from common.http import CONFIG_KEY, METRICS_KEY
+from common.logs import log_context
+from common.metrics import Metrics
+from common.resources import Broker
+from common.store import StatusStore
+
+log = logging.getLogger("worker")
+
+SHUTDOWN_GRACE = 20.0
+STORE_OUTAGE_BACKOFF = 1.0
+
+
+class DeliveryError(Exception):
+    """A delivery attempt failed; `transient` decides retry queue or failed."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        transient: bool,
+        provider: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+        self.provider = provider
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Job:
+    notification_id: uuid.UUID
+    attempt: int
+    body: dict[str, Any]
+    record: dict[str, Any]
+
+
+@dataclass
+class Delivered:
+    provider: str
+    template_version: int | None = None
+    language: str | None = None
+    detail: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Deliver = Callable[[Job], Awaitable[Delivered]]
+
+
+class Worker:
+    def __init__(
+        self,
+        channel: str,
+        config: Config,
+        store: StatusStore,
+        broker: Broker,
+        metrics: Metrics,
+        deliver: Deliver,
+    ) -> None:
+        self.channel = channel
+        self.config = config
+        self.store = store
+        self.broker = broker
+        self.metrics = metrics
+        self.deliver = deliver
+        self.in_flight: set[asyncio.Task[None]] = set()
+
+    async def consume(self) -> None:
+        queue = await self.broker.channel.get_queue(amqp.work_queue(self.channel), ensure=False)
+        async with queue.iterator() as messages:
+            async for message in messages:
+                # Prefetch bounds how many run at once: the broker sends no more than that.
+                task = asyncio.create_task(self.handle(message))
+                self.in_flight.add(task)
+                task.add_done_callback(self.in_flight.discard)
+
+    async def drain(self, timeout: float) -> None:
+        if self.in_flight:
+            log.info("waiting for %d message(s) in flight", len(self.in_flight))
+            await asyncio.wait(self.in_flight, timeout=timeout)
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        gauge = self.metrics.in_flight.labels(self.channel)
+        gauge.inc()
+        try:
+            async with message.process(requeue=False, ignore_processed=True):
+                await self._process(message)
+        except Exception:  # noqa: BLE001 - already logged; the message was settled above
+            pass
+        finally:
+            gauge.dec()
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        try:
+            body = orjson.loads(message.body)
+            notification_id = uuid.UUID(str(body["notification_id"]))
+            attempt = int(body.get("attempt", 1))
+        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+            await self._poison(message, f"unparseable message: {type(exc).__name__}: {exc}")
+            return
+        correlation_id = body.get("correlation_id") or (message.headers or {}).get("x-correlation-id")
+        with log_context(str(correlation_id) if correlation_id else None, str(notification_id)):
+            try:
+                await self._attempt(message, body, notification_id, attempt)
+            except db.DatabaseError as exc:
+                # Without the store nothing can be recorded: hand the message back and slow down.
+                log.warning("status store unavailable, message requeued: %s", exc)
+                await asyncio.sleep(STORE_OUTAGE_BACKOFF)
+                await message.nack(requeue=True)
+            except Exception:
+                log.exception("unexpected error; message dead-lettered to failed.queue")
+                await self.store.record(notification_id, "failed", error="internal error in worker")
+                self.metrics.failed.labels(self.channel, "internal").inc()
+                raise  # process() rejects it; the work queue dead-letters it to failed.queue
+
+    async def _attempt(
+        self, message: AbstractIncomingMessage, body: dict[str, Any],
+        notification_id: uuid.UUID, attempt: int,
+    ) -> None:
+        record = await self.store.claim(notification_id, attempt)
+        if record is None:
+            existing = await self.store.get(notification_id)
+            if existing is None:
+                await self._poison(message, "unknown notification_id")
+            else:
+                self.metrics.duplicates.labels(self.channel).inc()
+                log.info("already %s: acknowledged without sending again", existing["status"])
+            return
+        started = time.perf_counter()
+        try:
+            delivered = await self.deliver(Job(notification_id, attempt, body, record))
+        except DeliveryError as exc:
+            await self._failed_attempt(message, body, notification_id, attempt, exc)
+            return
+        finally:
+            self.metrics.delivery_latency.labels(self.channel).observe(time.perf_counter() - started)
+        await self.store.record(
+            notification_id, "delivered", provider=delivered.provider, error=delivered.detail,
+            template_version=delivered.template_version, language=delivered.language,
+        )
+        self.metrics.delivered.labels(self.channel, delivered.provider).inc()
+        created = record.get("created_at")
+        if created is not None:
+            self.metrics.end_to_end_latency.labels(self.channel).observe(
+                max(0.0, time.time() - created.timestamp())
+            )
+        log.info("delivered by %s on attempt %d", delivered.provider, attempt)
+
+    async def _failed_attempt(
+        self, message: AbstractIncomingMessage, body: dict[str, Any],
+        notification_id: uuid.UUID, attempt: int, exc: DeliveryError,
+    ) -> None:
+        if exc.transient and attempt < self.config.max_attempts:
+            # Published before the status changes: a crash in between leaves a duplicate
+            # message, which the claim step turns into a no-op, never a lost one.
+            await amqp.publish(
+                self.broker.channel.default_exchange,
+                amqp.retry_queue(self.channel, attempt),
+                {**body, "attempt": attempt + 1},
+                correlation_id=body.get("correlation_id"),
+                priority=message.priority or 0,
+                message_id=str(notification_id),
+                headers={"x-last-error": exc.reason[:500]},
+            )
+            await self.store.record(
+                notification_id, "retrying", error=exc.reason, provider=exc.provider
+            )
+            self.metrics.retried.labels(self.channel).inc()
+            log.warning(
+                "attempt %d failed (%s); retry %d in %gs", attempt, exc.reason, attempt,
+                self.config.retry_delays[attempt - 1],
+            )
+            return
+        reason = exc.reason if not exc.transient else f"retries exhausted: {exc.reason}"
+        await self.store.record(notification_id, "failed", error=reason, provider=exc.provider)
+        await self._dead_letter(message.body, reason, notification_id, attempt, message.priority)
+        self.metrics.failed.labels(self.channel, "transient" if exc.transient else "permanent").inc()
+        log.error("failed after %d attempt(s): %s", attempt, reason)
+
+    async def _poison(self, message: AbstractIncomingMessage, reason: str) -> None:
+        await self._dead_letter(message.body, reason, None, 0, message.priority)
+        self.metrics.failed.labels(self.channel, "poison").inc()
+        log.error("poison message moved to failed.queue: %s", reason)
+
+    async def _dead_letter(
+        self, raw: bytes, reason: str, notification_id: uuid.UUID | None,
+        attempts: int, priority: int | None,
+    ) -> None:
+        headers = {
+            "x-failure-reason": reason[:1000],
+            "x-channel": self.channel,
+            "x-attempts": attempts,
+            "x-failed-at": int(time.time()),
+        }
+        if notification_id is not None:
+            headers["x-notification-id"] = str(notification_id)
+        await self.broker.exchange.publish(
+            aio_pika.Message(
+                raw, content_type="application/json", headers=headers,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT, priority=priority or 0,
+            ),
+            routing_key=amqp.FAILED_ROUTING_KEY,
+            timeout=10,
+        )
+
+
+def consumer(
+    channel: str,
+    store_key: web.AppKey[StatusStore],
+    broker_key: web.AppKey[Broker],
+    deliver_factory: Callable[[web.Application], Deliver],
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context running the consumer; on shutdown it stops taking messages, lets the
+    ones in flight finish, then returns (the connection closes after it)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        worker = Worker(
+            channel, app[CONFIG_KEY], app[store_key], app[broker_key], app[METRICS_KEY],
+            deliver_factory(app),
+        )
+        task = asyncio.create_task(worker.consume(), name=f"{channel}-consumer")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await worker.drain(SHUTDOWN_GRACE)
+
+    return ctx

@@ -1,0 +1,90 @@
+"""SMTP provider (aiosmtplib) with a small pool of reused connections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiosmtplib
+
+from common.config import Config
+from common.worker import DeliveryError
+from providers.email import OutgoingEmail
+
+log = logging.getLogger("providers.smtp")
+
+
+def classify(exc: BaseException) -> DeliveryError:
+    """SMTP 4xx and connection trouble are transient; 5xx is permanent."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        codes = [r.code for r in exc.recipients]
+        text = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
+        return DeliveryError(f"SMTP {text}", transient=all(400 <= c < 500 for c in codes), provider="smtp")
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code > 0:
+        return DeliveryError(f"SMTP {exc.code} {exc.message}", transient=exc.code < 500, provider="smtp")
+    return DeliveryError(f"SMTP connection failed: {type(exc).__name__}: {exc}", transient=True, provider="smtp")
+
+
+class SmtpProvider:
+    name = "smtp"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._idle: asyncio.LifoQueue[aiosmtplib.SMTP] = asyncio.LifoQueue()
+        self._slots = asyncio.Semaphore(config.smtp_pool_size)
+
+    def _client(self) -> aiosmtplib.SMTP:
+        c = self.config
+        return aiosmtplib.SMTP(
+            hostname=c.smtp_host,
+            port=c.smtp_port,
+            username=c.smtp_username,
+            password=c.smtp_password,
+            use_tls=c.smtp_tls == "tls",
+            start_tls=True if c.smtp_tls == "starttls" else False,
+            timeout=c.smtp_timeout,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[aiosmtplib.SMTP]:
+        async with self._slots:
+            client = None
+            while not self._idle.empty():
+                candidate = self._idle.get_nowait()
+                if candidate.is_connected:
+                    client = candidate
+                    break
+            if client is None:
+                client = self._client()
+                await client.connect()
+            try:
+                yield client
+            except BaseException:
+                # A connection that saw an error is in an unknown state: drop it.
+                with contextlib.suppress(Exception):
+                    client.close()
+                raise
+            self._idle.put_nowait(client)
+
+    async def send(self, email: OutgoingEmail) -> str:
+        mime = email.to_mime()
+        for attempt in (1, 2):
+            try:
+                async with self._connection() as client:
+                    await client.send_message(mime)
+                return email.message_id
+            except aiosmtplib.SMTPServerDisconnected as exc:
+                # A pooled connection the server closed while idle: one fresh try.
+                if attempt == 2:
+                    raise classify(exc) from exc
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                raise classify(exc) from exc
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        while not self._idle.empty():
+            client = self._idle.get_nowait()
+            with contextlib.suppress(Exception):
+                await client.quit()

@@ -1,0 +1,477 @@
+"""Template service (:8002): templates with immutable versions, languages, sandboxed rendering.
+
+A template is keyed by `code`; each language of it has its own version history and an active
+version. Rendering falls back pt-BR → pt → the template's default language and says which
+language and version it used.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from functools import lru_cache
+from html.parser import HTMLParser
+from typing import Any
+
+import jinja2
+import jinja2.meta
+from aiohttp import web
+from jinja2.sandbox import SandboxedEnvironment, SecurityError
+
+from common import auth, db, resources
+from common.config import Config, load_config
+from common.http import (
+    CONFIG_KEY,
+    ApiError,
+    base_app,
+    json_response,
+    not_found,
+    page_meta,
+    paging,
+    read_json,
+    run,
+)
+from common.logs import setup_logging
+from common.validation import CODE_RE, LANGUAGE_RE, Fields, normalize_language
+
+log = logging.getLogger("template_service")
+
+DB_KEY = web.AppKey("templates_db", db.Database)
+
+TYPES = ("email", "push")
+# Which parts each channel has, and which of them are HTML (autoescaped).
+PARTS = {
+    "email": ("subject", "body", "text_body"),
+    "push": ("title", "body", "image_url", "link"),
+}
+REQUIRED_PARTS = {"email": ("subject", "body"), "push": ("title", "body")}
+HTML_PARTS = {("email", "body")}
+MAX_SOURCE = 100_000
+MAX_OUTPUT = 1_000_000
+_VERSION_COLUMNS = (
+    "code, language, version, subject, body, text_body, title, image_url, link,"
+    " created_by, created_at"
+)
+
+
+class _Environment(SandboxedEnvironment):
+    # The sandbox already refuses attribute access to internals; this also caps range() so a
+    # template cannot spin a worker with a loop of a billion iterations.
+    def call(self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        if __obj is range and args and any(isinstance(a, int) and abs(a) > 10_000 for a in args):
+            raise SecurityError("range() is limited to 10000 items in templates")
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+_ENVS = {
+    True: _Environment(autoescape=True, undefined=jinja2.StrictUndefined),
+    False: _Environment(autoescape=False, undefined=jinja2.StrictUndefined),
+}
+
+
+@lru_cache(maxsize=2048)
+def _compile(source: str, html: bool) -> tuple[jinja2.Template, frozenset[str]]:
+    """Compiled once per distinct source (versions are immutable, so this never goes stale)."""
+    env = _ENVS[html]
+    ast = env.parse(source)
+    return env.from_string(ast), frozenset(jinja2.meta.find_undeclared_variables(ast))
+
+
+def _check_syntax(fields: Fields, channel: str, parts: dict[str, str | None]) -> None:
+    for part, source in parts.items():
+        if source is None:
+            continue
+        try:
+            _compile(source, (channel, part) in HTML_PARTS)
+        except jinja2.TemplateSyntaxError as exc:
+            fields.error(part, f"template syntax error on line {exc.lineno}: {exc.message}")
+
+
+class _TextExtractor(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag in ("script", "style"):
+            self._skip += 1
+        elif tag in ("br", "p", "div", "li", "tr", "h1", "h2", "h3", "h4"):
+            self.chunks.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style") and self._skip:
+            self._skip -= 1
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.chunks.append(data)
+
+
+def html_to_text(html: str) -> str:
+    parser = _TextExtractor()
+    parser.feed(html)
+    parser.close()
+    text = "".join(parser.chunks)
+    lines = (re.sub(r"[ \t]+", " ", line).strip() for line in text.splitlines())
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def render_parts(channel: str, version: dict[str, Any], variables: dict[str, Any]) -> dict[str, Any]:
+    """Render every part of a version; 422 names a missing variable or a refused construct."""
+    rendered: dict[str, Any] = {}
+    missing: set[str] = set()
+    compiled = {}
+    for part in PARTS[channel]:
+        source = version.get(part)
+        if source is None:
+            continue
+        compiled[part] = _compile(source, (channel, part) in HTML_PARTS)
+        missing |= compiled[part][1] - variables.keys()
+    if missing:
+        names = sorted(missing)
+        raise ApiError(
+            422, "missing_variable", f"Missing template variable(s): {', '.join(names)}.",
+            data={"fields": {f"variables.{n}": "is required by the template" for n in names}},
+        )
+    for part, (template, _) in compiled.items():
+        try:
+            output = template.render(variables)
+        except jinja2.UndefinedError as exc:
+            raise ApiError(422, "missing_variable", f"Template variable error: {exc.message}.") from None
+        except SecurityError as exc:
+            raise ApiError(422, "template_refused", f"The template did something unsafe: {exc}.") from None
+        except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError) as exc:
+            raise ApiError(422, "render_error", f"The template could not be rendered: {exc}.") from None
+        if len(output) > MAX_OUTPUT:
+            raise ApiError(422, "render_too_large", f"The rendered {part} exceeds {MAX_OUTPUT} characters.")
+        rendered[part] = output
+    for header_part in ("subject", "title"):
+        if header_part in rendered:
+            # A line break in a subject would start a new mail header: fold it into a space.
+            rendered[header_part] = " ".join(rendered[header_part].split())
+    if channel == "email" and not rendered.get("text_body"):
+        rendered["text_body"] = html_to_text(rendered["body"])
+    return rendered
+
+
+# --- auth: only the internal token (clients come through the gateway) --------------------------
+
+
+@web.middleware
+async def auth_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if request.path.startswith("/api/"):
+        presented = auth.presented_credential(request)
+        if presented is None or not auth.matches(
+            request.app[CONFIG_KEY].internal_api_token, presented
+        ):
+            raise auth.unauthorized()
+    return await handler(request)
+
+
+# --- data access -----------------------------------------------------------------------------
+
+
+def _parts_from(fields: Fields, channel: str, *, required: bool) -> dict[str, str | None]:
+    parts: dict[str, str | None] = {}
+    for part in PARTS[channel]:
+        needed = required and part in REQUIRED_PARTS[channel]
+        parts[part] = fields.string(part, required=needed, max_len=MAX_SOURCE)
+    for part in ("subject", "title"):
+        if parts.get(part) and ("\r" in parts[part] or "\n" in parts[part]):  # type: ignore[operator]
+            fields.error(part, "must be a single line")
+    for other in {p for ps in PARTS.values() for p in ps} - set(PARTS[channel]):
+        if fields.body.get(other) is not None:
+            fields.error(other, f"is not a part of {channel} templates")
+    return parts
+
+
+async def _template(database: db.Executor, code: str) -> dict[str, Any]:
+    row = await database.fetchrow(
+        "SELECT code, notification_type, default_language, created_at FROM templates WHERE code = %s",
+        code,
+    )
+    if row is None:
+        raise not_found(f"Template {code!r}")
+    return row
+
+
+def _language_chain(requested: str | None, default: str) -> list[str]:
+    chain: list[str] = []
+    if requested:
+        requested = normalize_language(requested)
+        chain.append(requested)
+        base = requested.split("-")[0]
+        if base != requested:
+            chain.append(base)
+    if default not in chain:
+        chain.append(default)
+    return chain
+
+
+async def resolve(
+    database: db.Database, code: str, language: str | None, version: int | None
+) -> dict[str, Any]:
+    """The version to use: for the first language in the fallback chain that exists."""
+    template = await _template(database, code)
+    chain = _language_chain(language, template["default_language"])
+    rows = await database.fetch(
+        "SELECT language, active_version FROM template_languages WHERE code = %s AND language = ANY(%s)",
+        code, chain,
+    )
+    active = {r["language"]: r["active_version"] for r in rows}
+    chosen = next((lang for lang in chain if lang in active), None)
+    if chosen is None:
+        raise not_found(f"Template {code!r} in language {language!r}")
+    row = await database.fetchrow(
+        f"SELECT {_VERSION_COLUMNS} FROM template_versions"
+        " WHERE code = %s AND language = %s AND version = %s",
+        code, chosen, version or active[chosen],
+    )
+    if row is None:
+        raise not_found(f"Version {version} of template {code!r} ({chosen})")
+    row.update(
+        notification_type=template["notification_type"],
+        default_language=template["default_language"],
+        active_version=active[chosen],
+        requested_language=language,
+        fallback_chain=chain,
+    )
+    return row
+
+
+# --- handlers --------------------------------------------------------------------------------
+
+
+def _principal_name(request: web.Request) -> str:
+    return request.headers.get("X-Actor", "api")[:100]
+
+
+async def create_template(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    fields = Fields(body)
+    fields.unknown({"code", "notification_type", "language", *{p for ps in PARTS.values() for p in ps}})
+    code = fields.string("code", max_len=100, pattern=CODE_RE, hint="letters, digits, _ . - only")
+    channel = fields.string("notification_type", max_len=10)
+    if channel is not None and channel not in TYPES:
+        fields.error("notification_type", "must be email or push")
+        channel = None
+    language = fields.string("language", required=False, max_len=35, pattern=LANGUAGE_RE,
+                             hint="must be a language tag like en or pt-BR")
+    fields.check()
+    assert code and channel
+    language = normalize_language(language or "en")
+    parts = _parts_from(fields, channel, required=True)
+    _check_syntax(fields, channel, parts)
+    fields.check()
+    database = request.app[DB_KEY]
+    async with database.transaction() as tx:
+        existing = await tx.fetchrow(
+            "SELECT notification_type FROM templates WHERE code = %s FOR UPDATE", code
+        )
+        if existing is None:
+            await tx.execute(
+                "INSERT INTO templates (code, notification_type, default_language) VALUES (%s, %s, %s)",
+                code, channel, language,
+            )
+        elif existing["notification_type"] != channel:
+            raise ApiError(409, "conflict", f"Template {code!r} exists as a {existing['notification_type']} template.")
+        inserted = await tx.execute(
+            "INSERT INTO template_languages (code, language, active_version) VALUES (%s, %s, 1)"
+            " ON CONFLICT DO NOTHING",
+            code, language,
+        )
+        if not inserted:
+            raise ApiError(
+                409, "conflict",
+                f"Template {code!r} already exists in {language!r}; PUT /api/v1/templates/{code} adds a version.",
+            )
+        row = await tx.fetchrow(
+            f"INSERT INTO template_versions (code, language, version, subject, body, text_body,"
+            f" title, image_url, link, created_by) VALUES (%s, %s, 1, %s, %s, %s, %s, %s, %s, %s)"
+            f" RETURNING {_VERSION_COLUMNS}",
+            code, language, parts.get("subject"), parts.get("body"), parts.get("text_body"),
+            parts.get("title"), parts.get("image_url"), parts.get("link"), _principal_name(request),
+        )
+    assert row is not None
+    row.update(notification_type=channel, active_version=1)
+    return json_response(row, "template created", status=201)
+
+
+async def update_template(request: web.Request) -> web.Response:
+    code = request.match_info["code"]
+    body = await read_json(request)
+    database = request.app[DB_KEY]
+    template = await _template(database, code)
+    channel = template["notification_type"]
+    fields = Fields(body)
+    fields.unknown({"language", "notification_type", *PARTS[channel]})
+    language = fields.string("language", required=False, max_len=35, pattern=LANGUAGE_RE,
+                             hint="must be a language tag like en or pt-BR")
+    language = normalize_language(language) if language else template["default_language"]
+    parts = _parts_from(fields, channel, required=False)
+    if not any(v is not None for v in parts.values()):
+        fields.error("body", "send at least one part to change")
+    _check_syntax(fields, channel, parts)
+    fields.check()
+    async with database.transaction() as tx:
+        current = await tx.fetchrow(
+            "SELECT active_version FROM template_languages WHERE code = %s AND language = %s FOR UPDATE",
+            code, language,
+        )
+        if current is None:
+            # A new language of an existing template starts its own history at version 1.
+            await tx.execute(
+                "INSERT INTO template_languages (code, language, active_version) VALUES (%s, %s, 0)",
+                code, language,
+            )
+            base: dict[str, Any] = {}
+        else:
+            base = await tx.fetchrow(
+                f"SELECT {_VERSION_COLUMNS} FROM template_versions WHERE code = %s AND language = %s"
+                " AND version = %s",
+                code, language, current["active_version"],
+            ) or {}
+        merged = {p: parts[p] if parts.get(p) is not None else base.get(p) for p in PARTS[channel]}
+        missing = [p for p in REQUIRED_PARTS[channel] if not merged.get(p)]
+        if missing:
+            raise ApiError(400, "validation_error", f"Missing parts: {', '.join(missing)}.",
+                           data={"fields": dict.fromkeys(missing, "is required")})
+        row = await tx.fetchrow(
+            f"""
+            INSERT INTO template_versions (code, language, version, subject, body, text_body,
+                title, image_url, link, created_by)
+            SELECT %s, %s, coalesce(max(version), 0) + 1, %s, %s, %s, %s, %s, %s, %s
+            FROM template_versions WHERE code = %s AND language = %s
+            RETURNING {_VERSION_COLUMNS}
+            """,
+            code, language, merged.get("subject"), merged.get("body"), merged.get("text_body"),
+            merged.get("title"), merged.get("image_url"), merged.get("link"),
+            _principal_name(request), code, language,
+        )
+        assert row is not None
+        await tx.execute(
+            "UPDATE template_languages SET active_version = %s, updated_at = now()"
+            " WHERE code = %s AND language = %s",
+            row["version"], code, language,
+        )
+    row.update(notification_type=channel, active_version=row["version"])
+    return json_response(row, "template updated")
+
+
+def _version_param(request: web.Request, raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ApiError(400, "validation_error", "version must be a positive whole number.",
+                       data={"fields": {"version": "must be a positive whole number"}})
+    return int(raw)
+
+
+async def get_template(request: web.Request) -> web.Response:
+    row = await resolve(
+        request.app[DB_KEY], request.match_info["code"], request.query.get("language"),
+        _version_param(request, request.query.get("version")),
+    )
+    return json_response(row, "template")
+
+
+async def list_templates(request: web.Request) -> web.Response:
+    page, limit = paging(request)
+    database = request.app[DB_KEY]
+    total = await database.fetchval("SELECT count(*) FROM templates")
+    rows = await database.fetch(
+        """
+        SELECT t.code, t.notification_type, t.default_language, t.created_at,
+               coalesce(jsonb_object_agg(l.language, l.active_version)
+                        FILTER (WHERE l.language IS NOT NULL), '{}') AS active_versions
+        FROM templates t LEFT JOIN template_languages l USING (code)
+        GROUP BY t.code ORDER BY t.code LIMIT %s OFFSET %s
+        """,
+        limit, (page - 1) * limit,
+    )
+    return json_response(rows, "templates", meta=page_meta(int(total), limit, page))
+
+
+async def list_versions(request: web.Request) -> web.Response:
+    code = request.match_info["code"]
+    database = request.app[DB_KEY]
+    await _template(database, code)
+    language = request.query.get("language")
+    rows = await database.fetch(
+        f"SELECT {_VERSION_COLUMNS}, (v.version = l.active_version) AS active"
+        " FROM template_versions v JOIN template_languages l USING (code, language)"
+        " WHERE code = %s AND (%s::text IS NULL OR language = %s) ORDER BY language, version",
+        code, language and normalize_language(language), language and normalize_language(language),
+    )
+    return json_response(rows, "versions", meta=page_meta(len(rows), max(len(rows), 1), 1))
+
+
+async def activate_version(request: web.Request) -> web.Response:
+    code = request.match_info["code"]
+    version = _version_param(request, request.match_info["version"])
+    body = await read_json(request) if request.can_read_body else {}
+    database = request.app[DB_KEY]
+    template = await _template(database, code)
+    fields = Fields(body)
+    language = fields.string("language", required=False, max_len=35, pattern=LANGUAGE_RE)
+    fields.check()
+    language = normalize_language(language) if language else template["default_language"]
+    updated = await database.execute(
+        "UPDATE template_languages SET active_version = %s, updated_at = now()"
+        " WHERE code = %s AND language = %s AND EXISTS (SELECT 1 FROM template_versions"
+        " WHERE code = %s AND language = %s AND version = %s)",
+        version, code, language, code, language, version,
+    )
+    if not updated:
+        raise not_found(f"Version {version} of template {code!r} ({language})")
+    return json_response(await resolve(database, code, language, None), "version activated")
+
+
+async def render(request: web.Request) -> web.Response:
+    code = request.match_info["code"]
+    body = await read_json(request)
+    fields = Fields(body)
+    language = fields.string("language", required=False, max_len=35, pattern=LANGUAGE_RE)
+    version = body.get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        fields.error("version", "must be a positive whole number")
+    variables = fields.object("variables")
+    fields.check()
+    row = await resolve(request.app[DB_KEY], code, language, version)
+    channel = row["notification_type"]
+    rendered = render_parts(channel, row, variables)
+    rendered.update(
+        code=code, notification_type=channel, language=row["language"], version=row["version"],
+        requested_language=language,
+    )
+    return json_response(rendered, "rendered")
+
+
+def create_app(config: Config) -> web.Application:
+    app = base_app("template_service", config)
+    app.middlewares.append(auth_middleware)
+    app.cleanup_ctx.append(resources.database(DB_KEY, lambda c: c.templates_db_url, "postgres"))
+    r = app.router
+    for path in ("/api/v1/templates", "/api/v1/templates/"):
+        r.add_post(path, create_template)
+        r.add_get(path, list_templates)
+    r.add_get("/api/v1/templates/{code}", get_template)
+    r.add_put("/api/v1/templates/{code}", update_template)
+    r.add_get("/api/v1/templates/{code}/versions", list_versions)
+    r.add_post("/api/v1/templates/{code}/versions/{version}/activate", activate_version)
+    r.add_post("/api/v1/templates/{code}/render", render)
+    return app
+
+
+def main() -> None:
+    config = load_config("internal_api_token")
+    setup_logging("template_service", config.log_level, config.log_format)
+    run(create_app(config), config, default_port=8002)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Test fixtures: the real PostgreSQL, Redis and RabbitMQ, in databases, a Redis db and a vhost
+of the suite's own, so a running `make run` is not disturbed and the suite can run again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from base64 import b64encode
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aio_pika
+import pytest
+import redis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+import email_worker
+import gateway
+import template_service
+import user_service
+from common import db
+from common.amqp import FAILED_QUEUE
+from common.config import Config
+from common.migrate import databases, migrate_all
+from tests.smtp_sink import SmtpSink
+from topology import declare, table
+
+PREFIX = os.environ.get("NOTIFY_TEST_PREFIX", "notify_test")
+PG = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
+AMQP_HOST = os.environ.get("TEST_RABBITMQ_HOST", "127.0.0.1")
+REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "15"))
+API_KEY = "test-client-key-0123456789"
+INTERNAL_TOKEN = "test-internal-token-0123456789"
+
+
+def _rabbitmq_vhost(action: str, vhost: str) -> None:
+    """Create or delete a vhost: rabbitmqctl on this machine, else the management API."""
+    if shutil.which("rabbitmqctl"):
+        if action == "add":
+            subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], capture_output=True, check=False)
+            subprocess.run(
+                ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                capture_output=True, check=True,
+            )
+        else:
+            subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, check=False)
+        return
+    base = f"http://{AMQP_HOST}:15672/api"
+    auth = {"Authorization": "Basic " + b64encode(b"guest:guest").decode(),
+            "Content-Type": "application/json"}
+    requests = (
+        [(f"{base}/vhosts/{vhost}", "PUT", b"{}"),
+         (f"{base}/permissions/{vhost}/guest", "PUT", b'{"configure":".*","write":".*","read":".*"}')]
+        if action == "add" else [(f"{base}/vhosts/{vhost}", "DELETE", None)]
+    )
+    for url, method, data in requests:
+        urllib.request.urlopen(urllib.request.Request(url, data=data, method=method, headers=auth))
+
+
+@pytest.fixture(scope="session")
+def base_config() -> Iterator[Config]:
+    config = Config(
+        rabbitmq_url=f"amqp://guest:guest@{AMQP_HOST}:5672/{PREFIX}",
+        redis_url=f"redis://127.0.0.1:6379/{REDIS_DB}",
+        users_db_url=f"{PG}/{PREFIX}_users_db",
+        templates_db_url=f"{PG}/{PREFIX}_templates_db",
+        notifications_db_url=f"{PG}/{PREFIX}_notifications_db",
+        gateway_api_keys=(API_KEY,),
+        internal_api_token=INTERNAL_TOKEN,
+        jwt_secret="test-jwt-secret-0123456789abcdef",
+        retry_delays=(0.5, 1.0),
+        smtp_timeout=5.0,
+        http_timeout=5.0,
+        worker_prefetch=16,
+        log_format="text",
+    )
+    _rabbitmq_vhost("add", PREFIX)
+
+    async def fresh() -> None:
+        for url in databases(config).values():
+            await db.drop_database(url)
+        await migrate_all(config)
+
+    asyncio.run(fresh())
+    redis.Redis.from_url(config.redis_url).flushdb()
+    yield config
+
+    async def drop() -> None:
+        for url in databases(config).values():
+            await db.drop_database(url)
+
+    asyncio.run(drop())
+    redis.Redis.from_url(config.redis_url).flushdb()
+    _rabbitmq_vhost("delete", PREFIX)
+
+
+@pytest.fixture
+async def amqp_channel(base_config: Config) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    """A channel on the test vhost; every queue of the topology starts empty."""
+    connection = await aio_pika.connect(base_config.rabbitmq_url)
+    channel = await connection.channel()
+    await declare(channel, base_config)
+    for spec in table(base_config):
+        queue = await channel.get_queue(spec.name)
+        await queue.purge()
+    yield channel
+    await connection.close()
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    sink = SmtpSink()
+    sink.start()
+    yield sink
+    sink.stop()
+
+
+@dataclass
+class Stack:
+    config: Config
+    gateway: TestClient
+    apps: dict[str, web.Application]
+    smtp: SmtpSink
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_KEY}", **extra}
+
+    async def create_user(self, **fields: Any) -> dict[str, Any]:
+        body = {
+            "name": "Ada Lovelace",
+            "email": f"ada-{time.time_ns()}@example.com",
+            "password": "correct horse battery",
+            **fields,
+        }
+        response = await self.gateway.post("/api/v1/users/", json=body, headers=self.headers())
+        assert response.status == 201, await response.text()
+        return (await response.json())["data"]
+
+    async def create_template(self, code: str | None = None, **fields: Any) -> dict[str, Any]:
+        body = {
+            "code": code or f"welcome-{time.time_ns()}",
+            "notification_type": "email",
+            "language": "en",
+            "subject": "Welcome, {{ name }}!",
+            "body": "<p>Hello {{ name }}, start here: <a href='{{ link }}'>{{ link }}</a></p>",
+            **fields,
+        }
+        response = await self.gateway.post("/api/v1/templates/", json=body, headers=self.headers())
+        assert response.status == 201, await response.text()
+        return (await response.json())["data"]
+
+    async def send(self, body: dict[str, Any], **headers: str) -> tuple[int, dict[str, Any], Any]:
+        response = await self.gateway.post(
+            "/api/v1/notifications/", json=body, headers=self.headers(**headers)
+        )
+        return response.status, await response.json(), response.headers
+
+    async def notification(self, notification_id: str) -> dict[str, Any]:
+        response = await self.gateway.get(
+            f"/api/v1/notifications/{notification_id}", headers=self.headers()
+        )
+        assert response.status == 200, await response.text()
+        return (await response.json())["data"]
+
+    async def wait_for(self, notification_id: str, *statuses: str, timeout: float = 15) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            record = await self.notification(notification_id)
+            if record["status"] in statuses:
+                return record
+            if time.monotonic() > deadline:
+                raise AssertionError(f"status stayed {record['status']!r}, wanted {statuses}: {record}")
+            await asyncio.sleep(0.05)
+
+
+async def _serve(app: web.Application) -> TestServer:
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+@pytest.fixture
+async def stack_factory(
+    base_config: Config, amqp_channel: Any, smtp_sink: SmtpSink
+) -> AsyncIterator[Any]:
+    """Start the five services (the workers optional) through their real create_app factories."""
+    started: list[Any] = []
+
+    async def start(*, workers: bool = True, **overrides: Any) -> Stack:
+        config = replace(base_config, smtp_port=smtp_sink.port, **overrides)
+        users = await _serve(user_service.create_app(config))
+        templates = await _serve(template_service.create_app(config))
+        started.extend([users, templates])
+        config = replace(
+            config,
+            user_service_url=str(users.make_url("")).rstrip("/"),
+            template_service_url=str(templates.make_url("")).rstrip("/"),
+        )
+        apps = {"user_service": users.app, "template_service": templates.app}
+        client = TestClient(TestServer(gateway.create_app(config), host="127.0.0.1"))
+        await client.start_server()
+        started.append(client)
+        apps["gateway"] = client.app
+        if workers:
+            worker = await _serve(email_worker.create_app(config))
+            started.append(worker)
+            apps["email_worker"] = worker.app
+        return Stack(config, client, apps, smtp_sink)
+
+    yield start
+    # Workers first, so nothing is consumed by a half-stopped stack.
+    for item in reversed(started):
+        await item.close()
+
+
+@pytest.fixture
+async def stack(stack_factory: Any) -> Stack:
+    return await stack_factory()
+
+
+async def failed_queue_messages(channel: aio_pika.abc.AbstractChannel) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    queue = await channel.get_queue(FAILED_QUEUE)
+    found = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        found.append(message)
+    return found
