@@ -28,7 +28,7 @@ DB_KEY = web.AppKey("notifications_db", db.Database)
 STORE_KEY = web.AppKey("status_store", StatusStore)
 BROKER_KEY = web.AppKey("broker", resources.Broker)
 HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
-PROVIDER_KEY = web.AppKey("email_provider", EmailProvider)  # type: ignore[type-abstract]
+PROVIDER_KEY = web.AppKey("email_provider", EmailProvider)
 
 
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -58,8 +58,14 @@ ACCEPTING_WINDOW = 10.0
 RELAY_INTERVAL = 1.0
 RELAY_AGE = 5.0
 NOTIFICATION_FIELDS = {
-    "notification_type", "user_id", "template_code", "variables", "request_id", "priority",
-    "metadata", "language",
+    "notification_type",
+    "user_id",
+    "template_code",
+    "variables",
+    "request_id",
+    "priority",
+    "metadata",
+    "language",
 }
 
 
@@ -115,14 +121,20 @@ def _validate(body: dict[str, Any]) -> dict[str, Any]:
     if channel is not None and channel not in amqp.CHANNELS:
         fields.error("notification_type", "must be email or push")
     user_id = fields.uuid("user_id")
-    code = fields.string("template_code", max_len=100, pattern=CODE_RE,
-                         hint="must be a template code (letters, digits, _ . -)")
+    code = fields.string(
+        "template_code", max_len=100, pattern=CODE_RE, hint="must be a template code (letters, digits, _ . -)"
+    )
     request_id = fields.string("request_id", max_len=255)
     variables = fields.object("variables")
     metadata = fields.object("metadata")
     priority = fields.integer("priority", default=0, low=0, high=9)
-    language = fields.string("language", required=False, max_len=35, pattern=LANGUAGE_RE,
-                             hint="must be a language tag like en or pt-BR")
+    language = fields.string(
+        "language",
+        required=False,
+        max_len=35,
+        pattern=LANGUAGE_RE,
+        hint="must be a language tag like en or pt-BR",
+    )
     fields.check()
     return {
         "notification_type": channel,
@@ -161,18 +173,19 @@ async def _lookups(request: web.Request, payload: dict[str, Any]) -> tuple[dict[
             request.app[TEMPLATES_KEY].get_template(payload["template_code"], payload["language"]),
         )
     except ServiceUnavailable as exc:
-        raise ApiError(503, "service_unavailable", f"Cannot accept now: {exc}.",
-                       headers={"Retry-After": "1"}) from None
+        raise ApiError(
+            503, "service_unavailable", f"Cannot accept now: {exc}.", headers={"Retry-After": "1"}
+        ) from None
     if user.status == 404:
         raise ApiError(404, "user_not_found", f"User {payload['user_id']} does not exist.")
     if template.status == 404:
-        raise ApiError(404, "template_not_found",
-                       f"Template {payload['template_code']!r} does not exist.")
+        raise ApiError(404, "template_not_found", f"Template {payload['template_code']!r} does not exist.")
     if user.status != 200 or template.status != 200:
         raise ApiError(503, "service_unavailable", "User or template service refused the lookup.")
     if template.data["notification_type"] != payload["notification_type"]:
         raise ApiError(
-            422, "template_type_mismatch",
+            422,
+            "template_type_mismatch",
             f"Template {payload['template_code']!r} is a {template.data['notification_type']} "
             f"template; it cannot send {payload['notification_type']}.",
             data={"fields": {"template_code": "is for another notification_type"}},
@@ -180,25 +193,31 @@ async def _lookups(request: web.Request, payload: dict[str, Any]) -> tuple[dict[
     return user.data, template.data["language"]
 
 
-async def _replay(request: web.Request, client_id: str, payload: dict[str, Any], body_hash: str) -> web.Response:
+async def _replay(
+    request: web.Request, client_id: str, payload: dict[str, Any], body_hash: str
+) -> web.Response:
     existing = await request.app[STORE_KEY].by_request(client_id, payload["request_id"])
     if existing is None:
         raise ApiError(503, "service_unavailable", "Please retry.")  # deleted meanwhile
     if existing["body_hash"] != body_hash:
         raise ApiError(
-            422, "idempotency_conflict",
+            422,
+            "idempotency_conflict",
             f"request_id {payload['request_id']!r} was already used with a different body.",
         )
     age = (await _db_now(request) - existing["created_at"]).total_seconds()
     if existing["publish_pending"] and existing["status"] == "pending" and age < ACCEPTING_WINDOW:
         raise ApiError(
-            409, "request_in_progress",
+            409,
+            "request_in_progress",
             f"request_id {payload['request_id']!r} is still being accepted; retry in a moment.",
             headers={"Retry-After": "1"},
         )
     return json_response(
-        _accepted_view(existing), "notification already accepted (idempotent replay)",
-        status=202, headers={"Idempotent-Replayed": "true"},
+        _accepted_view(existing),
+        "notification already accepted (idempotent replay)",
+        status=202,
+        headers={"Idempotent-Replayed": "true"},
     )
 
 
@@ -236,8 +255,12 @@ async def publish_notification(app: web.Application, row: dict[str, Any]) -> boo
             timeout=5,
         )
     except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row to the relay
-        log.warning("publish failed, the relay will retry: %s: %s", type(exc).__name__, exc,
-                    extra={"notification_id": str(row["id"])})
+        log.warning(
+            "publish failed, the relay will retry: %s: %s",
+            type(exc).__name__,
+            exc,
+            extra={"notification_id": str(row["id"])},
+        )
         return False
     await app[STORE_KEY].mark_published(row["id"])
     return True
@@ -329,7 +352,7 @@ async def list_notifications(request: web.Request) -> web.Response:
     if status is not None and status not in STATUSES:
         fields.error("status", f"must be one of {', '.join(STATUSES)}")
     fields.check()
-    rows, total = await request.app[STORE_KEY].list(
+    rows, total = await request.app[STORE_KEY].list_page(
         user_id=user_id, status=status, page=page, limit=limit
     )
     return json_response([_view(r) for r in rows], "notifications", meta=page_meta(total, limit, page))
@@ -347,8 +370,9 @@ async def retry_notification(request: web.Request) -> web.Response:
     if current is None:
         raise not_found("Notification")
     if current["status"] in ("delivered", "skipped"):
-        raise ApiError(409, "not_retryable",
-                       f"Notification is {current['status']}; only failed ones can be retried.")
+        raise ApiError(
+            409, "not_retryable", f"Notification is {current['status']}; only failed ones can be retried."
+        )
     # Already requeued (or still in progress): retrying again changes nothing.
     return json_response(_view(current), f"notification is already {current['status']}", status=202)
 
@@ -397,16 +421,26 @@ def _proxy(key: web.AppKey[ServiceClient]) -> Callable[[web.Request], Awaitable[
             headers["Content-Type"] = request.content_type
         try:
             async with target.session.request(
-                request.method, target.base_url + request.rel_url.path_qs,
-                data=await request.read(), headers=headers, allow_redirects=False,
+                request.method,
+                target.base_url + request.rel_url.path_qs,
+                data=await request.read(),
+                headers=headers,
+                allow_redirects=False,
             ) as upstream:
                 body = await upstream.read()
-                out = {k: v for k, v in upstream.headers.items()
-                       if k.lower() not in _HOP_HEADERS and k != CORRELATION_HEADER}
+                out = {
+                    k: v
+                    for k, v in upstream.headers.items()
+                    if k.lower() not in _HOP_HEADERS and k != CORRELATION_HEADER
+                }
                 return web.Response(body=body, status=upstream.status, headers=out)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise ApiError(503, "service_unavailable", f"{target.name} is unavailable: {exc}.",
-                           headers={"Retry-After": "1"}) from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise ApiError(
+                503,
+                "service_unavailable",
+                f"{target.name} is unavailable: {exc}.",
+                headers={"Retry-After": "1"},
+            ) from None
 
     return handler
 
@@ -417,7 +451,9 @@ def _proxy(key: web.AppKey[ServiceClient]) -> Callable[[web.Request], Awaitable[
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG_KEY]
     session = app[HTTP_KEY]
-    app[USERS_KEY] = ServiceClient(session, config.user_service_url, config.internal_api_token, "user service")
+    app[USERS_KEY] = ServiceClient(
+        session, config.user_service_url, config.internal_api_token, "user service"
+    )
     app[TEMPLATES_KEY] = ServiceClient(
         session, config.template_service_url, config.internal_api_token, "template service"
     )
@@ -450,9 +486,13 @@ async def _relay_loop(app: web.Application) -> None:
                 for row in rows:
                     with log_context(row["correlation_id"], str(row["id"])):
                         await amqp.publish(
-                            app[BROKER_KEY].exchange, row["notification_type"], _message(row),
-                            correlation_id=row["correlation_id"], priority=row["priority"],
-                            message_id=str(row["id"]), timeout=5,
+                            app[BROKER_KEY].exchange,
+                            row["notification_type"],
+                            _message(row),
+                            correlation_id=row["correlation_id"],
+                            priority=row["priority"],
+                            message_id=str(row["id"]),
+                            timeout=5,
                         )
                         await store.mark_published(row["id"], tx)
                         log.info("relay published a notification left unpublished")
@@ -465,7 +505,9 @@ async def _relay_loop(app: web.Application) -> None:
 def create_app(config: Config) -> web.Application:
     app = base_app("gateway", config)
     app.middlewares.append(auth_middleware)
-    app.cleanup_ctx.append(resources.database(DB_KEY, lambda c: c.notifications_db_url, "postgres", maxsize=20))
+    app.cleanup_ctx.append(
+        resources.database(DB_KEY, lambda c: c.notifications_db_url, "postgres", maxsize=20)
+    )
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(resources.broker(BROKER_KEY))
     app.cleanup_ctx.append(resources.http_client(HTTP_KEY))

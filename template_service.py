@@ -50,8 +50,7 @@ HTML_PARTS = {("email", "body")}
 MAX_SOURCE = 100_000
 MAX_OUTPUT = 1_000_000
 _VERSION_COLUMNS = (
-    "code, language, version, subject, body, text_body, title, image_url, link,"
-    " created_by, created_at"
+    "code, language, version, subject, body, text_body, title, image_url, link, created_by, created_at"
 )
 
 
@@ -132,7 +131,9 @@ def render_parts(channel: str, version: dict[str, Any], variables: dict[str, Any
     if missing:
         names = sorted(missing)
         raise ApiError(
-            422, "missing_variable", f"Missing template variable(s): {', '.join(names)}.",
+            422,
+            "missing_variable",
+            f"Missing template variable(s): {', '.join(names)}.",
             data={"fields": {f"variables.{n}": "is required by the template" for n in names}},
         )
     for part, (template, _) in compiled.items():
@@ -165,9 +166,7 @@ async def auth_middleware(
 ) -> web.StreamResponse:
     if request.path.startswith("/api/"):
         presented = auth.presented_credential(request)
-        if presented is None or not auth.matches(
-            request.app[CONFIG_KEY].internal_api_token, presented
-        ):
+        if presented is None or not auth.matches(request.app[CONFIG_KEY].internal_api_token, presented):
             raise auth.unauthorized()
     return await handler(request)
 
@@ -220,7 +219,8 @@ async def resolve(
     chain = _language_chain(language, template["default_language"])
     rows = await database.fetch(
         "SELECT language, active_version FROM template_languages WHERE code = %s AND language = ANY(%s)",
-        code, chain,
+        code,
+        chain,
     )
     active = {r["language"]: r["active_version"] for r in rows}
     chosen = next((lang for lang in chain if lang in active), None)
@@ -229,7 +229,9 @@ async def resolve(
     row = await database.fetchrow(
         f"SELECT {_VERSION_COLUMNS} FROM template_versions"
         " WHERE code = %s AND language = %s AND version = %s",
-        code, chosen, version or active[chosen],
+        code,
+        chosen,
+        version or active[chosen],
     )
     if row is None:
         raise not_found(f"Version {version} of template {code!r} ({chosen})")
@@ -259,8 +261,13 @@ async def create_template(request: web.Request) -> web.Response:
     if channel is not None and channel not in TYPES:
         fields.error("notification_type", "must be email or push")
         channel = None
-    language = fields.string("language", required=False, max_len=35, pattern=LANGUAGE_RE,
-                             hint="must be a language tag like en or pt-BR")
+    language = fields.string(
+        "language",
+        required=False,
+        max_len=35,
+        pattern=LANGUAGE_RE,
+        hint="must be a language tag like en or pt-BR",
+    )
     fields.check()
     assert code and channel
     language = normalize_language(language or "en")
@@ -275,26 +282,40 @@ async def create_template(request: web.Request) -> web.Response:
         if existing is None:
             await tx.execute(
                 "INSERT INTO templates (code, notification_type, default_language) VALUES (%s, %s, %s)",
-                code, channel, language,
+                code,
+                channel,
+                language,
             )
         elif existing["notification_type"] != channel:
-            raise ApiError(409, "conflict", f"Template {code!r} exists as a {existing['notification_type']} template.")
+            raise ApiError(
+                409, "conflict", f"Template {code!r} exists as a {existing['notification_type']} template."
+            )
         inserted = await tx.execute(
             "INSERT INTO template_languages (code, language, active_version) VALUES (%s, %s, 1)"
             " ON CONFLICT DO NOTHING",
-            code, language,
+            code,
+            language,
         )
         if not inserted:
             raise ApiError(
-                409, "conflict",
-                f"Template {code!r} already exists in {language!r}; PUT /api/v1/templates/{code} adds a version.",
+                409,
+                "conflict",
+                f"Template {code!r} already exists in {language!r}; "
+                f"PUT /api/v1/templates/{code} adds a version.",
             )
         row = await tx.fetchrow(
             f"INSERT INTO template_versions (code, language, version, subject, body, text_body,"
             f" title, image_url, link, created_by) VALUES (%s, %s, 1, %s, %s, %s, %s, %s, %s, %s)"
             f" RETURNING {_VERSION_COLUMNS}",
-            code, language, parts.get("subject"), parts.get("body"), parts.get("text_body"),
-            parts.get("title"), parts.get("image_url"), parts.get("link"), _principal_name(request),
+            code,
+            language,
+            parts.get("subject"),
+            parts.get("body"),
+            parts.get("text_body"),
+            parts.get("title"),
+            parts.get("image_url"),
+            parts.get("link"),
+            _principal_name(request),
         )
     assert row is not None
     row.update(notification_type=channel, active_version=1)
@@ -309,8 +330,13 @@ async def update_template(request: web.Request) -> web.Response:
     channel = template["notification_type"]
     fields = Fields(body)
     fields.unknown({"language", "notification_type", *PARTS[channel]})
-    language = fields.string("language", required=False, max_len=35, pattern=LANGUAGE_RE,
-                             hint="must be a language tag like en or pt-BR")
+    language = fields.string(
+        "language",
+        required=False,
+        max_len=35,
+        pattern=LANGUAGE_RE,
+        hint="must be a language tag like en or pt-BR",
+    )
     language = normalize_language(language) if language else template["default_language"]
     parts = _parts_from(fields, channel, required=False)
     if not any(v is not None for v in parts.values()):
@@ -320,26 +346,37 @@ async def update_template(request: web.Request) -> web.Response:
     async with database.transaction() as tx:
         current = await tx.fetchrow(
             "SELECT active_version FROM template_languages WHERE code = %s AND language = %s FOR UPDATE",
-            code, language,
+            code,
+            language,
         )
         if current is None:
             # A new language of an existing template starts its own history at version 1.
             await tx.execute(
                 "INSERT INTO template_languages (code, language, active_version) VALUES (%s, %s, 0)",
-                code, language,
+                code,
+                language,
             )
             base: dict[str, Any] = {}
         else:
-            base = await tx.fetchrow(
-                f"SELECT {_VERSION_COLUMNS} FROM template_versions WHERE code = %s AND language = %s"
-                " AND version = %s",
-                code, language, current["active_version"],
-            ) or {}
+            base = (
+                await tx.fetchrow(
+                    f"SELECT {_VERSION_COLUMNS} FROM template_versions WHERE code = %s AND language = %s"
+                    " AND version = %s",
+                    code,
+                    language,
+                    current["active_version"],
+                )
+                or {}
+            )
         merged = {p: parts[p] if parts.get(p) is not None else base.get(p) for p in PARTS[channel]}
         missing = [p for p in REQUIRED_PARTS[channel] if not merged.get(p)]
         if missing:
-            raise ApiError(400, "validation_error", f"Missing parts: {', '.join(missing)}.",
-                           data={"fields": dict.fromkeys(missing, "is required")})
+            raise ApiError(
+                400,
+                "validation_error",
+                f"Missing parts: {', '.join(missing)}.",
+                data={"fields": dict.fromkeys(missing, "is required")},
+            )
         row = await tx.fetchrow(
             f"""
             INSERT INTO template_versions (code, language, version, subject, body, text_body,
@@ -348,15 +385,25 @@ async def update_template(request: web.Request) -> web.Response:
             FROM template_versions WHERE code = %s AND language = %s
             RETURNING {_VERSION_COLUMNS}
             """,
-            code, language, merged.get("subject"), merged.get("body"), merged.get("text_body"),
-            merged.get("title"), merged.get("image_url"), merged.get("link"),
-            _principal_name(request), code, language,
+            code,
+            language,
+            merged.get("subject"),
+            merged.get("body"),
+            merged.get("text_body"),
+            merged.get("title"),
+            merged.get("image_url"),
+            merged.get("link"),
+            _principal_name(request),
+            code,
+            language,
         )
         assert row is not None
         await tx.execute(
             "UPDATE template_languages SET active_version = %s, updated_at = now()"
             " WHERE code = %s AND language = %s",
-            row["version"], code, language,
+            row["version"],
+            code,
+            language,
         )
     row.update(notification_type=channel, active_version=row["version"])
     return json_response(row, "template updated")
@@ -366,14 +413,20 @@ def _version_param(request: web.Request, raw: str | None) -> int | None:
     if raw is None:
         return None
     if not raw.isdigit() or int(raw) < 1:
-        raise ApiError(400, "validation_error", "version must be a positive whole number.",
-                       data={"fields": {"version": "must be a positive whole number"}})
+        raise ApiError(
+            400,
+            "validation_error",
+            "version must be a positive whole number.",
+            data={"fields": {"version": "must be a positive whole number"}},
+        )
     return int(raw)
 
 
 async def get_template(request: web.Request) -> web.Response:
     row = await resolve(
-        request.app[DB_KEY], request.match_info["code"], request.query.get("language"),
+        request.app[DB_KEY],
+        request.match_info["code"],
+        request.query.get("language"),
         _version_param(request, request.query.get("version")),
     )
     return json_response(row, "template")
@@ -391,7 +444,8 @@ async def list_templates(request: web.Request) -> web.Response:
         FROM templates t LEFT JOIN template_languages l USING (code)
         GROUP BY t.code ORDER BY t.code LIMIT %s OFFSET %s
         """,
-        limit, (page - 1) * limit,
+        limit,
+        (page - 1) * limit,
     )
     return json_response(rows, "templates", meta=page_meta(int(total), limit, page))
 
@@ -405,7 +459,9 @@ async def list_versions(request: web.Request) -> web.Response:
         f"SELECT {_VERSION_COLUMNS}, (v.version = l.active_version) AS active"
         " FROM template_versions v JOIN template_languages l USING (code, language)"
         " WHERE code = %s AND (%s::text IS NULL OR language = %s) ORDER BY language, version",
-        code, language and normalize_language(language), language and normalize_language(language),
+        code,
+        language and normalize_language(language),
+        language and normalize_language(language),
     )
     return json_response(rows, "versions", meta=page_meta(len(rows), max(len(rows), 1), 1))
 
@@ -424,7 +480,12 @@ async def activate_version(request: web.Request) -> web.Response:
         "UPDATE template_languages SET active_version = %s, updated_at = now()"
         " WHERE code = %s AND language = %s AND EXISTS (SELECT 1 FROM template_versions"
         " WHERE code = %s AND language = %s AND version = %s)",
-        version, code, language, code, language, version,
+        version,
+        code,
+        language,
+        code,
+        language,
+        version,
     )
     if not updated:
         raise not_found(f"Version {version} of template {code!r} ({language})")
@@ -445,7 +506,10 @@ async def render(request: web.Request) -> web.Response:
     channel = row["notification_type"]
     rendered = render_parts(channel, row, variables)
     rendered.update(
-        code=code, notification_type=channel, language=row["language"], version=row["version"],
+        code=code,
+        notification_type=channel,
+        language=row["language"],
+        version=row["version"],
         requested_language=language,
     )
     return json_response(rendered, "rendered")

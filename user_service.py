@@ -171,7 +171,7 @@ def _preferences(fields: Fields, name: str, *, partial: bool) -> dict[str, bool]
     if value is None:
         return None
     if not isinstance(value, dict):
-        fields.error(name, "must be an object like {\"email\": true, \"push\": false}")
+        fields.error(name, 'must be an object like {"email": true, "push": false}')
         return None
     prefs: dict[str, bool] = {}
     for channel, enabled in value.items():
@@ -188,8 +188,9 @@ def _preferences(fields: Fields, name: str, *, partial: bool) -> dict[str, bool]
 
 
 def _language(fields: Fields, name: str = "language") -> str | None:
-    value = fields.string(name, required=False, max_len=35, pattern=LANGUAGE_RE,
-                          hint="must be a language tag like en or pt-BR")
+    value = fields.string(
+        name, required=False, max_len=35, pattern=LANGUAGE_RE, hint="must be a language tag like en or pt-BR"
+    )
     return normalize_language(value) if value else None
 
 
@@ -217,19 +218,21 @@ def _device(body: dict[str, Any]) -> tuple[str, str, dict[str, Any] | None]:
         sub = fields.object("subscription", required=True)
         fields.check()
         endpoint = sub.get("endpoint")
-        url = urlsplit(endpoint) if isinstance(endpoint, str) else None
-        if url is None or url.scheme != "https" or not url.hostname or len(endpoint) > 2048:
+        endpoint = endpoint if isinstance(endpoint, str) else ""
+        url = urlsplit(endpoint)
+        if url.scheme != "https" or not url.hostname or len(endpoint) > 2048:
             fields.error("subscription.endpoint", "must be an https URL")
-        keys = sub.get("keys") if isinstance(sub.get("keys"), dict) else {}
-        p256dh = b64url_decode(keys.get("p256dh", "")) if isinstance(keys.get("p256dh"), str) else None
+        keys = sub.get("keys")
+        keys = {k: v for k, v in keys.items() if isinstance(v, str)} if isinstance(keys, dict) else {}
+        p256dh = b64url_decode(keys.get("p256dh", ""))
         if p256dh is None or len(p256dh) != 65 or p256dh[0] != 4:
             fields.error("subscription.keys.p256dh", "must be base64url of a 65-byte P-256 public key")
-        secret = b64url_decode(keys.get("auth", "")) if isinstance(keys.get("auth"), str) else None
+        secret = b64url_decode(keys.get("auth", ""))
         if secret is None or len(secret) != 16:
             fields.error("subscription.keys.auth", "must be base64url of a 16-byte secret")
         fields.check()
         subscription = {"endpoint": endpoint, "keys": {"p256dh": keys["p256dh"], "auth": keys["auth"]}}
-        return platform, endpoint, subscription
+        return "webpush", endpoint, subscription
     token = fields.string("token", max_len=4096)
     fields.check()
     assert platform is not None and token is not None
@@ -271,7 +274,10 @@ async def _add_device(
         ON CONFLICT (user_id, platform, token) DO UPDATE SET subscription = EXCLUDED.subscription
         RETURNING id, platform, token, subscription, created_at
         """,
-        user_id, platform, token, db.Json(sub) if sub is not None else None,
+        user_id,
+        platform,
+        token,
+        db.Json(sub) if sub is not None else None,
     )
     assert row is not None
     return row
@@ -300,7 +306,12 @@ async def create_user(request: web.Request) -> web.Response:
             user = await tx.fetchrow(
                 f"INSERT INTO users (name, email, password_hash, preferences, language, timezone)"
                 f" VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_USER_COLUMNS}",
-                name, email, password_hash, db.Json(prefs), language, timezone,
+                name,
+                email,
+                password_hash,
+                db.Json(prefs),
+                language,
+                timezone,
             )
             assert user is not None
             user["devices"] = (
@@ -319,7 +330,8 @@ async def list_users(request: web.Request) -> web.Response:
     total = await database.fetchval("SELECT count(*) FROM users")
     rows = await database.fetch(
         f"SELECT {_USER_COLUMNS} FROM users ORDER BY created_at, id LIMIT %s OFFSET %s",
-        limit, (page - 1) * limit,
+        limit,
+        (page - 1) * limit,
     )
     return json_response(rows, "users", meta=page_meta(int(total), limit, page))
 
@@ -356,9 +368,9 @@ async def update_user(request: web.Request) -> web.Response:
     database = request.app[DB_KEY]
     try:
         row = await database.fetchrow(
-            f"UPDATE users SET {', '.join([*sets, 'updated_at = now()'])} WHERE id = %s"
-            " RETURNING id",
-            *args, user_id,
+            f"UPDATE users SET {', '.join([*sets, 'updated_at = now()'])} WHERE id = %s RETURNING id",
+            *args,
+            user_id,
         )
     except db.UniqueViolation:
         raise ApiError(409, "conflict", f"A user with email {changes['email']!r} already exists.") from None
@@ -393,12 +405,13 @@ async def put_preferences(request: web.Request) -> web.Response:
         fields.errors = {k.removeprefix("preferences."): v for k, v in fields.errors.items()}
     fields.check()
     if not prefs:
-        fields.error("email", "send at least one channel, e.g. {\"email\": false}")
+        fields.error("email", 'send at least one channel, e.g. {"email": false}')
         fields.check()
     row = await request.app[DB_KEY].fetchrow(
         "UPDATE users SET preferences = preferences || %s, updated_at = now() WHERE id = %s"
         " RETURNING preferences",
-        db.Json(prefs), user_id,
+        db.Json(prefs),
+        user_id,
     )
     await request.app[CACHE_KEY].invalidate(user_id)
     if row is None:
@@ -452,8 +465,12 @@ async def login(request: web.Request) -> web.Response:
     config = request.app[CONFIG_KEY]
     token = auth.issue_access_token(config.jwt_secret, row["id"], config.jwt_ttl_seconds)
     return json_response(
-        {"access_token": token, "token_type": "bearer", "expires_in": config.jwt_ttl_seconds,
-         "user_id": row["id"]},
+        {
+            "access_token": token,
+            "token_type": "bearer",
+            "expires_in": config.jwt_ttl_seconds,
+            "user_id": row["id"],
+        },
         "logged in",
     )
 

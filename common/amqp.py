@@ -29,9 +29,7 @@ async def connect(url: str) -> AbstractRobustConnection:
     return await aio_pika.connect_robust(url, client_properties={"connection_name": "notify"})
 
 
-async def open_channel(
-    connection: AbstractRobustConnection, prefetch: int | None = None
-) -> AbstractChannel:
+async def open_channel(connection: AbstractRobustConnection, prefetch: int | None = None) -> AbstractChannel:
     channel = await connection.channel(publisher_confirms=True)
     if prefetch is not None:
         await channel.set_qos(prefetch_count=prefetch)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +46,7 @@ class ServiceClient:
             ) as response:
                 raw = await response.read()
                 status = response.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ServiceUnavailable(f"{self.name} unreachable: {type(exc).__name__} {exc}") from exc
         if status >= 500:
             raise ServiceUnavailable(f"{self.name} answered {status}")

@@ -96,21 +96,25 @@ class Database(Executor):
 
     @asynccontextmanager
     async def _pool_cursor(self) -> AsyncIterator[Any]:
-        async with self.pool.acquire() as conn:
-            async with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-                yield cur
+        async with (
+            self.pool.acquire() as conn,
+            conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur,
+        ):
+            yield cur
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:
-        async with self.pool.acquire() as conn:
-            async with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-                await cur.execute("BEGIN")
-                try:
-                    yield _TxExecutor(cur)
-                except BaseException:
-                    await cur.execute("ROLLBACK")
-                    raise
-                await cur.execute("COMMIT")
+        async with (
+            self.pool.acquire() as conn,
+            conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur,
+        ):
+            await cur.execute("BEGIN")
+            try:
+                yield _TxExecutor(cur)
+            except BaseException:
+                await cur.execute("ROLLBACK")
+                raise
+            await cur.execute("COMMIT")
 
     async def ping(self) -> None:
         await self.fetchval("SELECT 1")
@@ -185,9 +189,7 @@ async def migrate(url: str, schema: str) -> list[str]:
                 await cur.execute("BEGIN")
                 try:
                     await cur.execute(path.read_text())
-                    await cur.execute(
-                        "INSERT INTO schema_migrations (name) VALUES (%s)", (path.name,)
-                    )
+                    await cur.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (path.name,))
                 except BaseException:
                     await cur.execute("ROLLBACK")
                     raise

@@ -81,9 +81,7 @@ def json_response(
         "message": message,
         "meta": meta,
     }
-    return web.Response(
-        body=dumps(body), status=status, content_type="application/json", headers=headers
-    )
+    return web.Response(body=dumps(body), status=status, content_type="application/json", headers=headers)
 
 
 def page_meta(total: int, limit: int, page: int) -> dict[str, Any]:
@@ -163,9 +161,7 @@ async def error_middleware(
     try:
         return await handler(request)
     except ApiError as exc:
-        return json_response(
-            exc.data, exc.message, status=exc.status, error=exc.code, headers=exc.headers
-        )
+        return json_response(exc.data, exc.message, status=exc.status, error=exc.code, headers=exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -176,7 +172,7 @@ async def error_middleware(
             413: "The request body is too large.",
         }.get(exc.status, exc.reason)
         return json_response(None, message, status=exc.status, error=code)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as exc:
         # A dependency (database, broker, another service) did not answer: not our bug, and
         # the caller can try again. Logged once with the correlation id.
         log.warning("dependency unavailable: %s: %s", type(exc).__name__, exc)
@@ -220,9 +216,7 @@ def metrics_middleware(metrics: Metrics) -> Any:
             info = request.match_info.route.resource
             route = info.canonical if info is not None else "unmatched"
             metrics.http_requests.labels(request.method, route, str(status)).inc()
-            metrics.http_latency.labels(request.method, route).observe(
-                time.perf_counter() - started
-            )
+            metrics.http_latency.labels(request.method, route).observe(time.perf_counter() - started)
 
     return middleware
 
@@ -255,11 +249,15 @@ async def health(request: web.Request) -> web.Response:
     message = (
         f"Unavailable: {', '.join(critical_down)} down."
         if critical_down
-        else f"Degraded: {', '.join(down)} down." if down else "All dependencies are up."
+        else f"Degraded: {', '.join(down)} down."
+        if down
+        else "All dependencies are up."
     )
     data = {"service": request.app[SERVICE_KEY], "status": status, "checks": results}
     return json_response(
-        data, message, status=503 if critical_down else 200,
+        data,
+        message,
+        status=503 if critical_down else 200,
         error="service_unavailable" if critical_down else None,
     )
 

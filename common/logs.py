@@ -99,9 +99,7 @@ def setup_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
 
 
 @contextmanager
-def log_context(
-    correlation_id: str | None = None, notification_id: str | None = None
-) -> Iterator[None]:
+def log_context(correlation_id: str | None = None, notification_id: str | None = None) -> Iterator[None]:
     """Bind ids for every log line written inside the block (and the tasks it starts)."""
     tokens = []
     if correlation_id is not None:

@@ -16,46 +16,71 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.http_requests = Counter(
-            "notify_http_requests_total", "HTTP requests answered",
-            ["method", "route", "status"], registry=r,
+            "notify_http_requests_total",
+            "HTTP requests answered",
+            ["method", "route", "status"],
+            registry=r,
         )
         self.http_latency = Histogram(
-            "notify_http_request_duration_seconds", "Time to answer an HTTP request",
-            ["method", "route"], buckets=_LATENCY_BUCKETS, registry=r,
+            "notify_http_request_duration_seconds",
+            "Time to answer an HTTP request",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.accepted = Counter(
-            "notify_notifications_accepted_total", "Notifications accepted (202)",
-            ["channel"], registry=r,
+            "notify_notifications_accepted_total",
+            "Notifications accepted (202)",
+            ["channel"],
+            registry=r,
         )
         self.skipped = Counter(
-            "notify_notifications_skipped_total", "Notifications not sent: user opted out",
-            ["channel"], registry=r,
+            "notify_notifications_skipped_total",
+            "Notifications not sent: user opted out",
+            ["channel"],
+            registry=r,
         )
         self.delivered = Counter(
-            "notify_notifications_delivered_total", "Notifications delivered",
-            ["channel", "provider"], registry=r,
+            "notify_notifications_delivered_total",
+            "Notifications delivered",
+            ["channel", "provider"],
+            registry=r,
         )
         self.failed = Counter(
-            "notify_notifications_failed_total", "Notifications that ended failed",
-            ["channel", "reason"], registry=r,
+            "notify_notifications_failed_total",
+            "Notifications that ended failed",
+            ["channel", "reason"],
+            registry=r,
         )
         self.retried = Counter(
-            "notify_notifications_retried_total", "Attempts sent to a retry queue",
-            ["channel"], registry=r,
+            "notify_notifications_retried_total",
+            "Attempts sent to a retry queue",
+            ["channel"],
+            registry=r,
         )
         self.duplicates = Counter(
             "notify_duplicate_deliveries_skipped_total",
             "Redelivered messages acknowledged without sending: already final",
-            ["channel"], registry=r,
+            ["channel"],
+            registry=r,
         )
         self.delivery_latency = Histogram(
-            "notify_delivery_duration_seconds", "Time spent in one delivery attempt",
-            ["channel"], buckets=_LATENCY_BUCKETS, registry=r,
+            "notify_delivery_duration_seconds",
+            "Time spent in one delivery attempt",
+            ["channel"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.end_to_end_latency = Histogram(
-            "notify_end_to_end_latency_seconds", "From acceptance to delivery",
-            ["channel"], buckets=_LATENCY_BUCKETS, registry=r,
+            "notify_end_to_end_latency_seconds",
+            "From acceptance to delivery",
+            ["channel"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.in_flight = Gauge(
-            "notify_worker_in_flight", "Messages being processed now", ["channel"], registry=r,
+            "notify_worker_in_flight",
+            "Messages being processed now",
+            ["channel"],
+            registry=r,
         )

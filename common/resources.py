@@ -69,9 +69,7 @@ def broker(key: web.AppKey[Broker], prefetch: int | None = None) -> CleanupCtx:
 
 def redis_client(key: web.AppKey[aioredis.Redis], critical: bool = False) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        client = aioredis.from_url(
-            app[CONFIG_KEY].redis_url, socket_timeout=1, socket_connect_timeout=1
-        )
+        client = aioredis.from_url(app[CONFIG_KEY].redis_url, socket_timeout=1, socket_connect_timeout=1)
         app[key] = client
         app[HEALTH_KEY]["redis"] = Check(client.ping, critical=critical)
         try:

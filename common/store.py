@@ -90,10 +90,11 @@ class StatusStore:
             notification_id,
         )
 
-    async def list(
+    async def list_page(
         self, *, user_id: uuid.UUID | None, status: str | None, page: int, limit: int
     ) -> tuple[list[Row], int]:
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if user_id is not None:
             where.append("user_id = %s")
             args.append(user_id)

@@ -35,8 +35,14 @@ class Fields:
                 self.error(name, "is not a known field")
 
     def string(
-        self, name: str, *, required: bool = True, max_len: int = 255, min_len: int = 1,
-        pattern: re.Pattern[str] | None = None, hint: str = "",
+        self,
+        name: str,
+        *,
+        required: bool = True,
+        max_len: int = 255,
+        min_len: int = 1,
+        pattern: re.Pattern[str] | None = None,
+        hint: str = "",
     ) -> str | None:
         value = self.body.get(name)
         if value is None:

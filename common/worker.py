@@ -141,8 +141,11 @@ class Worker:
                 raise  # process() rejects it; the work queue dead-letters it to failed.queue
 
     async def _attempt(
-        self, message: AbstractIncomingMessage, body: dict[str, Any],
-        notification_id: uuid.UUID, attempt: int,
+        self,
+        message: AbstractIncomingMessage,
+        body: dict[str, Any],
+        notification_id: uuid.UUID,
+        attempt: int,
     ) -> None:
         record = await self.store.claim(notification_id, attempt)
         if record is None:
@@ -162,8 +165,12 @@ class Worker:
         finally:
             self.metrics.delivery_latency.labels(self.channel).observe(time.perf_counter() - started)
         await self.store.record(
-            notification_id, "delivered", provider=delivered.provider, error=delivered.detail,
-            template_version=delivered.template_version, language=delivered.language,
+            notification_id,
+            "delivered",
+            provider=delivered.provider,
+            error=delivered.detail,
+            template_version=delivered.template_version,
+            language=delivered.language,
         )
         self.metrics.delivered.labels(self.channel, delivered.provider).inc()
         created = record.get("created_at")
@@ -174,8 +181,12 @@ class Worker:
         log.info("delivered by %s on attempt %d", delivered.provider, attempt)
 
     async def _failed_attempt(
-        self, message: AbstractIncomingMessage, body: dict[str, Any],
-        notification_id: uuid.UUID, attempt: int, exc: DeliveryError,
+        self,
+        message: AbstractIncomingMessage,
+        body: dict[str, Any],
+        notification_id: uuid.UUID,
+        attempt: int,
+        exc: DeliveryError,
     ) -> None:
         if exc.transient and attempt < self.config.max_attempts:
             # Published before the status changes: a crash in between leaves a duplicate
@@ -189,12 +200,13 @@ class Worker:
                 message_id=str(notification_id),
                 headers={"x-last-error": exc.reason[:500]},
             )
-            await self.store.record(
-                notification_id, "retrying", error=exc.reason, provider=exc.provider
-            )
+            await self.store.record(notification_id, "retrying", error=exc.reason, provider=exc.provider)
             self.metrics.retried.labels(self.channel).inc()
             log.warning(
-                "attempt %d failed (%s); retry %d in %gs", attempt, exc.reason, attempt,
+                "attempt %d failed (%s); retry %d in %gs",
+                attempt,
+                exc.reason,
+                attempt,
                 self.config.retry_delays[attempt - 1],
             )
             return
@@ -210,10 +222,14 @@ class Worker:
         log.error("poison message moved to failed.queue: %s", reason)
 
     async def _dead_letter(
-        self, raw: bytes, reason: str, notification_id: uuid.UUID | None,
-        attempts: int, priority: int | None,
+        self,
+        raw: bytes,
+        reason: str,
+        notification_id: uuid.UUID | None,
+        attempts: int,
+        priority: int | None,
     ) -> None:
-        headers = {
+        headers: dict[str, Any] = {
             "x-failure-reason": reason[:1000],
             "x-channel": self.channel,
             "x-attempts": attempts,
@@ -223,8 +239,11 @@ class Worker:
             headers["x-notification-id"] = str(notification_id)
         await self.broker.exchange.publish(
             aio_pika.Message(
-                raw, content_type="application/json", headers=headers,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT, priority=priority or 0,
+                raw,
+                content_type="application/json",
+                headers=headers,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                priority=priority or 0,
             ),
             routing_key=amqp.FAILED_ROUTING_KEY,
             timeout=10,
@@ -242,7 +261,11 @@ def consumer(
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         worker = Worker(
-            channel, app[CONFIG_KEY], app[store_key], app[broker_key], app[METRICS_KEY],
+            channel,
+            app[CONFIG_KEY],
+            app[store_key],
+            app[broker_key],
+            app[METRICS_KEY],
             deliver_factory(app),
         )
         task = asyncio.create_task(worker.consume(), name=f"{channel}-consumer")

@@ -23,8 +23,12 @@ class OutgoingEmail:
     headers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, value in (("To", self.to), ("From", self.sender), ("Subject", self.subject),
-                            *self.headers.items()):
+        for name, value in (
+            ("To", self.to),
+            ("From", self.sender),
+            ("Subject", self.subject),
+            *self.headers.items(),
+        ):
             if "\r" in value or "\n" in value:
                 raise HeaderInjection(f"header {name} contains a line break")
 

@@ -24,7 +24,9 @@ def classify(exc: BaseException) -> DeliveryError:
         return DeliveryError(f"SMTP {text}", transient=all(400 <= c < 500 for c in codes), provider="smtp")
     if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code > 0:
         return DeliveryError(f"SMTP {exc.code} {exc.message}", transient=exc.code < 500, provider="smtp")
-    return DeliveryError(f"SMTP connection failed: {type(exc).__name__}: {exc}", transient=True, provider="smtp")
+    return DeliveryError(
+        f"SMTP connection failed: {type(exc).__name__}: {exc}", transient=True, provider="smtp"
+    )
 
 
 class SmtpProvider:
@@ -43,7 +45,7 @@ class SmtpProvider:
             username=c.smtp_username,
             password=c.smtp_password,
             use_tls=c.smtp_tls == "tls",
-            start_tls=True if c.smtp_tls == "starttls" else False,
+            start_tls=c.smtp_tls == "starttls",
             timeout=c.smtp_timeout,
         )
 
@@ -79,7 +81,7 @@ class SmtpProvider:
                 # A pooled connection the server closed while idle: one fresh try.
                 if attempt == 2:
                     raise classify(exc) from exc
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                 raise classify(exc) from exc
         raise AssertionError("unreachable")
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import ConfigError, Config
+from common.config import Config, ConfigError
 from common.migrate import migrate_all
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,12 +50,12 @@ def main() -> None:
     print("run: databases migrated", flush=True)
     subprocess.run([sys.executable, "-m", "topology"], check=True, cwd=ROOT)
 
-    processes: list[subprocess.Popen[bytes]] = []
+    processes: dict[str, subprocess.Popen[bytes]] = {}
     if (config.smtp_host, config.smtp_port) == ("127.0.0.1", 1025):
-        processes.append(subprocess.Popen([sys.executable, "-m", "scripts.smtp_sink"], cwd=ROOT))
+        processes["smtp_sink"] = subprocess.Popen([sys.executable, "-m", "scripts.smtp_sink"], cwd=ROOT)
     for service in SERVICES:
         if (ROOT / f"{service}.py").exists():
-            processes.append(subprocess.Popen([sys.executable, f"{service}.py"], cwd=ROOT))
+            processes[service] = subprocess.Popen([sys.executable, f"{service}.py"], cwd=ROOT)
 
     print(
         "run: started; API key in .env (GATEWAY_API_KEYS). Gateway on http://127.0.0.1:8000. "
@@ -72,16 +72,16 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     try:
         while not stopping:
-            for p in processes:
+            for name, p in processes.items():
                 if p.poll() is not None:
-                    print(f"run: {p.args[-1]} exited with {p.returncode}; stopping the rest", flush=True)
+                    print(f"run: {name} exited with {p.returncode}; stopping the rest", flush=True)
                     stopping = True
             time.sleep(0.5)
     finally:
-        for p in processes:
+        for p in processes.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in processes:
+        for p in processes.values():
             try:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:

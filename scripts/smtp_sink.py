@@ -16,15 +16,17 @@ class PrintingHandler:
         message = message_from_bytes(envelope.content, policy=policy.default)
         text = message.get_body(("plain", "html"))
         print(
-            "\n".join([
-                "=" * 72,
-                f"SMTP sink received mail from {envelope.mail_from} to {', '.join(envelope.rcpt_tos)}",
-                f"Subject: {message['Subject']}",
-                f"X-Notification-ID: {message['X-Notification-ID']}",
-                "",
-                text.get_content().strip() if text is not None else "(no text part)",
-                "=" * 72,
-            ]),
+            "\n".join(
+                [
+                    "=" * 72,
+                    f"SMTP sink received mail from {envelope.mail_from} to {', '.join(envelope.rcpt_tos)}",
+                    f"Subject: {message['Subject']}",
+                    f"X-Notification-ID: {message['X-Notification-ID']}",
+                    "",
+                    text.get_content().strip() if text is not None else "(no text part)",
+                    "=" * 72,
+                ]
+            ),
             flush=True,
         )
         return "250 Message accepted for delivery"

@@ -46,18 +46,24 @@ def _rabbitmq_vhost(action: str, vhost: str) -> None:
             subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], capture_output=True, check=False)
             subprocess.run(
                 ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-                capture_output=True, check=True,
+                capture_output=True,
+                check=True,
             )
         else:
             subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, check=False)
         return
     base = f"http://{AMQP_HOST}:15672/api"
-    auth = {"Authorization": "Basic " + b64encode(b"guest:guest").decode(),
-            "Content-Type": "application/json"}
+    auth = {
+        "Authorization": "Basic " + b64encode(b"guest:guest").decode(),
+        "Content-Type": "application/json",
+    }
     requests = (
-        [(f"{base}/vhosts/{vhost}", "PUT", b"{}"),
-         (f"{base}/permissions/{vhost}/guest", "PUT", b'{"configure":".*","write":".*","read":".*"}')]
-        if action == "add" else [(f"{base}/vhosts/{vhost}", "DELETE", None)]
+        [
+            (f"{base}/vhosts/{vhost}", "PUT", b"{}"),
+            (f"{base}/permissions/{vhost}/guest", "PUT", b'{"configure":".*","write":".*","read":".*"}'),
+        ]
+        if action == "add"
+        else [(f"{base}/vhosts/{vhost}", "DELETE", None)]
     )
     for url, method, data in requests:
         urllib.request.urlopen(urllib.request.Request(url, data=data, method=method, headers=auth))
@@ -126,6 +132,7 @@ class Stack:
     config: Config
     gateway: TestClient
     apps: dict[str, web.Application]
+    urls: dict[str, str]
     smtp: SmtpSink
 
     def headers(self, **extra: str) -> dict[str, str]:
@@ -162,9 +169,7 @@ class Stack:
         return response.status, await response.json(), response.headers
 
     async def notification(self, notification_id: str) -> dict[str, Any]:
-        response = await self.gateway.get(
-            f"/api/v1/notifications/{notification_id}", headers=self.headers()
-        )
+        response = await self.gateway.get(f"/api/v1/notifications/{notification_id}", headers=self.headers())
         assert response.status == 200, await response.text()
         return (await response.json())["data"]
 
@@ -186,9 +191,7 @@ async def _serve(app: web.Application) -> TestServer:
 
 
 @pytest.fixture
-async def stack_factory(
-    base_config: Config, amqp_channel: Any, smtp_sink: SmtpSink
-) -> AsyncIterator[Any]:
+async def stack_factory(base_config: Config, amqp_channel: Any, smtp_sink: SmtpSink) -> AsyncIterator[Any]:
     """Start the five services (the workers optional) through their real create_app factories."""
     started: list[Any] = []
 
@@ -203,15 +206,18 @@ async def stack_factory(
             template_service_url=str(templates.make_url("")).rstrip("/"),
         )
         apps = {"user_service": users.app, "template_service": templates.app}
+        urls = {"user_service": config.user_service_url, "template_service": config.template_service_url}
         client = TestClient(TestServer(gateway.create_app(config), host="127.0.0.1"))
         await client.start_server()
         started.append(client)
         apps["gateway"] = client.app
+        urls["gateway"] = str(client.make_url("")).rstrip("/")
         if workers:
             worker = await _serve(email_worker.create_app(config))
             started.append(worker)
             apps["email_worker"] = worker.app
-        return Stack(config, client, apps, smtp_sink)
+            urls["email_worker"] = str(worker.make_url("")).rstrip("/")
+        return Stack(config, client, apps, urls, smtp_sink)
 
     yield start
     # Workers first, so nothing is consumed by a half-stopped stack.
@@ -224,7 +230,9 @@ async def stack(stack_factory: Any) -> Stack:
     return await stack_factory()
 
 
-async def failed_queue_messages(channel: aio_pika.abc.AbstractChannel) -> list[aio_pika.abc.AbstractIncomingMessage]:
+async def failed_queue_messages(
+    channel: aio_pika.abc.AbstractChannel,
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
     queue = await channel.get_queue(FAILED_QUEUE)
     found = []
     while (message := await queue.get(no_ack=True, fail=False)) is not None:

@@ -40,7 +40,7 @@ class SmtpSink:
             self.attempts.append(time.monotonic())
             if self.script:
                 return self.script.pop(0)
-            self.messages.append(message_from_bytes(envelope.content, policy=policy.default))  # type: ignore[arg-type]
+            self.messages.append(message_from_bytes(envelope.content, policy=policy.default))
             self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         return "250 Message accepted for delivery"
 

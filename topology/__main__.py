@@ -21,8 +21,7 @@ async def _main(config: Config) -> int:
             return 1
     finally:
         await connection.close()
-    print(f"topology: declared exchange notifications.direct and {len(names)} queues: "
-          + ", ".join(names))
+    print(f"topology: declared exchange notifications.direct and {len(names)} queues: " + ", ".join(names))
     return 0
 
 

@@ -1,0 +1,1 @@
+"""What the five services share: configuration, database, broker, cache, HTTP, logging, metrics."""
