@@ -27,6 +27,7 @@ from common import auth, db, resources
 from common.config import Config, load_config
 from common.http import (
     CONFIG_KEY,
+    METRICS_KEY,
     ApiError,
     base_app,
     json_response,
@@ -37,6 +38,7 @@ from common.http import (
     run,
 )
 from common.logs import setup_logging
+from common.metrics import Metrics
 from common.validation import (
     LANGUAGE_RE,
     Fields,
@@ -88,9 +90,10 @@ _DUMMY_HASH = "scrypt$" + "00" * 16 + "$" + "00" * 32
 class UserCache:
     """Profiles in Redis. Redis being down degrades to PostgreSQL, logged once per outage."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, metrics: Metrics) -> None:
         self.client = client
         self.degraded = False
+        self.lookups = metrics.cache_lookups
 
     @staticmethod
     def key(user_id: uuid.UUID) -> str:
@@ -111,6 +114,8 @@ class UserCache:
 
     async def get(self, user_id: uuid.UUID) -> dict[str, Any] | None:
         raw = await self._call(lambda: self.client.get(self.key(user_id)))
+        result = "hit" if raw else "error" if self.degraded else "miss"
+        self.lookups.labels("user", result).inc()
         return orjson.loads(raw) if raw else None
 
     async def put(self, user_id: uuid.UUID, profile: dict[str, Any]) -> None:
@@ -124,7 +129,7 @@ CACHE_KEY = web.AppKey("user_cache", UserCache)
 
 
 async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[CACHE_KEY] = UserCache(app[REDIS_KEY])
+    app[CACHE_KEY] = UserCache(app[REDIS_KEY], app[METRICS_KEY])
     yield
 
 

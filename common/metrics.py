@@ -78,6 +78,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.cache_lookups = Counter(
+            "notify_cache_lookups_total",
+            "Cache lookups by outcome (hit, miss, error)",
+            ["cache", "result"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "notify_worker_in_flight",
             "Messages being processed now",
