@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from common import db, resources
-from common.clients import ServiceClient, ServiceUnavailable
+from common import db, resources, templating
+from common.clients import ServiceClient, ServiceUnavailable, TemplateCache
 from common.config import Config, load_config
 from common.http import CONFIG_KEY, base_app, run
 from common.logs import setup_logging
@@ -49,8 +49,8 @@ def make_deliver(app: web.Application) -> Deliver:
     config = app[CONFIG_KEY]
     session = app[HTTP_KEY]
     users = ServiceClient(session, config.user_service_url, config.internal_api_token, "user service")
-    templates = ServiceClient(
-        session, config.template_service_url, config.internal_api_token, "template service"
+    templates = TemplateCache(
+        ServiceClient(session, config.template_service_url, config.internal_api_token, "template service")
     )
     provider = app[PROVIDER_KEY]
 
@@ -60,16 +60,17 @@ def make_deliver(app: web.Application) -> Deliver:
             user = await users.get_user(str(body["user_id"]))
             if user.status == 404:
                 raise DeliveryError("user no longer exists", transient=False)
-            rendered = await templates.render(
-                body["template_code"], body.get("variables") or {}, body.get("language")
-            )
+            template = await templates.get(body["template_code"], body["language"], body["template_version"])
         except ServiceUnavailable as exc:
             raise DeliveryError(str(exc), transient=True) from exc
-        if rendered.status != 200:
-            raise DeliveryError(f"template: {rendered.message}", transient=False)
+        if template.status != 200:
+            raise DeliveryError(f"template: {template.message}", transient=False)
         if user.status != 200:
             raise DeliveryError(f"user service answered {user.status}", transient=True)
-        parts = rendered.data
+        try:
+            parts = await templating.render("email", template.data, body.get("variables") or {})
+        except templating.RenderError as exc:
+            raise DeliveryError(f"template: {exc.message}", transient=False) from exc
         notification_id = str(job.notification_id)
         try:
             email = OutgoingEmail(
@@ -87,7 +88,9 @@ def make_deliver(app: web.Application) -> Deliver:
         except HeaderInjection as exc:
             raise DeliveryError(f"refused: {exc}", transient=False) from exc
         await provider.send(email)
-        return Delivered(provider.name, template_version=parts["version"], language=parts["language"])
+        return Delivered(
+            provider.name, template_version=template.data["version"], language=template.data["language"]
+        )
 
     return deliver
 

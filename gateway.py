@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from common import amqp, auth, db, resources
+from common import amqp, auth, db, resources, templating
 from common.clients import ServiceClient, ServiceUnavailable
 from common.config import Config, load_config
 from common.http import (
@@ -165,8 +165,9 @@ def _accepted_view(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _lookups(request: web.Request, payload: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """The user and the template, asked in parallel; 404 / 422 when either does not fit."""
+async def _lookups(request: web.Request, payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The user and the template version to use, asked in parallel; 404 / 422 when either does
+    not fit, including a variable the template needs and the request lacks."""
     try:
         user, template = await asyncio.gather(
             request.app[USERS_KEY].get_user(str(payload["user_id"])),
@@ -190,7 +191,10 @@ async def _lookups(request: web.Request, payload: dict[str, Any]) -> tuple[dict[
             f"template; it cannot send {payload['notification_type']}.",
             data={"fields": {"template_code": "is for another notification_type"}},
         )
-    return user.data, template.data["language"]
+    problem = templating.missing_variables(payload["notification_type"], template.data, payload["variables"])
+    if problem is not None:
+        raise ApiError(422, problem.code, problem.message, data={"fields": problem.fields})
+    return user.data, template.data
 
 
 async def _replay(
@@ -233,6 +237,7 @@ def _message(row: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
         "notification_type": row["notification_type"],
         "template_code": row["template_code"],
         "language": row["language"],
+        "template_version": row["template_version"],
         "variables": row["variables"],
         "priority": row["priority"],
         "metadata": row["metadata"],
@@ -272,7 +277,7 @@ async def create_notification(request: web.Request) -> web.Response:
     body_hash = _body_hash(payload)
     store = request.app[STORE_KEY]
     try:
-        user, language = await _lookups(request, payload)
+        user, template = await _lookups(request, payload)
     except ApiError:
         # A replay of an accepted request still gets its original answer.
         if await store.by_request(principal.subject, payload["request_id"]) is not None:
@@ -291,7 +296,10 @@ async def create_notification(request: web.Request) -> web.Response:
                 user_id=payload["user_id"],
                 notification_type=channel,
                 template_code=payload["template_code"],
-                language=payload["language"] or language,
+                # Pinned at acceptance: a later update or rollback does not change what this
+                # notification renders, and its record says which version and language it used.
+                language=template["language"],
+                template_version=template["version"],
                 priority=payload["priority"],
                 correlation_id=correlation_id_var.get() or uuid.uuid4().hex,
                 status="pending" if opted_in else "skipped",

@@ -8,18 +8,12 @@ language and version it used.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable
-from functools import lru_cache
-from html.parser import HTMLParser
 from typing import Any
 
-import jinja2
-import jinja2.meta
 from aiohttp import web
-from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
-from common import auth, db, resources
+from common import auth, db, resources, templating
 from common.config import Config, load_config
 from common.http import (
     CONFIG_KEY,
@@ -33,6 +27,7 @@ from common.http import (
     run,
 )
 from common.logs import setup_logging
+from common.templating import PARTS, REQUIRED_PARTS, SINGLE_LINE_PARTS
 from common.validation import CODE_RE, LANGUAGE_RE, Fields, normalize_language
 
 log = logging.getLogger("template_service")
@@ -40,121 +35,10 @@ log = logging.getLogger("template_service")
 DB_KEY = web.AppKey("templates_db", db.Database)
 
 TYPES = ("email", "push")
-# Which parts each channel has, and which of them are HTML (autoescaped).
-PARTS = {
-    "email": ("subject", "body", "text_body"),
-    "push": ("title", "body", "image_url", "link"),
-}
-REQUIRED_PARTS = {"email": ("subject", "body"), "push": ("title", "body")}
-HTML_PARTS = {("email", "body")}
 MAX_SOURCE = 100_000
-MAX_OUTPUT = 1_000_000
 _VERSION_COLUMNS = (
     "code, language, version, subject, body, text_body, title, image_url, link, created_by, created_at"
 )
-
-
-class _Environment(SandboxedEnvironment):
-    # The sandbox already refuses attribute access to internals; this also caps range() so a
-    # template cannot spin a worker with a loop of a billion iterations.
-    def call(self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        if __obj is range and args and any(isinstance(a, int) and abs(a) > 10_000 for a in args):
-            raise SecurityError("range() is limited to 10000 items in templates")
-        return super().call(__context, __obj, *args, **kwargs)
-
-
-_ENVS = {
-    True: _Environment(autoescape=True, undefined=jinja2.StrictUndefined),
-    False: _Environment(autoescape=False, undefined=jinja2.StrictUndefined),
-}
-
-
-@lru_cache(maxsize=2048)
-def _compile(source: str, html: bool) -> tuple[jinja2.Template, frozenset[str]]:
-    """Compiled once per distinct source (versions are immutable, so this never goes stale)."""
-    env = _ENVS[html]
-    ast = env.parse(source)
-    return env.from_string(ast), frozenset(jinja2.meta.find_undeclared_variables(ast))
-
-
-def _check_syntax(fields: Fields, channel: str, parts: dict[str, str | None]) -> None:
-    for part, source in parts.items():
-        if source is None:
-            continue
-        try:
-            _compile(source, (channel, part) in HTML_PARTS)
-        except jinja2.TemplateSyntaxError as exc:
-            fields.error(part, f"template syntax error on line {exc.lineno}: {exc.message}")
-
-
-class _TextExtractor(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.chunks: list[str] = []
-        self._skip = 0
-
-    def handle_starttag(self, tag: str, attrs: Any) -> None:
-        if tag in ("script", "style"):
-            self._skip += 1
-        elif tag in ("br", "p", "div", "li", "tr", "h1", "h2", "h3", "h4"):
-            self.chunks.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("script", "style") and self._skip:
-            self._skip -= 1
-
-    def handle_data(self, data: str) -> None:
-        if not self._skip:
-            self.chunks.append(data)
-
-
-def html_to_text(html: str) -> str:
-    parser = _TextExtractor()
-    parser.feed(html)
-    parser.close()
-    text = "".join(parser.chunks)
-    lines = (re.sub(r"[ \t]+", " ", line).strip() for line in text.splitlines())
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
-def render_parts(channel: str, version: dict[str, Any], variables: dict[str, Any]) -> dict[str, Any]:
-    """Render every part of a version; 422 names a missing variable or a refused construct."""
-    rendered: dict[str, Any] = {}
-    missing: set[str] = set()
-    compiled = {}
-    for part in PARTS[channel]:
-        source = version.get(part)
-        if source is None:
-            continue
-        compiled[part] = _compile(source, (channel, part) in HTML_PARTS)
-        missing |= compiled[part][1] - variables.keys()
-    if missing:
-        names = sorted(missing)
-        raise ApiError(
-            422,
-            "missing_variable",
-            f"Missing template variable(s): {', '.join(names)}.",
-            data={"fields": {f"variables.{n}": "is required by the template" for n in names}},
-        )
-    for part, (template, _) in compiled.items():
-        try:
-            output = template.render(variables)
-        except jinja2.UndefinedError as exc:
-            raise ApiError(422, "missing_variable", f"Template variable error: {exc.message}.") from None
-        except SecurityError as exc:
-            raise ApiError(422, "template_refused", f"The template did something unsafe: {exc}.") from None
-        except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError) as exc:
-            raise ApiError(422, "render_error", f"The template could not be rendered: {exc}.") from None
-        if len(output) > MAX_OUTPUT:
-            raise ApiError(422, "render_too_large", f"The rendered {part} exceeds {MAX_OUTPUT} characters.")
-        rendered[part] = output
-    for header_part in ("subject", "title"):
-        if header_part in rendered:
-            # A line break in a subject would start a new mail header: fold it into a space.
-            rendered[header_part] = " ".join(rendered[header_part].split())
-    if channel == "email" and not rendered.get("text_body"):
-        rendered["text_body"] = html_to_text(rendered["body"])
-    return rendered
 
 
 # --- auth: only the internal token (clients come through the gateway) --------------------------
@@ -179,8 +63,9 @@ def _parts_from(fields: Fields, channel: str, *, required: bool) -> dict[str, st
     for part in PARTS[channel]:
         needed = required and part in REQUIRED_PARTS[channel]
         parts[part] = fields.string(part, required=needed, max_len=MAX_SOURCE)
-    for part in ("subject", "title"):
-        if parts.get(part) and ("\r" in parts[part] or "\n" in parts[part]):  # type: ignore[operator]
+    for part in SINGLE_LINE_PARTS:
+        source = parts.get(part)
+        if source and ("\r" in source or "\n" in source):
             fields.error(part, "must be a single line")
     for other in {p for ps in PARTS.values() for p in ps} - set(PARTS[channel]):
         if fields.body.get(other) is not None:
@@ -272,7 +157,8 @@ async def create_template(request: web.Request) -> web.Response:
     assert code and channel
     language = normalize_language(language or "en")
     parts = _parts_from(fields, channel, required=True)
-    _check_syntax(fields, channel, parts)
+    for part, problem in templating.syntax_errors(channel, parts).items():
+        fields.error(part, problem)
     fields.check()
     database = request.app[DB_KEY]
     async with database.transaction() as tx:
@@ -341,7 +227,8 @@ async def update_template(request: web.Request) -> web.Response:
     parts = _parts_from(fields, channel, required=False)
     if not any(v is not None for v in parts.values()):
         fields.error("body", "send at least one part to change")
-    _check_syntax(fields, channel, parts)
+    for part, problem in templating.syntax_errors(channel, parts).items():
+        fields.error(part, problem)
     fields.check()
     async with database.transaction() as tx:
         current = await tx.fetchrow(
@@ -504,7 +391,12 @@ async def render(request: web.Request) -> web.Response:
     fields.check()
     row = await resolve(request.app[DB_KEY], code, language, version)
     channel = row["notification_type"]
-    rendered = render_parts(channel, row, variables)
+    try:
+        rendered: dict[str, Any] = await templating.render(channel, row, variables)
+    except templating.RenderError as exc:
+        raise ApiError(
+            422, exc.code, exc.message, data={"fields": exc.fields} if exc.fields else None
+        ) from None
     rendered.update(
         code=code,
         notification_type=channel,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -59,12 +61,31 @@ class ServiceClient:
     async def get_user(self, user_id: str) -> Reply:
         return await self.call("GET", f"/api/v1/users/{user_id}")
 
-    async def get_template(self, code: str, language: str | None = None) -> Reply:
-        query = f"?language={language}" if language else ""
-        return await self.call("GET", f"/api/v1/templates/{code}{query}")
+    async def get_template(self, code: str, language: str | None = None, version: int | None = None) -> Reply:
+        params = {"language": language, "version": version}
+        query = "&".join(f"{k}={quote(str(v))}" for k, v in params.items() if v is not None)
+        return await self.call("GET", f"/api/v1/templates/{quote(code)}" + (f"?{query}" if query else ""))
 
-    async def render(
-        self, code: str, variables: dict[str, Any], language: str | None, version: int | None = None
-    ) -> Reply:
-        payload = {"variables": variables, "language": language, "version": version}
-        return await self.call("POST", f"/api/v1/templates/{code}/render", payload)
+
+class TemplateCache:
+    """Template versions fetched from the template service, kept in memory.
+
+    Keyed by code, language and version: a version never changes once written, so an entry can
+    never be stale, and an update (a new version) is a new key."""
+
+    def __init__(self, client: ServiceClient, size: int = 1024) -> None:
+        self.client = client
+        self.size = size
+        self._entries: OrderedDict[tuple[str, str, int], dict[str, Any]] = OrderedDict()
+
+    async def get(self, code: str, language: str, version: int) -> Reply:
+        key = (code, language, version)
+        if (entry := self._entries.get(key)) is not None:
+            self._entries.move_to_end(key)
+            return Reply(200, {"data": entry})
+        reply = await self.client.get_template(code, language, version)
+        if reply.status == 200 and reply.data.get("language") == language:
+            self._entries[key] = reply.data
+            if len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return reply

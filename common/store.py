@@ -33,6 +33,7 @@ class NewNotification:
     notification_type: str
     template_code: str
     language: str | None
+    template_version: int | None
     priority: int
     correlation_id: str
     status: str = "pending"
@@ -53,10 +54,11 @@ class StatusStore:
             f"""
             WITH n AS (
                 INSERT INTO notifications (id, client_id, request_id, body_hash, user_id,
-                    notification_type, template_code, language, variables, metadata, priority,
-                    status, error, correlation_id, publish_pending)
+                    notification_type, template_code, language, template_version, variables,
+                    metadata, priority, status, error, correlation_id, publish_pending)
                 VALUES (%(id)s, %(client_id)s, %(request_id)s, %(body_hash)s, %(user_id)s,
-                    %(notification_type)s, %(template_code)s, %(language)s, %(variables)s,
+                    %(notification_type)s, %(template_code)s, %(language)s, %(template_version)s,
+                    %(variables)s,
                     %(metadata)s, %(priority)s, %(status)s, %(error)s, %(correlation_id)s,
                     %(publish_pending)s)
                 ON CONFLICT (client_id, request_id) DO NOTHING
