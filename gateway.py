@@ -425,6 +425,8 @@ def _proxy(key: web.AppKey[ServiceClient]) -> Callable[[web.Request], Awaitable[
         else:
             token = target.token
         headers = outgoing_headers(token)
+        if principal is not None:
+            headers["X-Actor"] = f"{principal.kind}:{principal.subject}"  # recorded as created_by
         if request.content_type:
             headers["Content-Type"] = request.content_type
         try:
