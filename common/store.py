@@ -186,6 +186,28 @@ class StatusStore:
         )
         return row is not None
 
+    async def event(
+        self,
+        notification_id: uuid.UUID,
+        status: str,
+        *,
+        attempt: int,
+        provider: str | None = None,
+        device: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """A history entry that does not change the notification's state (a device's result)."""
+        await self.db.execute(
+            "INSERT INTO notification_events (notification_id, status, attempt, provider, device, detail)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            notification_id,
+            status,
+            attempt,
+            provider,
+            device,
+            detail,
+        )
+
     async def requeue_failed(self, notification_id: uuid.UUID) -> Row | None:
         """A failed notification back to pending, for a manual retry; None if not failed."""
         return await self.db.fetchrow(

@@ -37,7 +37,13 @@ STORE_OUTAGE_BACKOFF = 1.0
 
 
 class DeliveryError(Exception):
-    """A delivery attempt failed; `transient` decides retry queue or failed."""
+    """A delivery attempt failed; `transient` decides retry queue or failed.
+
+    `retry_after` (seconds, from a provider's Retry-After) picks a retry queue at least that
+    long. `defer` waits in the retry queue without using up an attempt (every provider's
+    circuit is open: nothing was tried). `carry` is merged into the message for the next
+    attempt, e.g. which devices already have it, so a retry resends only what failed.
+    """
 
     def __init__(
         self,
@@ -46,12 +52,16 @@ class DeliveryError(Exception):
         transient: bool,
         provider: str | None = None,
         retry_after: float | None = None,
+        defer: bool = False,
+        carry: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.transient = transient
         self.provider = provider
         self.retry_after = retry_after
+        self.defer = defer
+        self.carry = carry or {}
 
 
 @dataclass(frozen=True)
@@ -188,13 +198,21 @@ class Worker:
         attempt: int,
         exc: DeliveryError,
     ) -> None:
-        if exc.transient and attempt < self.config.max_attempts:
+        delays = self.config.retry_delays
+        if exc.transient and (exc.defer or attempt < self.config.max_attempts):
+            # The retry queue for this attempt, or a later one when the provider asked for a
+            # longer wait; a deferral waits in the first one and keeps its attempt number.
+            index = 1 if exc.defer else attempt
+            if exc.retry_after is not None and not exc.defer:
+                longer = [i for i, d in enumerate(delays, start=1) if i >= attempt and d >= exc.retry_after]
+                index = longer[0] if longer else len(delays)
+            next_attempt = attempt if exc.defer else index + 1
             # Published before the status changes: a crash in between leaves a duplicate
             # message, which the claim step turns into a no-op, never a lost one.
             await amqp.publish(
                 self.broker.channel.default_exchange,
-                amqp.retry_queue(self.channel, attempt),
-                {**body, "attempt": attempt + 1},
+                amqp.retry_queue(self.channel, index),
+                {**body, **exc.carry, "attempt": next_attempt},
                 correlation_id=body.get("correlation_id"),
                 priority=message.priority or 0,
                 message_id=str(notification_id),
@@ -203,11 +221,12 @@ class Worker:
             await self.store.record(notification_id, "retrying", error=exc.reason, provider=exc.provider)
             self.metrics.retried.labels(self.channel).inc()
             log.warning(
-                "attempt %d failed (%s); retry %d in %gs",
+                "attempt %d %s (%s); attempt %d follows in %gs",
                 attempt,
+                "deferred" if exc.defer else "failed",
                 exc.reason,
-                attempt,
-                self.config.retry_delays[attempt - 1],
+                next_attempt,
+                delays[index - 1],
             )
             return
         reason = exc.reason if not exc.transient else f"retries exhausted: {exc.reason}"
