@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | 
 help:
 	@echo "make run       install, create databases, migrate, declare topology, start all services"
 	@echo "make test      run the test suite against the local PostgreSQL, Redis and RabbitMQ"
-	@echo "make lint      ruff and mypy"
+	@echo "make lint      ruff, mypy and hadolint"
 	@echo "make migrate   create missing databases and apply migrations"
 	@echo "make topology  declare the RabbitMQ exchange and queues"
 	@echo "make bench     run the benchmarks and append the figures to BENCHMARKS.md"
@@ -33,6 +33,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+	$(BIN)/hadolint Dockerfile
 
 format: venv
 	$(BIN)/ruff check --fix .
