@@ -62,6 +62,8 @@ class Config:
     onesignal_base_url: str = "https://api.onesignal.com"
     vapid_private_key: str | None = None
     vapid_subject: str | None = None
+    webpush_allowed_hosts: tuple[str, ...] = ()
+    push_ttl: int = 86400
     retry_delays: tuple[float, ...] = (1.0, 5.0, 25.0, 125.0, 625.0)
     worker_prefetch: int = 32
     queue_type: str = "classic"
@@ -190,6 +192,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "fcm_token_url": _http,
     "onesignal_base_url": _http,
     "retry_delays": _delays,
+    "webpush_allowed_hosts": _csv,
+    "push_ttl": _positive_int,
     "worker_prefetch": _positive_int,
     "queue_type": _one_of(QUEUE_TYPES),
     "http_timeout": _positive_float,

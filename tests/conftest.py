@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import email_worker
 import gateway
+import push_worker
 import template_service
 import user_service
 from common import db
@@ -195,7 +196,7 @@ async def stack_factory(base_config: Config, amqp_channel: Any, smtp_sink: SmtpS
     """Start the five services (the workers optional) through their real create_app factories."""
     started: list[Any] = []
 
-    async def start(*, workers: bool = True, **overrides: Any) -> Stack:
+    async def start(*, workers: bool = True, push: bool = False, **overrides: Any) -> Stack:
         config = replace(base_config, smtp_port=smtp_sink.port, **overrides)
         users = await _serve(user_service.create_app(config))
         templates = await _serve(template_service.create_app(config))
@@ -217,6 +218,11 @@ async def stack_factory(base_config: Config, amqp_channel: Any, smtp_sink: SmtpS
             started.append(worker)
             apps["email_worker"] = worker.app
             urls["email_worker"] = str(worker.make_url("")).rstrip("/")
+        if push:
+            push_server = await _serve(push_worker.create_app(config))
+            started.append(push_server)
+            apps["push_worker"] = push_server.app
+            urls["push_worker"] = str(push_server.make_url("")).rstrip("/")
         return Stack(config, client, apps, urls, smtp_sink)
 
     yield start

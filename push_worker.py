@@ -1,0 +1,233 @@
+"""Push worker (:8004): consumes push.queue and delivers to every device the user has.
+
+The consuming, retry and dead-letter logic is common/worker.py; this module is the delivery
+step: look up the user's devices, render the push template, fan out to FCM, OneSignal and Web
+Push, record a result per device, prune dead tokens, and retry only the devices that failed
+transiently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from common import db, resources, templating
+from common.clients import ServiceClient, ServiceUnavailable, TemplateCache
+from common.config import Config, load_config
+from common.http import CONFIG_KEY, base_app, run
+from common.logs import setup_logging
+from common.store import StatusStore
+from common.worker import Deliver, Delivered, DeliveryError, Job, consumer
+from providers.fcm import FcmProvider
+from providers.onesignal import OneSignalProvider
+from providers.push import Device, DeviceResult, PushMessage, PushProvider
+from providers.webpush import WebPushProvider, guarded_session
+
+log = logging.getLogger("push_worker")
+
+DB_KEY = web.AppKey("notifications_db", db.Database)
+STORE_KEY = web.AppKey("status_store", StatusStore)
+BROKER_KEY = web.AppKey("broker", resources.Broker)
+HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
+PROVIDERS_KEY = web.AppKey("push_providers", dict)
+
+
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[STORE_KEY] = StatusStore(app[DB_KEY])
+    yield
+
+
+async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The providers this deployment has credentials for; a device on another platform fails."""
+    config = app[CONFIG_KEY]
+    session = app[HTTP_KEY]
+    providers: dict[str, PushProvider] = {}
+    if config.fcm_credentials_file:
+        providers["fcm"] = FcmProvider(
+            session, config.fcm_credentials_file, config.fcm_base_url, config.fcm_token_url
+        )
+    if config.onesignal_app_id and config.onesignal_api_key:
+        providers["onesignal"] = OneSignalProvider(
+            session, config.onesignal_app_id, config.onesignal_api_key, config.onesignal_base_url
+        )
+    # User-supplied endpoints get a session of their own, behind the SSRF guard.
+    webpush_session = None
+    if config.vapid_private_key and config.vapid_subject:
+        allowed = frozenset(h.lower() for h in config.webpush_allowed_hosts)
+        webpush_session = guarded_session(allowed, config.http_timeout)
+        providers["webpush"] = WebPushProvider(
+            webpush_session, config.vapid_private_key, config.vapid_subject, allowed
+        )
+    app[PROVIDERS_KEY] = providers
+    log.info("push providers: %s", ", ".join(providers) or "none configured")
+    try:
+        yield
+    finally:
+        if webpush_session is not None:
+            await webpush_session.close()
+
+
+@dataclass
+class _Progress:
+    """What earlier attempts achieved, carried in the message: devices finished, and whether
+    any accepted it."""
+
+    done: set[str]
+    delivered: int
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> _Progress:
+        return cls(set(body.get("devices_done") or []), int(body.get("devices_delivered") or 0))
+
+    def carry(self) -> dict[str, Any]:
+        return {"devices_done": sorted(self.done), "devices_delivered": self.delivered}
+
+
+def make_deliver(app: web.Application) -> Deliver:
+    config: Config = app[CONFIG_KEY]
+    session = app[HTTP_KEY]
+    store = app[STORE_KEY]
+    users = ServiceClient(session, config.user_service_url, config.internal_api_token, "user service")
+    templates = TemplateCache(
+        ServiceClient(session, config.template_service_url, config.internal_api_token, "template service")
+    )
+    providers: dict[str, PushProvider] = app[PROVIDERS_KEY]
+
+    async def remove_device(user_id: str, device: Device) -> None:
+        try:
+            reply = await users.call("DELETE", f"/api/v1/users/{user_id}/devices/{device.id}")
+        except ServiceUnavailable as exc:
+            log.warning("could not remove dead %s device %s: %s", device.platform, device.id, exc)
+            return
+        if reply.status in (200, 404):
+            log.info("removed dead %s device %s", device.platform, device.id)
+
+    async def deliver(job: Job) -> Delivered:
+        body = job.body
+        user_id = str(body["user_id"])
+        try:
+            user = await users.get_user(user_id)
+            template = await templates.get(body["template_code"], body["language"], body["template_version"])
+        except ServiceUnavailable as exc:
+            raise DeliveryError(str(exc), transient=True) from exc
+        if user.status == 404:
+            raise DeliveryError("user no longer exists", transient=False)
+        if template.status != 200:
+            raise DeliveryError(f"template: {template.message}", transient=False)
+        if user.status != 200:
+            raise DeliveryError(f"user service answered {user.status}", transient=True)
+        try:
+            parts = await templating.render("push", template.data, body.get("variables") or {})
+        except templating.RenderError as exc:
+            raise DeliveryError(f"template: {exc.message}", transient=False) from exc
+
+        progress = _Progress.of(body)
+        devices = [
+            Device(str(d["id"]), d["platform"], d["token"], d.get("subscription"))
+            for d in user.data.get("devices", [])
+            if str(d["id"]) not in progress.done
+        ]
+        if not devices and not progress.delivered:
+            raise DeliveryError("the user has no push devices", transient=False)
+        message = PushMessage(
+            notification_id=str(job.notification_id),
+            title=parts["title"],
+            body=parts["body"],
+            image_url=parts.get("image_url") or None,
+            link=parts.get("link") or None,
+            language=template.data["language"],
+            ttl=config.push_ttl,
+        )
+        results = await _fan_out(providers, devices, message)
+        for result in results:
+            await store.event(
+                job.notification_id,
+                result.outcome,
+                attempt=job.attempt,
+                provider=result.device.platform,
+                device=result.device.id,
+                detail=result.detail[:1000] or None,
+            )
+            if result.outcome == "removed":
+                await remove_device(user_id, result.device)
+            if result.outcome != "retry":
+                progress.done.add(result.device.id)
+            if result.outcome == "delivered":
+                progress.delivered += 1
+        retry = [r for r in results if r.outcome == "retry"]
+        summary = "; ".join(
+            f"{r.device.platform}:{r.device.id[:8]} {r.outcome}"
+            + (f" ({r.detail[:200]})" if r.detail else "")
+            for r in results
+            if r.outcome != "delivered"
+        )
+        delivered_by = sorted({r.device.platform for r in results if r.outcome == "delivered"})
+        if retry and job.attempt < config.max_attempts:
+            waits = [r.retry_after for r in retry if r.retry_after is not None]
+            raise DeliveryError(
+                f"{len(retry)} device(s) to retry: " + "; ".join(r.detail for r in retry)[:800],
+                transient=True,
+                provider=",".join(sorted({r.device.platform for r in retry})),
+                retry_after=max(waits) if waits else None,
+                carry=progress.carry(),
+            )
+        if progress.delivered:
+            return Delivered(
+                ",".join(delivered_by) or "push",
+                template_version=template.data["version"],
+                language=template.data["language"],
+                detail=None if not retry else f"some devices failed: {summary}"[:1000],
+            )
+        raise DeliveryError(
+            f"no device accepted it: {summary}"[:1000],
+            transient=bool(retry),
+            provider=",".join(sorted({r.device.platform for r in results})) or None,
+        )
+
+    return deliver
+
+
+async def _fan_out(
+    providers: dict[str, PushProvider], devices: list[Device], message: PushMessage
+) -> list[DeviceResult]:
+    by_platform: dict[str, list[Device]] = {}
+    for device in devices:
+        by_platform.setdefault(device.platform, []).append(device)
+    results: list[DeviceResult] = []
+    calls = []
+    for platform, group in by_platform.items():
+        provider = providers.get(platform)
+        if provider is None:
+            results.extend(DeviceResult(d, "failed", f"{platform} is not configured") for d in group)
+        else:
+            calls.append(provider.send(group, message))
+    for batch in await asyncio.gather(*calls):
+        results.extend(batch)
+    return results
+
+
+def create_app(config: Config) -> web.Application:
+    app = base_app("push_worker", config)
+    app.cleanup_ctx.append(resources.database(DB_KEY, lambda c: c.notifications_db_url, "postgres"))
+    app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(resources.broker(BROKER_KEY, prefetch=config.worker_prefetch))
+    app.cleanup_ctx.append(resources.http_client(HTTP_KEY))
+    app.cleanup_ctx.append(providers_ctx)
+    app.cleanup_ctx.append(consumer("push", STORE_KEY, BROKER_KEY, make_deliver))
+    return app
+
+
+def main() -> None:
+    config = load_config("internal_api_token")
+    setup_logging("push_worker", config.log_level, config.log_format)
+    run(create_app(config), config, default_port=8004)
+
+
+if __name__ == "__main__":
+    main()

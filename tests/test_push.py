@@ -1,0 +1,286 @@
+"""Push worker: FCM, OneSignal and Web Push against local servers that speak their protocols."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from providers.webpush import GuardedResolver, NonPublicAddress, UnsafeEndpoint, check_endpoint
+from tests.conftest import Stack
+from tests.push_servers import (
+    FakeFcm,
+    FakeOneSignal,
+    FakePushService,
+    serve,
+    unavailable,
+    unregistered,
+    vapid_key,
+)
+
+VAPID_SUBJECT = "mailto:ops@example.com"
+
+
+@dataclass
+class Push:
+    stack: Stack
+    fcm: FakeFcm
+    onesignal: FakeOneSignal
+    webpush: FakePushService
+
+    async def user_with(self, *devices: dict[str, Any]) -> dict[str, Any]:
+        user = await self.stack.create_user()
+        for device in devices:
+            response = await self.stack.gateway.post(
+                f"/api/v1/users/{user['id']}/devices", json=device, headers=self.stack.headers()
+            )
+            assert response.status == 201, await response.text()
+        return user
+
+    async def devices(self, user_id: str) -> list[dict[str, Any]]:
+        response = await self.stack.gateway.get(
+            f"/api/v1/users/{user_id}/devices", headers=self.stack.headers()
+        )
+        return list((await response.json())["data"])
+
+    async def template(self) -> str:
+        code = f"push-{time.time_ns()}"
+        await self.stack.create_template(
+            code,
+            notification_type="push",
+            subject=None,
+            title="Hi {{ name }}",
+            body="Your order {{ order }} shipped",
+            image_url="https://img.example.com/{{ order }}.png",
+            link="https://shop.example.com/orders/{{ order }}",
+        )
+        return code
+
+    async def send(self, user_id: str, code: str) -> str:
+        status, body, _ = await self.stack.send(
+            {
+                "notification_type": "push",
+                "user_id": user_id,
+                "template_code": code,
+                "variables": {"name": "Ada", "order": "A-17"},
+                "request_id": str(uuid.uuid4()),
+            }
+        )
+        assert status == 202, body
+        return str(body["data"]["notification_id"])
+
+
+@pytest.fixture
+async def push(stack_factory: Any, tmp_path: Path) -> AsyncIterator[Push]:
+    fcm = FakeFcm(tmp_path / "service-account.json")
+    onesignal = FakeOneSignal()
+    webpush = FakePushService(VAPID_SUBJECT)
+    fcm.server = await serve(fcm.app)
+    onesignal.server = await serve(onesignal.app)
+    webpush.server = await serve(webpush.app)
+    stack = await stack_factory(
+        push=True,
+        fcm_credentials_file=str(fcm.credentials_path),
+        fcm_base_url=fcm.url,
+        fcm_token_url=f"{fcm.url}/token",
+        onesignal_app_id=onesignal.app_id,
+        onesignal_api_key=onesignal.api_key,
+        onesignal_base_url=str(onesignal.server.make_url("")).rstrip("/"),
+        vapid_private_key=vapid_key(),
+        vapid_subject=VAPID_SUBJECT,
+        webpush_allowed_hosts=("127.0.0.1",),
+    )
+    yield Push(stack, fcm, onesignal, webpush)
+    for server in (fcm.server, onesignal.server, webpush.server):
+        await server.close()
+
+
+async def test_web_push_payload_decrypts_to_the_rendered_notification(push: Push) -> None:
+    subscriber = push.webpush.subscribe()
+    user = await push.user_with(
+        {"platform": "webpush", "subscription": subscriber.subscription(push.webpush.url)}
+    )
+    notification_id = await push.send(user["id"], await push.template())
+    record = await push.stack.wait_for(notification_id, "delivered")
+    assert record["provider"] == "webpush"
+    [(receiver, payload)] = push.webpush.received
+    assert receiver == subscriber.id
+    assert payload == {
+        "title": "Hi Ada",
+        "body": "Your order A-17 shipped",
+        "image": "https://img.example.com/A-17.png",
+        "link": "https://shop.example.com/orders/A-17",
+        "notification_id": notification_id,
+    }
+
+
+async def test_all_three_providers_and_a_dead_token_is_pruned(push: Push) -> None:
+    subscriber = push.webpush.subscribe()
+    push.fcm.script["dead-fcm-token"] = [unregistered()]
+    user = await push.user_with(
+        {"platform": "fcm", "token": "live-fcm-token"},
+        {"platform": "fcm", "token": "dead-fcm-token"},
+        {"platform": "onesignal", "token": "os-sub-1"},
+        {"platform": "webpush", "subscription": subscriber.subscription(push.webpush.url)},
+    )
+    notification_id = await push.send(user["id"], await push.template())
+    record = await push.stack.wait_for(notification_id, "delivered")
+    assert set(record["provider"].split(",")) == {"fcm", "onesignal", "webpush"}
+
+    [fcm_message] = push.fcm.messages
+    assert fcm_message["token"] == "live-fcm-token"
+    assert fcm_message["notification"] == {
+        "title": "Hi Ada",
+        "body": "Your order A-17 shipped",
+        "image": "https://img.example.com/A-17.png",
+    }
+    assert fcm_message["webpush"]["fcm_options"]["link"] == "https://shop.example.com/orders/A-17"
+    assert fcm_message["data"]["notification_id"] == notification_id
+    [onesignal_request] = push.onesignal.requests
+    assert onesignal_request["include_subscription_ids"] == ["os-sub-1"]
+    assert onesignal_request["headings"]["en"] == "Hi Ada"
+    assert onesignal_request["contents"]["en"] == "Your order A-17 shipped"
+    assert onesignal_request["big_picture"] == "https://img.example.com/A-17.png"
+    assert onesignal_request["url"] == "https://shop.example.com/orders/A-17"
+    assert onesignal_request["idempotency_key"] == notification_id
+    assert len(push.webpush.received) == 1
+
+    # One result per device in the history, and the dead token is gone from the user.
+    device_results = {(h["provider"], h["status"]) for h in record["history"] if h["device"]}
+    assert device_results == {
+        ("fcm", "delivered"),
+        ("fcm", "removed"),
+        ("onesignal", "delivered"),
+        ("webpush", "delivered"),
+    }
+    tokens = {d["token"] for d in await push.devices(user["id"])}
+    assert "dead-fcm-token" not in tokens and "live-fcm-token" in tokens and len(tokens) == 3
+
+
+async def test_gone_subscriptions_are_removed(push: Push) -> None:
+    gone = push.webpush.subscribe()
+    push.webpush.script[gone.id] = [410]
+    push.onesignal.invalid = {"os-dead"}
+    user = await push.user_with(
+        {"platform": "webpush", "subscription": gone.subscription(push.webpush.url)},
+        {"platform": "onesignal", "token": "os-dead"},
+        {"platform": "onesignal", "token": "os-live"},
+    )
+    notification_id = await push.send(user["id"], await push.template())
+    await push.stack.wait_for(notification_id, "delivered")
+    assert [d["token"] for d in await push.devices(user["id"])] == ["os-live"]
+
+
+async def test_a_503_is_retried_only_for_the_device_that_failed(push: Push) -> None:
+    push.onesignal.script = [unavailable()]
+    user = await push.user_with(
+        {"platform": "fcm", "token": "fcm-ok"}, {"platform": "onesignal", "token": "os-1"}
+    )
+    notification_id = await push.send(user["id"], await push.template())
+    record = await push.stack.wait_for(notification_id, "delivered", timeout=20)
+    assert record["attempts"] == 2
+    assert len(push.fcm.messages) == 1  # not sent again on the retry
+    assert len(push.onesignal.requests) == 1  # the retry, after the 503
+    statuses = [h["status"] for h in record["history"] if not h["device"]]
+    assert statuses == ["pending", "sending", "retrying", "sending", "delivered"]
+    assert push.fcm.token_requests == 1  # the access token is cached
+
+
+async def test_fcm_credentials_rejected_is_a_failure_not_a_retry(push: Push) -> None:
+    push.fcm.auth_status = 401
+    user = await push.user_with({"platform": "fcm", "token": "t"})
+    notification_id = await push.send(user["id"], await push.template())
+    record = await push.stack.wait_for(notification_id, "failed")
+    assert record["attempts"] == 1 and "FCM auth failed: 401" in record["error"]
+
+
+async def test_a_user_without_devices_fails_with_the_reason(push: Push) -> None:
+    user = await push.user_with()
+    notification_id = await push.send(user["id"], await push.template())
+    record = await push.stack.wait_for(notification_id, "failed")
+    assert record["error"] == "the user has no push devices"
+
+
+class Listener:
+    """A TCP listener that only counts connections: nothing may ever arrive."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str) -> int:
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            writer.close()
+
+        self.server = await asyncio.start_server(accept, host, 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+
+async def test_unsafe_subscription_endpoints_are_refused_before_connecting(push: Push) -> None:
+    listeners = []
+    endpoints = []
+    for host, scheme in (("127.0.0.2", "http"), ("127.0.0.2", "https"), ("::1", "https")):
+        listener = Listener()
+        port = await listener.start(host)
+        listeners.append(listener)
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        endpoints.append(f"{scheme}://{netloc}/push/x")
+    subscriber = push.webpush.subscribe()
+    keys = subscriber.subscription(push.webpush.url)["keys"]
+
+    # Plain http is refused at registration already...
+    user = await push.stack.create_user()
+    response = await push.stack.gateway.post(
+        f"/api/v1/users/{user['id']}/devices",
+        json={"platform": "webpush", "subscription": {"endpoint": endpoints[0], "keys": keys}},
+        headers=push.stack.headers(),
+    )
+    assert response.status == 400
+    # ...and the https ones to loopback addresses are refused by the worker.
+    user = await push.user_with(
+        *({"platform": "webpush", "subscription": {"endpoint": e, "keys": keys}} for e in endpoints[1:])
+    )
+    notification_id = await push.send(user["id"], await push.template())
+    record = await push.stack.wait_for(notification_id, "failed")
+    assert record["error"].startswith("no device accepted it")
+    refusals = [h["detail"] for h in record["history"] if h["device"]]
+    assert len(refusals) == 2 and all("refused" in d and "not a public address" in d for d in refusals)
+    await asyncio.sleep(0.2)
+    assert [listener.connections for listener in listeners] == [0, 0, 0]
+    for listener in listeners:
+        assert listener.server is not None
+        listener.server.close()
+
+
+def test_the_endpoint_check_itself() -> None:
+    allowed = frozenset({"127.0.0.1"})
+    for endpoint in (
+        "http://push.example.com/x",
+        "https://127.0.0.2/x",
+        "https://[::1]/x",
+        "https://10.0.0.1/x",
+        "https://169.254.169.254/latest",
+        "https://[::ffff:127.0.0.1]/x",
+        "https:///x",
+    ):
+        with pytest.raises(UnsafeEndpoint):
+            check_endpoint(endpoint, allowed)
+    check_endpoint("https://fcm.googleapis.com/fcm/send/abc", allowed)  # a name: the resolver decides
+    check_endpoint("http://127.0.0.1:9999/push/1", allowed)  # allow-listed for tests
+
+
+async def test_the_resolver_drops_names_that_resolve_to_loopback() -> None:
+    resolver = GuardedResolver(frozenset())
+    with pytest.raises(NonPublicAddress):
+        await resolver.resolve("localhost", 443)
+    allowed = GuardedResolver(frozenset({"localhost"}))
+    assert await allowed.resolve("localhost", 443)
+    await resolver.close()
+    await allowed.close()
