@@ -6,6 +6,7 @@ A malformed value stops the process with a message naming the variable, before a
 
 from __future__ import annotations
 
+import base64
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -70,10 +71,23 @@ class Config:
     http_timeout: float = 10.0
     log_level: str = "INFO"
     log_format: str = "json"
+    # Email delivery: unsubscribe links, circuit breakers, bounce webhooks.
+    public_base_url: str = "http://127.0.0.1:8000"
+    unsubscribe_secret: str = ""
+    circuit_failure_threshold: int = 5
+    circuit_cooldown: float = 30.0
+    sendgrid_webhook_public_key: str | None = None
+    sendgrid_webhook_secret: str | None = None
+    mailgun_webhook_signing_key: str | None = None
 
     @property
     def max_attempts(self) -> int:
         return len(self.retry_delays) + 1
+
+    @property
+    def unsubscribe_key(self) -> str:
+        """Signs unsubscribe links; JWT_SECRET when UNSUBSCRIBE_SECRET is not set."""
+        return self.unsubscribe_secret or self.jwt_secret
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -162,6 +176,22 @@ def _url(*schemes: str) -> Callable[[str], str]:
     return parse
 
 
+def _ec_public_key(raw: str) -> str:
+    """SendGrid's verification key: base64 DER (as its dashboard shows it) or PEM."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    body = "".join(line for line in raw.splitlines() if not line.startswith("-----"))
+    try:
+        key = load_der_public_key(base64.b64decode("".join(body.split()), validate=True))
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValueError("must be the base64 verification key SendGrid shows") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError("must be an elliptic-curve (ECDSA) public key")
+    return "".join(body.split())
+
+
 def _log_level(raw: str) -> str:
     value = raw.upper()
     if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -199,14 +229,22 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "http_timeout": _positive_float,
     "log_level": _log_level,
     "log_format": _one_of(LOG_FORMATS),
+    "public_base_url": _http,
+    "circuit_failure_threshold": _positive_int,
+    "circuit_cooldown": _positive_float,
+    "sendgrid_webhook_public_key": _ec_public_key,
 }
 
 
-def load_config(*required: str) -> Config:
-    """Read the environment once, for a service's main(); exit 2 with a clear message on error."""
+def load_config(*required: str, check: Callable[[Config], None] | None = None) -> Config:
+    """Read the environment once, for a service's main(); exit 2 with a clear message on error.
+
+    `check` adds a service's own rules about settings that only make sense together."""
     try:
         config = Config.from_env()
         config.require(*required)
+        if check is not None:
+            check(config)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

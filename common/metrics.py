@@ -90,3 +90,28 @@ class Metrics:
             ["channel"],
             registry=r,
         )
+        # Email delivery: provider health, bounces and unsubscribes.
+        self.circuit_state = Gauge(
+            "notify_circuit_state",
+            "Circuit breaker per provider: 0 closed, 1 open, 2 half-open",
+            ["provider"],
+            registry=r,
+        )
+        self.provider_failures = Counter(
+            "notify_provider_failures_total",
+            "Failed calls to a delivery provider, by class (transient, permanent)",
+            ["channel", "provider", "kind"],
+            registry=r,
+        )
+        self.bounces = Counter(
+            "notify_email_bounces_total",
+            "Bounce and drop events received from email providers' webhooks",
+            ["provider"],
+            registry=r,
+        )
+        self.unsubscribes = Counter(
+            "notify_unsubscribes_total",
+            "Users who turned a channel off through an unsubscribe link",
+            ["channel"],
+            registry=r,
+        )

@@ -1,15 +1,28 @@
-"""The email provider interface and what every email provider shares."""
+"""The email provider interface and what every email provider shares: the message, the header
+guard, and the one table that classifies provider failures as transient or permanent."""
 
 from __future__ import annotations
 
+import email.utils
+import re
+import time
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import make_msgid
 from typing import Protocol
 
+from common.worker import DeliveryError
+
 
 class HeaderInjection(ValueError):
-    """A header value carries CR or LF: it would start a header of its own."""
+    """A header value carries CR or LF (it would start a header of its own), or the recipient
+    is not one plain address (it would add recipients)."""
+
+
+# One bare addr-spec and nothing else: no display name, no second address, no whitespace.
+# Validated addresses from the user service always pass; anything that could smuggle a second
+# RCPT TO or header through a provider does not.
+_BARE_ADDRESS = re.compile(r"^[^\s@,;<>()\[\]\"\\]{1,64}@[^\s@,;<>()\[\]\"\\]{1,255}$")
 
 
 @dataclass(frozen=True)
@@ -21,16 +34,31 @@ class OutgoingEmail:
     text: str
     message_id: str
     headers: dict[str, str] = field(default_factory=dict)
+    # Carried by the provider and handed back in its events (SendGrid custom_args, Mailgun
+    # v: variables), so a bounce webhook can name the notification.
+    tracking: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, value in (
             ("To", self.to),
             ("From", self.sender),
             ("Subject", self.subject),
+            ("Message-ID", self.message_id),
             *self.headers.items(),
+            *self.tracking.items(),
         ):
-            if "\r" in value or "\n" in value:
-                raise HeaderInjection(f"header {name} contains a line break")
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise HeaderInjection(f"header {name!r} contains a line break")
+        if not _BARE_ADDRESS.match(self.to):
+            raise HeaderInjection("the recipient must be exactly one plain address")
+
+    @property
+    def sender_address(self) -> str:
+        return email.utils.parseaddr(self.sender)[1] or self.sender
+
+    @property
+    def sender_name(self) -> str:
+        return email.utils.parseaddr(self.sender)[0]
 
     def to_mime(self) -> EmailMessage:
         msg = EmailMessage()
@@ -38,6 +66,7 @@ class OutgoingEmail:
         msg["To"] = self.to
         msg["Subject"] = self.subject
         msg["Message-ID"] = self.message_id
+        msg["Date"] = email.utils.formatdate(localtime=False)
         for name, value in self.headers.items():
             msg[name] = value
         msg.set_content(self.text)
@@ -50,6 +79,18 @@ def message_id(notification_id: str, sender: str) -> str:
     return make_msgid(idstring=notification_id.replace("-", ""), domain=domain)
 
 
+@dataclass(frozen=True)
+class Bounce:
+    """A provider's report that a message could not be delivered after it accepted it."""
+
+    provider: str
+    notification_id: str | None
+    reason: str
+    # A hard bounce or a drop says the address does not take mail: stop sending to it.
+    # A block (the receiving server refused for reputation or content) does not.
+    suppress: bool = True
+
+
 class EmailProvider(Protocol):
     name: str
 
@@ -57,3 +98,66 @@ class EmailProvider(Protocol):
         """Send; return the provider's id for it. Raise DeliveryError on failure."""
 
     async def close(self) -> None: ...
+
+
+# --- failure classes -----------------------------------------------------------------------
+
+TRANSIENT, PERMANENT = True, False
+
+# The one table that decides retry (transient: another attempt, or another provider, may
+# succeed) against failed (permanent: the same message would be refused again). First match
+# wins; `None` codes match any failure of that kind.
+FAILURE_CLASSES: tuple[tuple[str, range | None, bool], ...] = (
+    ("smtp", range(400, 500), TRANSIENT),  # 421 busy, 450/451 try later, 452 storage
+    ("smtp", range(500, 600), PERMANENT),  # 550 no such mailbox, 552 too big, 554 rejected
+    ("http", range(429, 430), TRANSIENT),  # rate limited: honour Retry-After
+    ("http", range(500, 600), TRANSIENT),  # the provider's own trouble
+    ("http", range(400, 500), PERMANENT),  # 400 bad message, 401/403 key, 413 too large, ...
+    ("timeout", None, TRANSIENT),
+    ("network", None, TRANSIENT),  # refused, reset, DNS: the provider may be back soon
+)
+# Answers no row names (an HTTP redirect, an SMTP 3xx where 2xx belongs) say the provider
+# is not working as expected: worth another provider and a later attempt, not a failed mail.
+UNLISTED = TRANSIENT
+
+
+def is_transient(kind: str, code: int | None = None) -> bool:
+    for row_kind, codes, transient in FAILURE_CLASSES:
+        if row_kind == kind and (codes is None or (code is not None and code in codes)):
+            return transient
+    return UNLISTED
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds: either delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def http_failure(provider: str, status: int, detail: str, retry_after: str | None = None) -> DeliveryError:
+    """The DeliveryError for an HTTP answer that is not a success, with the provider's text."""
+    text = " ".join(detail.split())[:500]
+    return DeliveryError(
+        f"{provider}: HTTP {status}" + (f" {text}" if text else ""),
+        transient=is_transient("http", status),
+        provider=provider,
+        retry_after=retry_after_seconds(retry_after) if status == 429 or status >= 500 else None,
+    )
+
+
+def connection_failure(provider: str, exc: BaseException) -> DeliveryError:
+    kind = "timeout" if isinstance(exc, TimeoutError) else "network"
+    what = "timed out" if kind == "timeout" else "unreachable"
+    return DeliveryError(
+        f"{provider}: {what}: {type(exc).__name__} {exc}".rstrip(),
+        transient=is_transient(kind),
+        provider=provider,
+    )

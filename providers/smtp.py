@@ -1,4 +1,8 @@
-"""SMTP provider (aiosmtplib) with a small pool of reused connections."""
+"""SMTP provider (aiosmtplib) with a small pool of reused connections.
+
+Plain, STARTTLS or implicit TLS (SMTP_TLS), with AUTH LOGIN/PLAIN when SMTP_USERNAME and
+SMTP_PASSWORD are set: Gmail, for one, is this provider with an app password (docs/email.md).
+"""
 
 from __future__ import annotations
 
@@ -11,22 +15,39 @@ import aiosmtplib
 
 from common.config import Config
 from common.worker import DeliveryError
-from providers.email import OutgoingEmail
+from providers.email import OutgoingEmail, is_transient
 
 log = logging.getLogger("providers.smtp")
 
 
 def classify(exc: BaseException) -> DeliveryError:
-    """SMTP 4xx and connection trouble are transient; 5xx is permanent."""
+    """An SMTP reply code goes through the failure table; connection trouble is transient."""
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [r.code for r in exc.recipients]
         text = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
-        return DeliveryError(f"SMTP {text}", transient=all(400 <= c < 500 for c in codes), provider="smtp")
+        transient = all(is_transient("smtp", c) for c in codes)
+        return DeliveryError(f"SMTP {text}", transient=transient, provider="smtp")
     if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code > 0:
-        return DeliveryError(f"SMTP {exc.code} {exc.message}", transient=exc.code < 500, provider="smtp")
+        return DeliveryError(
+            f"SMTP {exc.code} {exc.message}", transient=is_transient("smtp", exc.code), provider="smtp"
+        )
+    kind = "timeout" if isinstance(exc, TimeoutError | aiosmtplib.SMTPTimeoutError) else "network"
     return DeliveryError(
-        f"SMTP connection failed: {type(exc).__name__}: {exc}", transient=True, provider="smtp"
+        f"SMTP connection failed: {type(exc).__name__}: {exc}", transient=is_transient(kind), provider="smtp"
     )
+
+
+def envelope(email: OutgoingEmail) -> tuple[str, list[str]]:
+    """MAIL FROM and RCPT TO, given explicitly rather than read back from the headers, so the
+    envelope holds exactly one recipient whatever the To header says. Checked again here
+    because aiosmtplib writes addresses into commands as they are."""
+    sender, recipient = email.sender_address, email.to
+    for address in (sender, recipient):
+        if any(c in address for c in "\r\n\0<>") or not address.strip():
+            raise DeliveryError(
+                "refused: an envelope address would inject an SMTP command", transient=False, provider="smtp"
+            )
+    return sender, [recipient]
 
 
 class SmtpProvider:
@@ -71,11 +92,15 @@ class SmtpProvider:
             self._idle.put_nowait(client)
 
     async def send(self, email: OutgoingEmail) -> str:
-        mime = email.to_mime()
+        sender, recipients = envelope(email)
+        try:
+            mime = email.to_mime()
+        except ValueError as exc:  # the stdlib's own header guard, behind ours
+            raise DeliveryError(f"refused: {exc}", transient=False, provider="smtp") from exc
         for attempt in (1, 2):
             try:
                 async with self._connection() as client:
-                    await client.send_message(mime)
+                    await client.send_message(mime, sender=sender, recipients=recipients)
                 return email.message_id
             except aiosmtplib.SMTPServerDisconnected as exc:
                 # A pooled connection the server closed while idle: one fresh try.

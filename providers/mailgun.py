@@ -1,0 +1,106 @@
+"""Mailgun provider: `POST /v3/{domain}/messages`, basic auth `api:<key>`, a multipart form;
+and its JSON webhooks (permanent failures), which the gateway receives."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from common.config import Config
+from providers.email import Bounce, OutgoingEmail, connection_failure, http_failure
+
+
+def form(email: OutgoingEmail) -> aiohttp.FormData:
+    data = aiohttp.FormData(default_to_multipart=True)
+    for name, value in (
+        ("from", email.sender),
+        ("to", email.to),
+        ("subject", email.subject),
+        ("text", email.text),
+        ("html", email.html),
+        ("h:Message-Id", email.message_id),
+    ):
+        data.add_field(name, value)
+    for header, value in email.headers.items():
+        data.add_field(f"h:{header}", value)
+    # v: variables come back as `user-variables` in every event for this message.
+    for key, value in email.tracking.items():
+        data.add_field(f"v:{key}", value)
+    return data
+
+
+def error_text(raw: bytes) -> str:
+    """Mailgun explains a refusal as {"message": "..."}."""
+    try:
+        body = orjson.loads(raw)
+        return str(body["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return raw.decode(errors="replace")
+
+
+class MailgunProvider:
+    name = "mailgun"
+
+    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+        self.url = f"{config.mailgun_base_url}/v3/{quote(config.mailgun_domain or '', safe='')}/messages"
+        self.auth = aiohttp.BasicAuth("api", config.mailgun_api_key or "")
+        self.session = session
+
+    async def send(self, email: OutgoingEmail) -> str:
+        try:
+            async with self.session.post(self.url, data=form(email), auth=self.auth) as response:
+                raw = await response.read()
+                if 200 <= response.status < 300:
+                    try:
+                        return str(orjson.loads(raw)["id"])
+                    except (orjson.JSONDecodeError, KeyError, TypeError):
+                        return email.message_id
+                raise http_failure(
+                    self.name, response.status, error_text(raw), response.headers.get("Retry-After")
+                )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise connection_failure(self.name, exc) from exc
+
+    async def close(self) -> None:
+        """The session belongs to the worker application, which closes it."""
+
+
+# --- webhooks --------------------------------------------------------------------------------
+
+
+def webhook_authentic(signing_key: str | None, body: dict[str, Any]) -> bool:
+    """`signature.signature` must be HMAC-SHA256(signing key, timestamp + token), in hex."""
+    signature = body.get("signature")
+    if not signing_key or not isinstance(signature, dict):
+        return False
+    timestamp, token, presented = (signature.get(k) for k in ("timestamp", "token", "signature"))
+    if not all(isinstance(v, str | int) and str(v) for v in (timestamp, token, presented)):
+        return False
+    expected = hmac.new(signing_key.encode(), f"{timestamp}{token}".encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), str(presented).encode())
+
+
+def bounces(body: dict[str, Any]) -> list[Bounce]:
+    """A `failed` event of severity `permanent`; temporary failures Mailgun retries itself."""
+    event = body.get("event-data")
+    if not isinstance(event, dict) or event.get("event") != "failed" or event.get("severity") != "permanent":
+        return []
+    status = event.get("delivery-status")
+    status = status if isinstance(status, dict) else {}
+    words = [str(status.get("code") or ""), str(status.get("description") or status.get("message") or "")]
+    detail = " ".join(w for w in words if w) or str(event.get("reason") or "permanent failure")
+    variables = event.get("user-variables")
+    variables = variables if isinstance(variables, dict) else {}
+    notification_id = variables.get("notification_id")
+    return [
+        Bounce(
+            provider="mailgun",
+            notification_id=str(notification_id) if notification_id else None,
+            reason=f"{event.get('reason') or 'failed'}: {detail}",
+        )
+    ]
