@@ -1,34 +1,83 @@
 """Email worker (:8003): consumes email.queue and sends each notification by email.
 
 The consuming, retry and dead-letter logic is common/worker.py; this module is the delivery
-step: look up the address, render the template, send through the configured provider.
+step: look up the address, render the template, build the message (HTML and text, with its
+ids and a signed one-click unsubscribe link), and send it through the providers in
+EMAIL_PROVIDERS order. A transient failure or an open circuit moves on to the next provider;
+only when every provider failed does the attempt go back to the retry queues, and when no
+provider could even be tried (every circuit open) the message waits without using an attempt.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from ipaddress import ip_address
 
 import aiohttp
 from aiohttp import web
 
-from common import db, resources, templating
+from common import db, resources, templating, unsubscribe
 from common.clients import ServiceClient, ServiceUnavailable, TemplateCache
-from common.config import Config, load_config
-from common.http import CONFIG_KEY, base_app, run
+from common.config import Config, ConfigError, load_config
+from common.http import CONFIG_KEY, METRICS_KEY, base_app, run
 from common.logs import setup_logging
+from common.metrics import Metrics
 from common.store import StatusStore
 from common.worker import Deliver, Delivered, DeliveryError, Job, consumer
+from providers.breaker import CircuitBreaker, State
 from providers.email import EmailProvider, HeaderInjection, OutgoingEmail, message_id
+from providers.mailgun import MailgunProvider
+from providers.sendgrid import SendGridProvider
 from providers.smtp import SmtpProvider
 
 log = logging.getLogger("email_worker")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One provider in the failover order, with its circuit breaker."""
+
+    provider: EmailProvider
+    breaker: CircuitBreaker
+
 
 DB_KEY = web.AppKey("notifications_db", db.Database)
 STORE_KEY = web.AppKey("status_store", StatusStore)
 BROKER_KEY = web.AppKey("broker", resources.Broker)
 HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
-PROVIDER_KEY = web.AppKey("email_provider", EmailProvider)
+ROUTES_KEY = web.AppKey("email_routes", tuple)
+
+
+def check_settings(config: Config) -> None:
+    """Settings that only make sense together; refused at start rather than at the first email."""
+    problems = []
+    if not config.unsubscribe_key:
+        problems.append("UNSUBSCRIBE_SECRET (or JWT_SECRET) must be set: it signs unsubscribe links")
+    if "sendgrid" in config.email_providers and not config.sendgrid_api_key:
+        problems.append("SENDGRID_API_KEY must be set when EMAIL_PROVIDERS names sendgrid")
+    if "mailgun" in config.email_providers and not (config.mailgun_api_key and config.mailgun_domain):
+        problems.append("MAILGUN_API_KEY and MAILGUN_DOMAIN must be set when EMAIL_PROVIDERS names mailgun")
+    if bool(config.smtp_username) != bool(config.smtp_password):
+        problems.append("SMTP_USERNAME and SMTP_PASSWORD must be set together (or neither)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _provider(name: str, config: Config, session: aiohttp.ClientSession) -> EmailProvider:
+    if name == "sendgrid":
+        return SendGridProvider(config, session)
+    if name == "mailgun":
+        return MailgunProvider(config, session)
+    return SmtpProvider(config)
 
 
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -36,23 +85,87 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-async def provider_ctx(app: web.Application) -> AsyncIterator[None]:
-    provider = SmtpProvider(app[CONFIG_KEY])
-    app[PROVIDER_KEY] = provider
+async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG_KEY]
+    gauge = app[METRICS_KEY].circuit_state
+    if config.smtp_username and config.smtp_tls == "none" and not _is_loopback(config.smtp_host):
+        log.warning("SMTP_USERNAME is set with SMTP_TLS=none: the password crosses the network in clear")
+    routes = tuple(
+        Route(
+            _provider(name, config, app[HTTP_KEY]),
+            CircuitBreaker(name, config.circuit_failure_threshold, config.circuit_cooldown, gauge),
+        )
+        for name in config.email_providers
+    )
+    app[ROUTES_KEY] = routes
+    log.info("email providers in failover order: %s", ", ".join(config.email_providers))
     try:
         yield
     finally:
-        await provider.close()
+        for route in routes:
+            await route.provider.close()
+
+
+async def send_with_failover(routes: tuple[Route, ...], email: OutgoingEmail, metrics: Metrics) -> Delivered:
+    """Try each provider in order; the first that accepts the message delivered it."""
+    skipped: list[str] = []  # open circuits: nothing was sent
+    failures: list[DeliveryError] = []
+    for route in routes:
+        name = route.provider.name
+        if not route.breaker.allow():
+            if route.breaker.state is State.HALF_OPEN:
+                skipped.append(f"{name}: circuit half-open, a probe is in flight")
+            else:
+                skipped.append(f"{name}: circuit open, next probe in {route.breaker.retry_in():.0f}s")
+            continue
+        try:
+            await route.provider.send(email)
+        except DeliveryError as exc:
+            exc.provider = exc.provider or name
+            metrics.provider_failures.labels(
+                "email", name, "transient" if exc.transient else "permanent"
+            ).inc()
+            if not exc.transient:
+                # The provider answered and refused this message: it is healthy, and another
+                # provider would refuse the same message (bad address, too large) as well.
+                route.breaker.success()
+                raise
+            route.breaker.failure()
+            failures.append(exc)
+            log.warning("%s failed, trying the next provider: %s", name, exc.reason)
+            continue
+        except BaseException:
+            route.breaker.release()
+            raise
+        route.breaker.success()
+        notes = [f.reason for f in failures] + skipped
+        return Delivered(name, detail=f"delivered by {name} after: {'; '.join(notes)}" if notes else None)
+    if not failures:
+        # Nothing was tried: wait in the retry queue without using up an attempt.
+        raise DeliveryError(
+            "every email provider's circuit is open (" + "; ".join(skipped) + ")",
+            transient=True,
+            defer=True,
+            retry_after=min(r.breaker.retry_in() for r in routes),
+        )
+    hints = [f.retry_after for f in failures if f.retry_after is not None]
+    raise DeliveryError(
+        "; ".join([f.reason for f in failures] + skipped),
+        transient=True,
+        provider=failures[-1].provider,
+        retry_after=max(hints) if hints else None,
+    )
 
 
 def make_deliver(app: web.Application) -> Deliver:
     config = app[CONFIG_KEY]
     session = app[HTTP_KEY]
+    metrics = app[METRICS_KEY]
     users = ServiceClient(session, config.user_service_url, config.internal_api_token, "user service")
     templates = TemplateCache(
         ServiceClient(session, config.template_service_url, config.internal_api_token, "template service")
     )
-    provider = app[PROVIDER_KEY]
+    routes: tuple[Route, ...] = app[ROUTES_KEY]
 
     async def deliver(job: Job) -> Delivered:
         body = job.body
@@ -72,6 +185,7 @@ def make_deliver(app: web.Application) -> Deliver:
         except templating.RenderError as exc:
             raise DeliveryError(f"template: {exc.message}", transient=False) from exc
         notification_id = str(job.notification_id)
+        token = unsubscribe.sign(config.unsubscribe_key, str(body["user_id"]), "email")
         try:
             email = OutgoingEmail(
                 to=user.data["email"],
@@ -83,31 +197,37 @@ def make_deliver(app: web.Application) -> Deliver:
                 headers={
                     "X-Notification-ID": notification_id,
                     "X-Correlation-ID": str(body.get("correlation_id") or ""),
+                    # RFC 2369 and RFC 8058: mail clients show an unsubscribe button that
+                    # POSTs "List-Unsubscribe=One-Click" to this link, no login needed.
+                    "List-Unsubscribe": f"<{unsubscribe.link(config.public_base_url, token)}>",
+                    "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
                 },
+                tracking={"notification_id": notification_id},
             )
         except HeaderInjection as exc:
             raise DeliveryError(f"refused: {exc}", transient=False) from exc
-        await provider.send(email)
-        return Delivered(
-            provider.name, template_version=template.data["version"], language=template.data["language"]
-        )
+        delivered = await send_with_failover(routes, email, metrics)
+        delivered.template_version = template.data["version"]
+        delivered.language = template.data["language"]
+        return delivered
 
     return deliver
 
 
 def create_app(config: Config) -> web.Application:
+    check_settings(config)
     app = base_app("email_worker", config)
     app.cleanup_ctx.append(resources.database(DB_KEY, lambda c: c.notifications_db_url, "postgres"))
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(resources.broker(BROKER_KEY, prefetch=config.worker_prefetch))
     app.cleanup_ctx.append(resources.http_client(HTTP_KEY))
-    app.cleanup_ctx.append(provider_ctx)
+    app.cleanup_ctx.append(providers_ctx)
     app.cleanup_ctx.append(consumer("email", STORE_KEY, BROKER_KEY, make_deliver))
     return app
 
 
 def main() -> None:
-    config = load_config("internal_api_token")
+    config = load_config("internal_api_token", check=check_settings)
     setup_logging("email_worker", config.log_level, config.log_format)
     run(create_app(config), config, default_port=8003)
 
