@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import html
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from common import amqp, auth, db, resources, templating
+from common import amqp, auth, db, resources, templating, unsubscribe
 from common.clients import ServiceClient, ServiceUnavailable
 from common.config import Config, load_config
 from common.http import (
@@ -40,6 +41,8 @@ from common.http import (
 from common.logs import correlation_id_var, log_context, setup_logging
 from common.store import STATUSES, NewNotification, StatusStore
 from common.validation import CODE_RE, LANGUAGE_RE, Fields, normalize_language, parse_uuid
+from providers import mailgun, sendgrid
+from providers.email import Bounce
 
 log = logging.getLogger("gateway")
 
@@ -92,7 +95,9 @@ def _authenticate(request: web.Request) -> auth.Principal:
     raise auth.unauthorized()
 
 
-_PUBLIC_PREFIXES = ("/api/v1/auth/login",)
+# No API key here: login takes a password; provider webhooks and unsubscribe links cannot
+# carry a key, and authenticate themselves (signature, shared secret, signed token).
+_PUBLIC_PREFIXES = ("/api/v1/auth/login", "/api/v1/webhooks/", "/api/v1/unsubscribe/")
 
 
 @web.middleware
@@ -408,6 +413,170 @@ async def report_status(request: web.Request) -> web.Response:
     return json_response(_view(await store.get(notification_id) or row), "status recorded")
 
 
+# --- email: bounce webhooks and one-click unsubscribe ------------------------------------------
+
+
+async def _turn_off(request: web.Request, user_id: uuid.UUID, channel: str) -> bool:
+    """Turn a user's channel off in the user service; False when the user no longer exists.
+    Idempotent, so a provider retrying its webhook or a second click changes nothing."""
+    try:
+        reply = await request.app[USERS_KEY].call(
+            "PUT", f"/api/v1/users/{user_id}/preferences", {channel: False}
+        )
+    except ServiceUnavailable as exc:
+        raise ApiError(
+            503,
+            "service_unavailable",
+            f"Cannot change the preference now: {exc}.",
+            headers={"Retry-After": "5"},
+        ) from None
+    if reply.status == 404:
+        return False
+    if reply.status != 200:
+        raise ApiError(
+            503,
+            "service_unavailable",
+            f"The user service did not take the change (HTTP {reply.status}); please retry.",
+            headers={"Retry-After": "5"},
+        )
+    return True
+
+
+async def _apply_bounces(request: web.Request, bounces: list[Bounce], received: int) -> web.Response:
+    """Each bounce marks its notification failed with the provider's reason and, for a hard
+    bounce, turns the user's email off. An event naming no notification of ours is answered
+    200 all the same: a non-2xx answer only makes the provider send it again and again."""
+    store = request.app[STORE_KEY]
+    applied = 0
+    for bounce in bounces:
+        notification_id = parse_uuid(bounce.notification_id or "")
+        row = await store.get(notification_id) if notification_id is not None else None
+        if row is None or row["notification_type"] != "email":
+            log.info("%s bounce event for no known email notification ignored", bounce.provider)
+            continue
+        with log_context(row["correlation_id"], str(row["id"])):
+            if bounce.suppress:
+                await _turn_off(request, row["user_id"], "email")
+            if row["status"] != "failed":
+                reason = f"bounced ({bounce.provider}): {bounce.reason}"[:2000]
+                await store.record(row["id"], "failed", error=reason, provider=bounce.provider)
+            request.app[METRICS_KEY].bounces.labels(bounce.provider).inc()
+            log.warning(
+                "%s reported a bounce: %s%s",
+                bounce.provider,
+                bounce.reason,
+                "; email turned off for this user" if bounce.suppress else "",
+            )
+        applied += 1
+    return json_response(
+        {"received": received, "bounces": applied, "ignored": received - applied}, "webhook processed"
+    )
+
+
+def _webhook_refused(provider: str, configured: bool, settings: str) -> ApiError:
+    if not configured:
+        return ApiError(
+            401, "unauthorized", f"{provider} webhooks are not configured on this gateway: set {settings}."
+        )
+    return ApiError(401, "unauthorized", f"The {provider} webhook's signature or secret does not verify.")
+
+
+async def sendgrid_webhook(request: web.Request) -> web.Response:
+    config = request.app[CONFIG_KEY]
+    raw = await request.read()
+    if not sendgrid.webhook_authentic(config, request.headers, request.query, raw):
+        configured = bool(config.sendgrid_webhook_public_key or config.sendgrid_webhook_secret)
+        raise _webhook_refused(
+            "SendGrid", configured, "SENDGRID_WEBHOOK_PUBLIC_KEY or SENDGRID_WEBHOOK_SECRET"
+        )
+    try:
+        events = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
+    if not isinstance(events, list):
+        raise ApiError(400, "invalid_json", "A SendGrid event webhook body is a JSON array of events.")
+    return await _apply_bounces(request, sendgrid.bounces(events), len(events))
+
+
+async def mailgun_webhook(request: web.Request) -> web.Response:
+    key = request.app[CONFIG_KEY].mailgun_webhook_signing_key
+    body = await read_json(request)
+    if not mailgun.webhook_authentic(key, body):
+        raise _webhook_refused("Mailgun", bool(key), "MAILGUN_WEBHOOK_SIGNING_KEY")
+    return await _apply_bounces(request, mailgun.bounces(body), 1)
+
+
+_PAGE_HEADERS = {
+    # The token in the URL is a credential for one preference: keep it out of referrers,
+    # caches and search engines; the page runs no script and posts only to itself.
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "X-Robots-Tag": "noindex",
+}
+
+
+def _page(status: int, title: str, text: str, *, button: bool = False) -> web.Response:
+    form = (
+        '<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">'
+        '<button type="submit">Unsubscribe</button></form>'
+        if button
+        else ""
+    )
+    body = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;max-width:32rem;"
+        "margin:4rem auto;padding:0 1rem;line-height:1.5}button{font-size:1rem;padding:.5rem 1.25rem}"
+        f"</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(text)}</p>{form}</body></html>"
+    )
+    return web.Response(text=body, status=status, content_type="text/html", headers=_PAGE_HEADERS)
+
+
+async def unsubscribe_page(request: web.Request) -> web.Response:
+    """GET only shows a page with a button: link scanners and mail previews fetch links, and
+    must not unsubscribe anyone by doing so (RFC 8058). The button POSTs, like a mail client's
+    one-click unsubscribe does."""
+    target = unsubscribe.verify(request.app[CONFIG_KEY].unsubscribe_key, request.match_info["token"])
+    if target is None:
+        return _page(
+            400,
+            "This unsubscribe link is not valid",
+            "It was altered or cut short. Use the link from the email itself.",
+        )
+    return _page(
+        200,
+        f"Unsubscribe from {target.channel} notifications?",
+        f"You will no longer receive {target.channel} notifications. "
+        "Nothing changes until you press the button.",
+        button=True,
+    )
+
+
+async def unsubscribe_now(request: web.Request) -> web.Response:
+    """POST: RFC 8058 one-click unsubscribe (body `List-Unsubscribe=One-Click`, not required).
+    A JSON envelope, or a page when a browser submitted the button."""
+    target = unsubscribe.verify(request.app[CONFIG_KEY].unsubscribe_key, request.match_info["token"])
+    if target is None:
+        raise ApiError(
+            400, "invalid_token", "This unsubscribe link is not valid: it was altered or cut short."
+        )
+    if not await _turn_off(request, target.user_id, target.channel):
+        raise not_found("User")
+    request.app[METRICS_KEY].unsubscribes.labels(target.channel).inc()
+    log.info("user %s unsubscribed from %s by link", target.user_id, target.channel)
+    if "text/html" in request.headers.get("Accept", ""):
+        return _page(
+            200,
+            "You are unsubscribed",
+            f"You will no longer receive {target.channel} notifications from us.",
+        )
+    return json_response(
+        {"user_id": target.user_id, "channel": target.channel, "subscribed": False},
+        f"unsubscribed from {target.channel} notifications",
+    )
+
+
 # --- routing to the user and template services ----------------------------------------------
 
 
@@ -531,6 +700,10 @@ def create_app(config: Config) -> web.Application:
     r.add_post("/api/v1/notifications/{notification_id}/retry", retry_notification)
     r.add_post("/api/v1/{channel:email|push}/status/", report_status)
     r.add_post("/api/v1/{channel:email|push}/status", report_status)
+    r.add_post("/api/v1/webhooks/sendgrid", sendgrid_webhook)
+    r.add_post("/api/v1/webhooks/mailgun", mailgun_webhook)
+    r.add_get("/api/v1/unsubscribe/{token}", unsubscribe_page)
+    r.add_post("/api/v1/unsubscribe/{token}", unsubscribe_now)
     users = _proxy(USERS_KEY)
     templates = _proxy(TEMPLATES_KEY)
     r.add_route("*", "/api/v1/users{tail:(/.*)?}", users)
