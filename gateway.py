@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from common import amqp, auth, db, resources, templating, unsubscribe
@@ -39,6 +40,7 @@ from common.http import (
     run,
 )
 from common.logs import correlation_id_var, log_context, setup_logging
+from common.ratelimit import RateLimiter
 from common.store import STATUSES, NewNotification, StatusStore
 from common.validation import CODE_RE, LANGUAGE_RE, Fields, normalize_language, parse_uuid
 from providers import mailgun, sendgrid
@@ -53,6 +55,8 @@ HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
 USERS_KEY = web.AppKey("user_service", ServiceClient)
 TEMPLATES_KEY = web.AppKey("template_service", ServiceClient)
 KEY_HASHES_KEY = web.AppKey("api_key_hashes", tuple)
+REDIS_KEY = web.AppKey("redis", aioredis.Redis)
+LIMITER_KEY = web.AppKey("rate_limiter", RateLimiter)
 PRINCIPAL_KEY = web.RequestKey("principal", auth.Principal)
 
 # A duplicate arriving while the first request is still between insert and publish gets 409;
@@ -60,6 +64,8 @@ PRINCIPAL_KEY = web.RequestKey("principal", auth.Principal)
 ACCEPTING_WINDOW = 10.0
 RELAY_INTERVAL = 1.0
 RELAY_AGE = 5.0
+RELAY_BATCH = 500
+PUBLISH_TIMEOUT = 3.0
 NOTIFICATION_FIELDS = {
     "notification_type",
     "user_id",
@@ -104,9 +110,28 @@ _PUBLIC_PREFIXES = ("/api/v1/auth/login", "/api/v1/webhooks/", "/api/v1/unsubscr
 async def auth_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    if request.path.startswith("/api/") and not request.path.startswith(_PUBLIC_PREFIXES):
-        request[PRINCIPAL_KEY] = _authenticate(request)
-    return await handler(request)
+    if not request.path.startswith("/api/") or request.path.startswith(_PUBLIC_PREFIXES):
+        return await handler(request)
+    principal = _authenticate(request)
+    request[PRINCIPAL_KEY] = principal
+    verdict = await request.app[LIMITER_KEY].check(f"{principal.kind}:{principal.subject}")
+    if verdict is None:
+        return await handler(request)
+    if not verdict.allowed:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"Rate limit of {verdict.limit} requests per {request.app[CONFIG_KEY].rate_limit_window:g}s "
+            "exceeded; retry after the time in Retry-After.",
+            headers=verdict.headers(),
+        )
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        exc.headers = {**(exc.headers or {}), **verdict.headers()}
+        raise
+    response.headers.update(verdict.headers())
+    return response
 
 
 def _require(request: web.Request, *kinds: str) -> auth.Principal:
@@ -252,27 +277,29 @@ def _message(row: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
     }
 
 
+async def _publish(app: web.Application, row: dict[str, Any]) -> None:
+    await amqp.publish(
+        app[BROKER_KEY].exchange,
+        row["notification_type"],
+        _message(row),
+        correlation_id=row["correlation_id"],
+        priority=row["priority"],
+        message_id=str(row["id"]),
+        timeout=PUBLISH_TIMEOUT,
+    )
+
+
 async def publish_notification(app: web.Application, row: dict[str, Any]) -> bool:
-    """Publish and mark confirmed; False (logged) when the broker is unreachable."""
-    try:
-        await amqp.publish(
-            app[BROKER_KEY].exchange,
-            row["notification_type"],
-            _message(row),
-            correlation_id=row["correlation_id"],
-            priority=row["priority"],
-            message_id=str(row["id"]),
-            timeout=5,
-        )
-    except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row to the relay
-        log.warning(
-            "publish failed, the relay will retry: %s: %s",
-            type(exc).__name__,
-            exc,
-            extra={"notification_id": str(row["id"])},
-        )
+    """Publish and mark confirmed. When the broker is down the row stays pending for the relay
+    and the caller still gets its 202 at once: the status store is the record."""
+    if not app[BROKER_KEY].ready:
         return False
-    await app[STORE_KEY].mark_published(row["id"])
+    try:
+        await _publish(app, row)
+    except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row to the relay
+        log.warning("publish failed, the relay will retry: %s: %s", type(exc).__name__, exc)
+        return False
+    await app[STORE_KEY].mark_published([row["id"]])
     return True
 
 
@@ -637,6 +664,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         session, config.template_service_url, config.internal_api_token, "template service"
     )
     app[KEY_HASHES_KEY] = tuple(auth.key_id(k) for k in config.gateway_api_keys)
+    app[LIMITER_KEY] = RateLimiter(app[REDIS_KEY], config.rate_limit, config.rate_limit_window)
     yield
 
 
@@ -659,22 +687,21 @@ async def _relay_loop(app: web.Application) -> None:
     store = app[STORE_KEY]
     while True:
         await asyncio.sleep(RELAY_INTERVAL)
+        if not app[BROKER_KEY].ready:
+            continue
         try:
+            # Rows are locked (SKIP LOCKED) so several gateways relay without publishing one
+            # row twice; oldest first, so the backlog goes out in order of acceptance.
             async with store.db.transaction() as tx:
-                rows = await store.unpublished(tx, RELAY_AGE, limit=200)
-                for row in rows:
-                    with log_context(row["correlation_id"], str(row["id"])):
-                        await amqp.publish(
-                            app[BROKER_KEY].exchange,
-                            row["notification_type"],
-                            _message(row),
-                            correlation_id=row["correlation_id"],
-                            priority=row["priority"],
-                            message_id=str(row["id"]),
-                            timeout=5,
-                        )
-                        await store.mark_published(row["id"], tx)
-                        log.info("relay published a notification left unpublished")
+                rows = await store.unpublished(tx, RELAY_AGE, limit=RELAY_BATCH)
+                # Sent in order on one channel; the confirms are awaited together.
+                results = await asyncio.gather(*(_publish(app, row) for row in rows), return_exceptions=True)
+                confirmed = [row["id"] for row, result in zip(rows, results, strict=True) if result is None]
+                await store.mark_published(confirmed, tx)
+                if rows:
+                    log.info(
+                        "relay published %d of %d notification(s) left unpublished", len(confirmed), len(rows)
+                    )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the next round tries again
@@ -690,6 +717,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(resources.broker(BROKER_KEY))
     app.cleanup_ctx.append(resources.http_client(HTTP_KEY))
+    app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
     app.cleanup_ctx.append(services_ctx)
     app.cleanup_ctx.append(relay_ctx)
     r = app.router

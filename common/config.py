@@ -67,6 +67,9 @@ class Config:
     push_ttl: int = 86400
     retry_delays: tuple[float, ...] = (1.0, 5.0, 25.0, 125.0, 625.0)
     worker_prefetch: int = 32
+    claim_timeout: float = 120.0
+    rate_limit: int = 1000
+    rate_limit_window: float = 1.0
     queue_type: str = "classic"
     http_timeout: float = 10.0
     log_level: str = "INFO"
@@ -120,6 +123,13 @@ def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
         raise ValueError("must be a positive whole number")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or a positive whole number")
     return value
 
 
@@ -225,6 +235,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "webpush_allowed_hosts": _csv,
     "push_ttl": _positive_int,
     "worker_prefetch": _positive_int,
+    "claim_timeout": _positive_float,
+    "rate_limit": _non_negative_int,
+    "rate_limit_window": _positive_float,
     "queue_type": _one_of(QUEUE_TYPES),
     "http_timeout": _positive_float,
     "log_level": _log_level,

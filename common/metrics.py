@@ -64,6 +64,18 @@ class Metrics:
             ["channel"],
             registry=r,
         )
+        self.reclaimed = Counter(
+            "notify_reclaimed_total",
+            "Notifications taken over after a worker died mid-attempt: possibly sent twice",
+            ["channel"],
+            registry=r,
+        )
+        self.deferred_in_progress = Counter(
+            "notify_deferred_in_progress_total",
+            "Redelivered messages put back because another consumer holds the notification",
+            ["channel"],
+            registry=r,
+        )
         self.delivery_latency = Histogram(
             "notify_delivery_duration_seconds",
             "Time spent in one delivery attempt",

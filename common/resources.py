@@ -28,9 +28,18 @@ class Broker:
     channel: AbstractChannel
     exchange: AbstractExchange
 
+    @property
+    def ready(self) -> bool:
+        """Connected now (a robust connection clears `connected` while it reconnects)."""
+        return (
+            self.connection.connected.is_set()
+            and not self.connection.is_closed
+            and not self.channel.is_closed
+        )
+
     async def ping(self) -> None:
-        if self.connection.is_closed or self.channel.is_closed:
-            raise ConnectionError("RabbitMQ connection is closed")
+        if not self.ready:
+            raise ConnectionError("RabbitMQ is not connected")
 
 
 def database(

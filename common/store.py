@@ -114,28 +114,43 @@ class StatusStore:
         )
         return rows, int(total or 0)
 
-    async def mark_published(self, notification_id: uuid.UUID, db: Executor | None = None) -> None:
-        await (db or self.db).execute(
-            "UPDATE notifications SET publish_pending = false WHERE id = %s", notification_id
-        )
+    async def mark_published(self, notification_ids: list[uuid.UUID], db: Executor | None = None) -> None:
+        if notification_ids:
+            await (db or self.db).execute(
+                "UPDATE notifications SET publish_pending = false WHERE id = ANY(%s::uuid[])",
+                notification_ids,
+            )
 
-    async def claim(self, notification_id: uuid.UUID, attempt: int) -> Row | None:
-        """Mark an attempt as started; None when the notification is final or unknown."""
+    async def claim(self, notification_id: uuid.UUID, attempt: int, lease: float) -> Row | None:
+        """Start an attempt: the notification moves to `sending`.
+
+        None when it is final, unknown, or `sending` under a live lease (another consumer is on
+        it right now). A `sending` whose lease ran out was claimed by a worker that died between
+        sending and recording: it is taken over (`reclaimed` is true) and may be a duplicate.
+        """
         return await self.db.fetchrow(
             f"""
-            WITH n AS (
-                UPDATE notifications
-                SET status = 'sending', attempts = %s, updated_at = now()
-                WHERE id = %s AND status NOT IN ('delivered', 'failed', 'skipped')
-                RETURNING {_PUBLIC_COLUMNS}
+            WITH old AS (
+                SELECT id, status AS previous FROM notifications WHERE id = %(id)s FOR UPDATE
+            ), n AS (
+                UPDATE notifications AS t
+                SET status = 'sending', attempts = %(attempt)s, updated_at = now()
+                FROM old
+                WHERE t.id = old.id AND (
+                    old.previous IN ('pending', 'retrying')
+                    OR (old.previous = 'sending' AND t.updated_at < now() - make_interval(secs => %(lease)s))
+                )
+                RETURNING {", ".join("t." + c.strip() for c in _PUBLIC_COLUMNS.split(","))},
+                          old.previous = 'sending' AS reclaimed
             ), e AS (
-                INSERT INTO notification_events (notification_id, status, attempt)
-                SELECT id, 'sending', attempts FROM n
+                INSERT INTO notification_events (notification_id, status, attempt, detail)
+                SELECT id, 'sending', attempts,
+                       CASE WHEN reclaimed THEN 'taken over from a worker that did not finish' END
+                FROM n
             )
             SELECT * FROM n
             """,
-            attempt,
-            notification_id,
+            {"id": notification_id, "attempt": attempt, "lease": lease},
         )
 
     async def record(

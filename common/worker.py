@@ -22,6 +22,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 
+import topology
 from common import amqp, db
 from common.config import Config
 from common.http import CONFIG_KEY, METRICS_KEY
@@ -103,7 +104,10 @@ class Worker:
         self.in_flight: set[asyncio.Task[None]] = set()
 
     async def consume(self) -> None:
-        queue = await self.broker.channel.get_queue(amqp.work_queue(self.channel), ensure=False)
+        # Declared (same arguments, from the topology table) rather than looked up: a robust
+        # channel restores the consumers only of queues it declared, after a reconnect.
+        spec = next(q for q in topology.table(self.config) if q.name == amqp.work_queue(self.channel))
+        queue = await self.broker.channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
         async with queue.iterator() as messages:
             async for message in messages:
                 # Prefetch bounds how many run at once: the broker sends no more than that.
@@ -157,15 +161,25 @@ class Worker:
         notification_id: uuid.UUID,
         attempt: int,
     ) -> None:
-        record = await self.store.claim(notification_id, attempt)
+        record = await self.store.claim(notification_id, attempt, self.config.claim_timeout)
         if record is None:
             existing = await self.store.get(notification_id)
             if existing is None:
                 await self._poison(message, "unknown notification_id")
+            elif existing["status"] == "sending":
+                # Another consumer holds it (a redelivery raced the first copy): look again
+                # after a retry delay; its lease runs out if that consumer died.
+                self.metrics.deferred_in_progress.labels(self.channel).inc()
+                await self._to_retry_queue(
+                    message, body, notification_id, 1, attempt, "in progress elsewhere"
+                )
             else:
                 self.metrics.duplicates.labels(self.channel).inc()
                 log.info("already %s: acknowledged without sending again", existing["status"])
             return
+        if record.pop("reclaimed", False):
+            self.metrics.reclaimed.labels(self.channel).inc()
+            log.warning("taking over an attempt a worker did not finish: it may be sent twice")
         started = time.perf_counter()
         try:
             delivered = await self.deliver(Job(notification_id, attempt, body, record))
@@ -209,14 +223,8 @@ class Worker:
             next_attempt = attempt if exc.defer else index + 1
             # Published before the status changes: a crash in between leaves a duplicate
             # message, which the claim step turns into a no-op, never a lost one.
-            await amqp.publish(
-                self.broker.channel.default_exchange,
-                amqp.retry_queue(self.channel, index),
-                {**body, **exc.carry, "attempt": next_attempt},
-                correlation_id=body.get("correlation_id"),
-                priority=message.priority or 0,
-                message_id=str(notification_id),
-                headers={"x-last-error": exc.reason[:500]},
+            await self._to_retry_queue(
+                message, {**body, **exc.carry}, notification_id, index, next_attempt, exc.reason
             )
             await self.store.record(notification_id, "retrying", error=exc.reason, provider=exc.provider)
             self.metrics.retried.labels(self.channel).inc()
@@ -234,6 +242,25 @@ class Worker:
         await self._dead_letter(message.body, reason, notification_id, attempt, message.priority)
         self.metrics.failed.labels(self.channel, "transient" if exc.transient else "permanent").inc()
         log.error("failed after %d attempt(s): %s", attempt, reason)
+
+    async def _to_retry_queue(
+        self,
+        message: AbstractIncomingMessage,
+        body: dict[str, Any],
+        notification_id: uuid.UUID,
+        index: int,
+        next_attempt: int,
+        reason: str,
+    ) -> None:
+        await amqp.publish(
+            self.broker.channel.default_exchange,
+            amqp.retry_queue(self.channel, index),
+            {**body, "attempt": next_attempt},
+            correlation_id=body.get("correlation_id"),
+            priority=message.priority or 0,
+            message_id=str(notification_id),
+            headers={"x-last-error": reason[:500]},
+        )
 
     async def _poison(self, message: AbstractIncomingMessage, reason: str) -> None:
         await self._dead_letter(message.body, reason, None, 0, message.priority)

@@ -196,7 +196,14 @@ async def stack_factory(base_config: Config, amqp_channel: Any, smtp_sink: SmtpS
     """Start the five services (the workers optional) through their real create_app factories."""
     started: list[Any] = []
 
-    async def start(*, workers: bool = True, push: bool = False, **overrides: Any) -> Stack:
+    async def start(
+        *,
+        workers: bool = True,
+        push: bool = False,
+        gateway_config: dict[str, Any] | None = None,
+        worker_config: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> Stack:
         config = replace(base_config, smtp_port=smtp_sink.port, **overrides)
         users = await _serve(user_service.create_app(config))
         templates = await _serve(template_service.create_app(config))
@@ -208,13 +215,15 @@ async def stack_factory(base_config: Config, amqp_channel: Any, smtp_sink: SmtpS
         )
         apps = {"user_service": users.app, "template_service": templates.app}
         urls = {"user_service": config.user_service_url, "template_service": config.template_service_url}
-        client = TestClient(TestServer(gateway.create_app(config), host="127.0.0.1"))
+        client = TestClient(
+            TestServer(gateway.create_app(replace(config, **(gateway_config or {}))), host="127.0.0.1")
+        )
         await client.start_server()
         started.append(client)
         apps["gateway"] = client.app
         urls["gateway"] = str(client.make_url("")).rstrip("/")
         if workers:
-            worker = await _serve(email_worker.create_app(config))
+            worker = await _serve(email_worker.create_app(replace(config, **(worker_config or {}))))
             started.append(worker)
             apps["email_worker"] = worker.app
             urls["email_worker"] = str(worker.make_url("")).rstrip("/")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -26,6 +27,7 @@ class SmtpSink:
         self.attempts: list[float] = []
         # Answers to give to the next DATA commands, before accepting ("451 try later", ...).
         self.script: list[str] = []
+        self.delay = 0.0  # seconds each accepted message takes, to keep work in flight
         self._lock = threading.Lock()
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
 
@@ -36,6 +38,8 @@ class SmtpSink:
         self._controller.stop()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         with self._lock:
             self.attempts.append(time.monotonic())
             if self.script:
@@ -43,6 +47,10 @@ class SmtpSink:
             self.messages.append(message_from_bytes(envelope.content, policy=policy.default))
             self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         return "250 Message accepted for delivery"
+
+    def notification_ids(self) -> list[str]:
+        with self._lock:
+            return [str(m["X-Notification-ID"]) for m in self.messages]
 
     def to(self, address: str) -> list[EmailMessage]:
         with self._lock:

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def test_health_names_each_dependency(stack: Stack) -> None:
     expected = {
-        "gateway": {"postgres": "ok", "rabbitmq": "ok"},
+        "gateway": {"postgres": "ok", "rabbitmq": "ok", "redis": "ok"},
         "user_service": {"postgres": "ok", "redis": "ok"},
         "template_service": {"postgres": "ok"},
         "email_worker": {"postgres": "ok", "rabbitmq": "ok"},
@@ -52,7 +52,7 @@ async def test_health_is_503_naming_rabbitmq_when_it_cannot_be_reached(stack_fac
     assert response.status == 503
     assert body["error"] == "service_unavailable"
     assert body["data"]["checks"]["rabbitmq"].startswith("down")
-    assert body["data"]["checks"]["postgres"] == "ok"
+    assert body["data"]["checks"]["postgres"] == "ok" and body["data"]["checks"]["redis"] == "ok"
     assert "rabbitmq" in body["message"]
     live = await stack.gateway.get("/health/live")
     assert live.status == 200

@@ -142,11 +142,9 @@ async def test_template_injection_neither_executes_nor_hangs(stack_factory: Any,
         "missing_variable",
         "render_error",
     }
-    assert (
-        ("<class" not in str(body)
-        and "subclasses" not in body["message"].lower())
-        or body["error"] != "rendered"
-    )
+    assert ("<class" not in str(body) and "subclasses" not in body["message"].lower()) or body[
+        "error"
+    ] != "rendered"
     assert body["message"]
 
 
