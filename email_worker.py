@@ -25,7 +25,7 @@ from common.http import CONFIG_KEY, METRICS_KEY, base_app, run
 from common.logs import setup_logging
 from common.metrics import Metrics
 from common.store import StatusStore
-from common.worker import Deliver, Delivered, DeliveryError, Job, consumer
+from common.worker import Deliver, Delivered, DeliveryError, Job, Skip, consumer
 from providers.breaker import CircuitBreaker, State
 from providers.email import EmailProvider, HeaderInjection, OutgoingEmail, message_id
 from providers.mailgun import MailgunProvider
@@ -180,6 +180,9 @@ def make_deliver(app: web.Application) -> Deliver:
             raise DeliveryError(f"template: {template.message}", transient=False)
         if user.status != 200:
             raise DeliveryError(f"user service answered {user.status}", transient=True)
+        if not user.data.get("preferences", {}).get("email", True):
+            # Checked again at sending time: an opt-out or a bounce since acceptance wins.
+            raise Skip("user opted out of email notifications")
         try:
             parts = await templating.render("email", template.data, body.get("variables") or {})
         except templating.RenderError as exc:

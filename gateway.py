@@ -22,7 +22,7 @@ import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from common import amqp, auth, db, resources, templating, unsubscribe
+from common import amqp, auth, db, openapi, resources, templating, unsubscribe
 from common.clients import ServiceClient, ServiceUnavailable
 from common.config import Config, load_config
 from common.http import (
@@ -57,6 +57,7 @@ TEMPLATES_KEY = web.AppKey("template_service", ServiceClient)
 KEY_HASHES_KEY = web.AppKey("api_key_hashes", tuple)
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 LIMITER_KEY = web.AppKey("rate_limiter", RateLimiter)
+OPENAPI_KEY = web.AppKey("openapi", tuple)
 PRINCIPAL_KEY = web.RequestKey("principal", auth.Principal)
 
 # A duplicate arriving while the first request is still between insert and publish gets 409;
@@ -628,7 +629,7 @@ def _proxy(key: web.AppKey[ServiceClient]) -> Callable[[web.Request], Awaitable[
         try:
             async with target.session.request(
                 request.method,
-                target.base_url + request.rel_url.path_qs,
+                target.base_url + request.rel_url.raw_path_qs,
                 data=await request.read(),
                 headers=headers,
                 allow_redirects=False,
@@ -708,8 +709,18 @@ async def _relay_loop(app: web.Application) -> None:
             log.warning("relay round failed: %s: %s", type(exc).__name__, exc)
 
 
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI_KEY][0], content_type="application/json")
+
+
+async def openapi_page(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[OPENAPI_KEY][1], content_type="text/html")
+
+
 def create_app(config: Config) -> web.Application:
     app = base_app("gateway", config)
+    spec = openapi.load_spec()
+    app[OPENAPI_KEY] = (orjson.dumps(spec), openapi.render_html(spec))
     app.middlewares.append(auth_middleware)
     app.cleanup_ctx.append(
         resources.database(DB_KEY, lambda c: c.notifications_db_url, "postgres", maxsize=20)
@@ -724,6 +735,8 @@ def create_app(config: Config) -> web.Application:
     for path in ("/api/v1/notifications", "/api/v1/notifications/"):
         r.add_post(path, create_notification)
         r.add_get(path, list_notifications)
+    r.add_get("/openapi.json", openapi_json)
+    r.add_get("/docs", openapi_page)
     r.add_get("/api/v1/notifications/{notification_id}", get_notification)
     r.add_post("/api/v1/notifications/{notification_id}/retry", retry_notification)
     r.add_post("/api/v1/{channel:email|push}/status/", report_status)

@@ -23,7 +23,7 @@ from common.config import Config, load_config
 from common.http import CONFIG_KEY, base_app, run
 from common.logs import setup_logging
 from common.store import StatusStore
-from common.worker import Deliver, Delivered, DeliveryError, Job, consumer
+from common.worker import Deliver, Delivered, DeliveryError, Job, Skip, consumer
 from providers.fcm import FcmProvider
 from providers.onesignal import OneSignalProvider
 from providers.push import Device, DeviceResult, PushMessage, PushProvider
@@ -122,6 +122,9 @@ def make_deliver(app: web.Application) -> Deliver:
             raise DeliveryError(f"template: {template.message}", transient=False)
         if user.status != 200:
             raise DeliveryError(f"user service answered {user.status}", transient=True)
+        if not user.data.get("preferences", {}).get("push", True):
+            # Checked again at sending time: an opt-out or a bounce since acceptance wins.
+            raise Skip("user opted out of push notifications")
         try:
             parts = await templating.render("push", template.data, body.get("variables") or {})
         except templating.RenderError as exc:

@@ -55,6 +55,9 @@ class Fields:
         if not min_len <= len(value) <= max_len:
             self.error(name, f"must be {min_len} to {max_len} characters long")
             return None
+        if "\x00" in value:
+            self.error(name, "must not contain NUL characters")
+            return None
         if pattern is not None and not pattern.match(value):
             self.error(name, hint or "has an invalid format")
             return None
@@ -98,7 +101,21 @@ class Fields:
         if not isinstance(value, dict):
             self.error(name, "must be a JSON object")
             return {}
+        if _has_nul(value):
+            # PostgreSQL cannot store U+0000 in text or jsonb.
+            self.error(name, "must not contain NUL characters")
+            return {}
         return value
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def parse_uuid(value: str, on_error: Any = None) -> uuid.UUID | None:

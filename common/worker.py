@@ -65,6 +65,14 @@ class DeliveryError(Exception):
         self.carry = carry or {}
 
 
+class Skip(Exception):
+    """Not to be sent after all (the user opted out since it was accepted): recorded `skipped`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Job:
     notification_id: uuid.UUID
@@ -186,6 +194,11 @@ class Worker:
         except DeliveryError as exc:
             await self._failed_attempt(message, body, notification_id, attempt, exc)
             return
+        except Skip as exc:
+            await self.store.record(notification_id, "skipped", error=exc.reason)
+            self.metrics.skipped.labels(self.channel).inc()
+            log.info("skipped: %s", exc.reason)
+            return
         finally:
             self.metrics.delivery_latency.labels(self.channel).observe(time.perf_counter() - started)
         await self.store.record(
@@ -217,8 +230,8 @@ class Worker:
             # The retry queue for this attempt, or a later one when the provider asked for a
             # longer wait; a deferral waits in the first one and keeps its attempt number.
             index = 1 if exc.defer else attempt
-            if exc.retry_after is not None and not exc.defer:
-                longer = [i for i, d in enumerate(delays, start=1) if i >= attempt and d >= exc.retry_after]
+            if exc.retry_after is not None:
+                longer = [i for i, d in enumerate(delays, start=1) if i >= index and d >= exc.retry_after]
                 index = longer[0] if longer else len(delays)
             next_attempt = attempt if exc.defer else index + 1
             # Published before the status changes: a crash in between leaves a duplicate

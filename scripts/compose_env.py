@@ -19,6 +19,7 @@ SECRETS = {
     "GATEWAY_API_KEYS": lambda: f"dev-{secrets.token_urlsafe(24)}",
     "INTERNAL_API_TOKEN": lambda: secrets.token_urlsafe(32),
     "JWT_SECRET": lambda: secrets.token_urlsafe(32),
+    "UNSUBSCRIBE_SECRET": lambda: secrets.token_urlsafe(32),
     "POSTGRES_PASSWORD": lambda: secrets.token_urlsafe(24),
     "RABBITMQ_PASSWORD": lambda: secrets.token_urlsafe(24),
     "GRAFANA_ADMIN_PASSWORD": lambda: secrets.token_urlsafe(18),

@@ -30,6 +30,7 @@ def load_env_file() -> None:
             f"GATEWAY_API_KEYS=dev-{secrets.token_urlsafe(24)}\n"
             f"INTERNAL_API_TOKEN={secrets.token_urlsafe(32)}\n"
             f"JWT_SECRET={secrets.token_urlsafe(32)}\n"
+            f"UNSUBSCRIBE_SECRET={secrets.token_urlsafe(32)}\n"
         )
         ENV_FILE.chmod(0o600)
         print(f"run: wrote {ENV_FILE.name} with a new API key and secrets", flush=True)

@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 
 from common.amqp import work_queue
 from common.http import METRICS_KEY
-from tests.conftest import Stack, failed_queue_messages
+from tests.conftest import API_KEY, INTERNAL_TOKEN, Stack, failed_queue_messages
 
 
 def _notification(user_id: str, code: str, **extra: Any) -> dict[str, Any]:
@@ -59,6 +59,8 @@ async def test_email_arrives_rendered_and_status_is_tracked(
     assert "Hello Ada" in html and "https://example.com/start" in html
     assert "Hello Ada" in text
 
+    everything = "\n".join(r.getMessage() + str(r.__dict__) for r in caplog.records)
+    assert API_KEY not in everything and INTERNAL_TOKEN not in everything  # no secret in a log line
     about_it = [r for r in caplog.records if getattr(r, "notification_id", None) == notification_id]
     assert {r.name for r in about_it} >= {"gateway", "worker"}
     assert {getattr(r, "correlation_id", None) for r in about_it} == {correlation_id}

@@ -291,3 +291,74 @@ async def test_sigterm_stops_each_service_promptly(stack_factory: Any, tmp_path:
         assert time.monotonic() - started < 20
     finally:
         process.stop()
+
+
+async def test_worker_retries_while_the_user_service_is_away(stack_factory: Any, base_config: Any) -> None:
+    link = TcpProxy("127.0.0.1", 1)  # the target is set once the user service's port is known
+    await link.start()
+    stack = await stack_factory(workers=False)
+    users_url = urlsplit(stack.urls["user_service"])
+    link.target = (users_url.hostname or "127.0.0.1", users_url.port or 80)
+    from dataclasses import replace
+
+    import email_worker
+    from tests.conftest import _serve
+
+    worker = await _serve(
+        email_worker.create_app(replace(stack.config, user_service_url=f"http://127.0.0.1:{link.port}"))
+    )
+    try:
+        user = await stack.create_user()
+        code = (await stack.create_template())["code"]
+        await link.cut()
+        [notification_id] = await send_many(stack, user["id"], code, 1)
+        record = await stack.wait_for(notification_id, "retrying")
+        assert "user service unreachable" in record["error"]
+        await link.restore()
+        record = await stack.wait_for(notification_id, "delivered", timeout=20)
+        assert record["attempts"] >= 2
+        assert stack.smtp.notification_ids() == [notification_id]
+    finally:
+        await worker.close()
+        await link.close()
+
+
+async def test_an_opt_out_after_acceptance_wins_over_a_retry(stack: Stack) -> None:
+    stack.smtp.script = ["550 5.1.1 bounced"]
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+    [notification_id] = await send_many(stack, user["id"], code, 1)
+    await stack.wait_for(notification_id, "failed")
+    response = await stack.gateway.put(
+        f"/api/v1/users/{user['id']}/preferences", json={"email": False}, headers=stack.headers()
+    )
+    assert response.status == 200
+    retry = await stack.gateway.post(
+        f"/api/v1/notifications/{notification_id}/retry", headers=stack.headers()
+    )
+    assert retry.status == 202
+    record = await stack.wait_for(notification_id, "skipped")
+    assert record["error"] == "user opted out of email notifications"
+    assert stack.smtp.notification_ids() == []
+
+
+async def test_operators_can_show_and_drain_failed_queue(
+    stack: Stack, amqp_channel: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scripts.dead_letters import run
+
+    exchange = await amqp_channel.get_exchange(EXCHANGE)
+    for _ in range(2):
+        await exchange.publish(aio_pika.Message(b"garbage"), routing_key="email")
+    queue = await amqp_channel.declare_queue("failed.queue", passive=True)
+    for _ in range(100):
+        if queue.declaration_result.message_count >= 2:
+            break
+        await asyncio.sleep(0.05)
+        queue = await amqp_channel.declare_queue("failed.queue", passive=True)
+    url = stack.config.rabbitmq_url
+    assert await run(url, drain=False, limit=10) == 2
+    assert "reason=unparseable message" in capsys.readouterr().out
+    assert await run(url, drain=False, limit=10) == 2  # showing removed nothing
+    assert await run(url, drain=True, limit=10) == 2
+    assert await run(url, drain=False, limit=10) == 0
