@@ -29,7 +29,7 @@ async def run(url: str, drain: bool, limit: int) -> int:
             if message is None:
                 break
             count += 1
-            headers = message.headers or {}
+            headers = {k: str(v) for k, v in (message.headers or {}).items()}
             print(
                 f"{count}: notification={headers.get('x-notification-id', '?')} "
                 f"channel={headers.get('x-channel', '?')} attempts={headers.get('x-attempts', '?')} "
