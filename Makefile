@@ -45,8 +45,10 @@ migrate: venv
 topology: venv
 	$(BIN)/python -m topology
 
+# Benchmarks are not tests: `make test` never runs them. BENCH_ARGS passes options, e.g.
+# `make bench BENCH_ARGS="accept --duration 30"`; see BENCHMARKS.md.
 bench: venv
-	$(BIN)/python -m bench
+	BENCH_VIA_MAKE=1 $(BIN)/python -m bench $(or $(BENCH_ARGS),all)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

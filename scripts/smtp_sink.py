@@ -1,7 +1,11 @@
-"""A development SMTP server that prints each message it receives (what `make run` starts)."""
+"""A development SMTP server that prints each message it receives (what `make run` starts).
+
+`--quiet` only counts what it receives (for benchmarks: printing each email would cost more
+than receiving it) and prints the count when stopped. `--port` overrides SMTP_PORT."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -32,8 +36,18 @@ class PrintingHandler:
         return "250 Message accepted for delivery"
 
 
-async def serve(host: str, port: int) -> None:
-    controller = Controller(PrintingHandler(), hostname=host, port=port)
+class CountingHandler:
+    def __init__(self) -> None:
+        self.received = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.received += 1
+        return "250 Message accepted for delivery"
+
+
+async def serve(host: str, port: int, quiet: bool = False) -> None:
+    handler = CountingHandler() if quiet else PrintingHandler()
+    controller = Controller(handler, hostname=host, port=port)
     controller.start()
     print(f"smtp sink listening on smtp://{host}:{port}", flush=True)
     stop = asyncio.Event()
@@ -44,10 +58,16 @@ async def serve(host: str, port: int) -> None:
         await stop.wait()
     finally:
         controller.stop()
+        if isinstance(handler, CountingHandler):
+            print(f"smtp sink received {handler.received} messages", flush=True)
 
 
 def main() -> None:
-    asyncio.run(serve(os.environ.get("SMTP_HOST", "127.0.0.1"), int(os.environ.get("SMTP_PORT", "1025"))))
+    parser = argparse.ArgumentParser(prog="python -m scripts.smtp_sink")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("SMTP_PORT", "1025")))
+    parser.add_argument("--quiet", action="store_true", help="count messages instead of printing them")
+    args = parser.parse_args()
+    asyncio.run(serve(os.environ.get("SMTP_HOST", "127.0.0.1"), args.port, args.quiet))
 
 
 if __name__ == "__main__":

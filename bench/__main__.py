@@ -1,0 +1,154 @@
+"""`python -m bench [accept|email|push|all] [options]` — see BENCHMARKS.md.
+
+Creates its own databases (notify_bench_*), RabbitMQ vhost (notify_bench) and Redis db (14),
+runs the chosen benchmarks against services started as processes on free 127.0.0.1 ports,
+prints the tables, appends them to BENCHMARKS.md, and removes what it created. Service logs and
+raw profiles stay in bench/results/<time>/ (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import importlib.util
+import json
+import time
+from typing import Any
+
+from bench.accept import AcceptOptions, run_accept
+from bench.e2e import E2EOptions, run_email, run_push
+from bench.report import ROOT
+from bench.stack import BenchEnv
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    p.add_argument("which", nargs="?", default="all", choices=("accept", "email", "push", "all"))
+    p.add_argument("--quick", action="store_true", help="a small run for development: N=500, short durations")
+    g = p.add_argument_group("gateway accept")
+    g.add_argument("--duration", type=float, default=15.0, help="closed-loop seconds (default 15)")
+    g.add_argument(
+        "--open-duration", type=float, default=10.0, help="seconds per open-loop rate (default 10)"
+    )
+    g.add_argument(
+        "--rates", type=_floats, default=(500.0, 1000.0, 2000.0), help="open-loop rates, e.g. 500,1000,2000"
+    )
+    g.add_argument("--concurrency", type=int, default=64, help="closed-loop clients (default 64)")
+    g.add_argument("--baseline-duration", type=float, default=10.0, help="seconds per baseline (default 10)")
+    e = p.add_argument_group("end to end")
+    e.add_argument(
+        "-n", "--count", type=int, default=20000, help="notifications per email run (default 20000)"
+    )
+    e.add_argument(
+        "--push-count",
+        type=int,
+        default=10000,
+        help="notifications per push run, at most --count (default 10000)",
+    )
+    e.add_argument("--workers", type=_ints, default=(1, 2), help="worker processes per run, e.g. 1,2")
+    e.add_argument(
+        "--e2e-concurrency", type=int, default=32, help="closed-loop clients sending N (default 32)"
+    )
+    e.add_argument(
+        "--open-rate", type=float, default=300.0, help="open-loop rate for latency, 0 to skip (default 300)"
+    )
+    e.add_argument("--open-e2e-duration", type=float, default=20.0, help="open-loop seconds (default 20)")
+    e.add_argument(
+        "--open-workers", type=int, default=1, help="email workers in the open-loop run (default 1)"
+    )
+    e.add_argument(
+        "--raw-count", type=int, default=10000, help="raw aiosmtplib messages, at most (default 10000)"
+    )
+    e.add_argument("--prefetch", type=int, default=64, help="WORKER_PREFETCH (default 64)")
+    e.add_argument(
+        "--send-seconds", type=float, default=90.0, help="stop sending N after this long (default 90)"
+    )
+    e.add_argument(
+        "--drain-timeout", type=float, default=120.0, help="max seconds to wait for deliveries (default 120)"
+    )
+    c = p.add_argument_group("common")
+    c.add_argument("--generators", type=int, default=1, help="load generator processes (default 1)")
+    c.add_argument("--loop", choices=("uvloop", "asyncio"), default=None, help="generator event loop")
+    c.add_argument("--no-profile", action="store_true", help="skip py-spy profiles")
+    c.add_argument("--log-level", default="INFO", help="services' LOG_LEVEL (default INFO, as deployed)")
+    c.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    args = p.parse_args(argv)
+    if args.loop is None:
+        args.loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    if args.quick:
+        args.duration, args.open_duration, args.baseline_duration = 4.0, 3.0, 3.0
+        args.count, args.raw_count, args.open_e2e_duration = 500, 1000, 5.0
+    return args
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    log_dir = ROOT / "bench" / "results" / stamp
+    env = BenchEnv(log_dir, prefetch=args.prefetch, log_level=args.log_level)
+    record = not args.no_record
+    profile = not args.no_profile
+    results: dict[str, Any] = {}
+    started = time.monotonic()
+    e2e = E2EOptions(
+        count=args.count,
+        workers=args.workers,
+        concurrency=args.e2e_concurrency,
+        open_rate=args.open_rate,
+        open_duration=args.open_e2e_duration,
+        open_workers=args.open_workers,
+        raw_count=args.raw_count,
+        send_seconds=args.send_seconds,
+        drain_timeout=args.drain_timeout,
+        generators=args.generators,
+        loop=args.loop,
+        profile=profile,
+    )
+    await env.setup()
+    try:
+        if args.which in ("accept", "all"):
+            opts = AcceptOptions(
+                duration=args.duration,
+                open_duration=args.open_duration,
+                rates=args.rates,
+                concurrency=args.concurrency,
+                baseline_duration=args.baseline_duration,
+                generators=args.generators,
+                loop=args.loop,
+                profile=profile,
+            )
+            results["accept"] = await run_accept(env, opts, record)
+        if args.which in ("email", "all"):
+            results["email"] = await run_email(env, e2e, record)
+        if args.which in ("push", "all"):
+            push = E2EOptions(**{**e2e.__dict__, "count": min(args.push_count, args.count), "profile": False})
+            results["push"] = await run_push(env, push, record)
+    finally:
+        await env.teardown()
+    print(
+        f"\nbench: done in {time.monotonic() - started:.0f} s; logs in {log_dir.relative_to(ROOT)}",
+        flush=True,
+    )
+    return results
+
+
+def run() -> None:
+    args = parse()
+    results = asyncio.run(main(args))
+    out = ROOT / "bench" / "results" / "last.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    run()

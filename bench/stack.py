@@ -1,0 +1,283 @@
+"""The benchmark's own environment and processes.
+
+Everything lives apart from `make run` and the test suite on a shared machine: databases
+`notify_bench_*`, the RabbitMQ vhost `notify_bench`, Redis database 14, free ports. `BenchEnv`
+creates them fresh, starts services as subprocesses with a Config turned into environment
+variables (as tests/processes.py does), and removes everything again at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import redis.asyncio as aioredis
+
+from common import amqp, db
+from common.config import Config
+from common.migrate import databases, migrate_all
+from topology import declare
+
+ROOT = Path(__file__).resolve().parent.parent
+PG = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
+PREFIX = os.environ.get("NOTIFY_BENCH_PREFIX", "notify_bench")
+REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "14"))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def config_env(config: Config) -> dict[str, str]:
+    """The environment that makes a process read exactly this config (no stray settings from
+    the caller's environment or .env)."""
+    env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG")}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if value is None or value == ():
+            continue
+        env[f.name.upper()] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return env
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory (VmRSS) of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    parts = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return (int(parts[11]) + int(parts[12])) / CLK_TCK
+
+
+class Proc:
+    """A subprocess with a log file, ready when its /health answers 200."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        log_dir: Path,
+        port: int | None = None,
+        ready: str = "http",
+    ) -> None:
+        self.name = name
+        self.ready = ready  # "http": GET /health answers 200; "tcp": the port accepts connections
+        self.argv = argv
+        self.env = env
+        self.port = port
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self, timeout: float = 30) -> Proc:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(  # noqa: ASYNC220 - spawning returns at once
+                self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        if self.port is None:
+            await asyncio.sleep(0.5)
+            return self
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited: {self.log_path.read_text()[-2000:]}")
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    if self.ready == "tcp":
+                        _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                        writer.close()
+                        return self
+                    async with session.get(self.url + "/health") as response:
+                        if response.status == 200:
+                            return self
+                await asyncio.sleep(0.1)
+        raise TimeoutError(f"{self.name} did not become ready: {self.log_path.read_text()[-2000:]}")
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.pid)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    async def stop(self, timeout: float = 25) -> None:
+        """SIGTERM (workers finish what they hold), SIGKILL if it takes too long."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(self.process.wait, timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            await asyncio.to_thread(self.process.wait, 10)
+
+
+def _rabbitmq_vhost(action: str, vhost: str) -> None:
+    if not shutil.which("rabbitmqctl"):
+        raise SystemExit("bench: needs rabbitmqctl to create its own vhost")
+    if action == "add":
+        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], capture_output=True, check=False)
+        subprocess.run(
+            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+            capture_output=True,
+            check=True,
+        )
+    else:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, check=False)
+
+
+@dataclass
+class BenchEnv:
+    log_dir: Path
+    prefetch: int = 64
+    log_level: str = "INFO"
+    api_key: str = field(default_factory=lambda: "bench-" + secrets.token_urlsafe(18))
+    procs: list[Proc] = field(default_factory=list)
+    config: Config = field(init=False)
+    _notifications_db: db.Database | None = None
+
+    def __post_init__(self) -> None:
+        self.config = Config(
+            rabbitmq_url=f"amqp://guest:guest@127.0.0.1:5672/{PREFIX}",
+            redis_url=f"redis://127.0.0.1:6379/{REDIS_DB}",
+            users_db_url=f"{PG}/{PREFIX}_users_db",
+            templates_db_url=f"{PG}/{PREFIX}_templates_db",
+            notifications_db_url=f"{PG}/{PREFIX}_notifications_db",
+            gateway_api_keys=(self.api_key,),
+            internal_api_token=secrets.token_urlsafe(24),
+            jwt_secret=secrets.token_urlsafe(24),
+            rate_limit=0,  # the benchmark measures the service, not the limiter's ceiling
+            worker_prefetch=self.prefetch,
+            log_level=self.log_level,
+            log_format="json",
+        )
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    async def setup(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for url in databases(self.config).values():
+            await db.drop_database(url)  # leftovers of an interrupted run
+        await migrate_all(self.config)
+        await asyncio.to_thread(_rabbitmq_vhost, "delete", PREFIX)
+        await asyncio.to_thread(_rabbitmq_vhost, "add", PREFIX)
+        connection = await amqp.connect(self.config.rabbitmq_url)
+        try:
+            await declare(await connection.channel(), self.config)
+        finally:
+            await connection.close()
+        await self._flush_redis()
+
+    async def teardown(self) -> None:
+        for proc in reversed(self.procs):
+            await proc.stop()
+        self.procs.clear()
+        if self._notifications_db is not None:
+            await self._notifications_db.close()
+            self._notifications_db = None
+        for url in databases(self.config).values():
+            with contextlib.suppress(db.DatabaseError, OSError):
+                await db.drop_database(url)
+        await asyncio.to_thread(_rabbitmq_vhost, "delete", PREFIX)
+        await self._flush_redis()
+
+    async def _flush_redis(self) -> None:
+        client = aioredis.Redis.from_url(self.config.redis_url)
+        try:
+            await client.flushdb()
+        finally:
+            await client.aclose()
+
+    async def start(self, name: str, module: str, config: Config | None = None, **env: str) -> Proc:
+        port = free_port()
+        environment = {**config_env(config or self.config), "PORT": str(port), **env}
+        proc = Proc(name, [sys.executable, module], environment, self.log_dir, port)
+        self.procs.append(proc)
+        return await proc.start()
+
+    async def start_argv(
+        self, name: str, argv: list[str], port: int | None = None, ready: str = "http"
+    ) -> Proc:
+        proc = Proc(name, [sys.executable, *argv], dict(os.environ), self.log_dir, port, ready)
+        self.procs.append(proc)
+        return await proc.start()
+
+    async def stop(self, proc: Proc) -> None:
+        await proc.stop()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    async def start_core(self) -> dict[str, Proc]:
+        """User service, template service and gateway (no workers)."""
+        users = await self.start("user_service", "user_service.py")
+        templates = await self.start("template_service", "template_service.py")
+        self.config = replace(self.config, user_service_url=users.url, template_service_url=templates.url)
+        gateway = await self.start("gateway", "gateway.py")
+        self.config = replace(self.config, public_base_url=gateway.url)
+        return {"gateway": gateway, "user_service": users, "template_service": templates}
+
+    async def notifications_db(self) -> db.Database:
+        if self._notifications_db is None:
+            self._notifications_db = await db.connect(self.config.notifications_db_url, maxsize=2)
+        return self._notifications_db
+
+    async def purge(self, *queues: str) -> int:
+        """Empty work queues (the accept benchmark runs without workers, so they only fill)."""
+        connection = await aio_pika.connect(self.config.rabbitmq_url)
+        purged = 0
+        try:
+            channel = await connection.channel()
+            for name in queues:
+                queue = await channel.get_queue(name)
+                result = await queue.purge()
+                purged += int(getattr(result, "message_count", 0) or 0)
+        finally:
+            await connection.close()
+        return purged
+
+    async def truncate_notifications(self) -> None:
+        database = await self.notifications_db()
+        await database.execute("TRUNCATE notifications CASCADE")
+
+
+async def api(
+    session: aiohttp.ClientSession, method: str, url: str, headers: dict[str, str], body: Any = None
+) -> dict[str, Any]:
+    """One setup call through the gateway (not load); fails loudly on anything but 2xx."""
+    async with session.request(method, url, json=body, headers=headers) as response:
+        payload = await response.json()
+        if response.status >= 300:
+            raise RuntimeError(f"{method} {url} answered {response.status}: {payload}")
+        return dict(payload["data"])

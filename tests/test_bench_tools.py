@@ -1,0 +1,78 @@
+"""The pure parts of the benchmark harness (bench/), so they cannot silently break. Nothing here
+measures speed: benchmarks are run with `make bench`, not with the tests."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.load import parse_response
+from bench.report import top_functions
+from bench.stats import latency_summary, percentile, planned_offsets
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = list(range(1, 101))  # 1..100
+    assert percentile(values, 50) == 50
+    assert percentile(values, 95) == 95
+    assert percentile(values, 99) == 99
+    assert percentile(values, 100) == 100
+    assert percentile(values, 0) == 1
+    # Not interpolated: always a value some request really had.
+    assert percentile([10.0, 20.0], 50) == 10.0
+    assert percentile([10.0, 20.0], 51) == 20.0
+    assert percentile([3.0, 1.0, 2.0], 99) == 3.0  # sorts when not told it is sorted
+    assert math.isnan(percentile([], 50))
+    with pytest.raises(ValueError):
+        percentile(values, 101)
+
+
+def test_latency_summary() -> None:
+    summary = latency_summary([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert summary == {"p50": 3.0, "p95": 5.0, "p99": 5.0, "max": 5.0}
+    assert all(math.isnan(v) for v in latency_summary([]).values())
+
+
+def test_open_loop_schedule_is_even_and_ordered() -> None:
+    offsets = planned_offsets(1000, 2.0)
+    assert len(offsets) == 2000
+    assert offsets == sorted(offsets)
+    assert offsets[0] == 0.0 and offsets[1] == pytest.approx(0.001)
+    assert offsets[-1] == pytest.approx(1.999)
+    assert planned_offsets(0, 10) == [] and planned_offsets(100, 0) == []
+
+
+def test_open_loop_shards_interleave_into_the_one_schedule() -> None:
+    whole = planned_offsets(300, 1.0)
+    shards = [planned_offsets(300, 1.0, shard, 3) for shard in range(3)]
+    assert sorted(o for s in shards for o in s) == whole
+    assert all(s == sorted(s) for s in shards)
+    # Each shard's requests alternate with the others', not one burst after another.
+    assert shards[0][:2] == [whole[0], whole[3]] and shards[1][0] == whole[1]
+    with pytest.raises(ValueError):
+        planned_offsets(300, 1.0, 3, 3)
+
+
+def test_parse_response_waits_for_the_whole_body() -> None:
+    head = b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n"
+    assert parse_response(bytearray(head + b'{"a":')) is None
+    assert parse_response(bytearray(head + b'{"a":1}HTTP/1.1')) == (202, len(head) + 7, False)
+    head = b"HTTP/1.1 503 X\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    chunked = head + b"3\r\nabc\r\n0\r\n\r\n"
+    assert parse_response(bytearray(chunked[:-3])) is None
+    assert parse_response(bytearray(chunked)) == (503, len(chunked), True)
+
+
+def test_profile_top_functions_counts_own_and_inclusive_samples() -> None:
+    raw = "\n".join(
+        [
+            "main (/app/gateway.py:10);handle (/app/gateway.py:20);"
+            "execute (/x/site-packages/psycopg2/extras.py:5) 6",
+            "main (/app/gateway.py:10);handle (/app/gateway.py:21) 3",
+            "main (/app/gateway.py:11) 1",
+        ]
+    )
+    total, top = top_functions(raw, limit=2)
+    assert total == 10
+    assert top == [("execute (psycopg2/extras.py)", 6, 6), ("handle (/app/gateway.py)", 3, 9)]
