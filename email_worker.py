@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 
 import aiohttp
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from common import db, resources, templating, unsubscribe
+from common.cache import Lookups
 from common.clients import ServiceClient, ServiceUnavailable, TemplateCache
 from common.config import Config, ConfigError, load_config
 from common.http import CONFIG_KEY, METRICS_KEY, base_app, run
@@ -47,6 +49,7 @@ DB_KEY = web.AppKey("notifications_db", db.Database)
 STORE_KEY = web.AppKey("status_store", StatusStore)
 BROKER_KEY = web.AppKey("broker", resources.Broker)
 HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
+REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 ROUTES_KEY = web.AppKey("email_routes", tuple)
 
 
@@ -162,15 +165,18 @@ def make_deliver(app: web.Application) -> Deliver:
     session = app[HTTP_KEY]
     metrics = app[METRICS_KEY]
     users = ServiceClient(session, config.user_service_url, config.internal_api_token, "user service")
-    templates = TemplateCache(
-        ServiceClient(session, config.template_service_url, config.internal_api_token, "template service")
+    template_service = ServiceClient(
+        session, config.template_service_url, config.internal_api_token, "template service"
     )
+    templates = TemplateCache(template_service)
+    # Profiles come from the user service's Redis cache when they are there: no HTTP call.
+    lookups = Lookups(app[REDIS_KEY], users, template_service)
     routes: tuple[Route, ...] = app[ROUTES_KEY]
 
     async def deliver(job: Job) -> Delivered:
         body = job.body
         try:
-            user = await users.get_user(str(body["user_id"]))
+            user = await lookups.user(str(body["user_id"]))
             if user.status == 404:
                 raise DeliveryError("user no longer exists", transient=False)
             template = await templates.get(body["template_code"], body["language"], body["template_version"])
@@ -224,6 +230,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(resources.broker(BROKER_KEY, prefetch=config.worker_prefetch))
     app.cleanup_ctx.append(resources.http_client(HTTP_KEY))
+    app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
     app.cleanup_ctx.append(providers_ctx)
     app.cleanup_ctx.append(consumer("email", STORE_KEY, BROKER_KEY, make_deliver))
     return app

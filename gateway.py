@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from common import amqp, auth, db, openapi, resources, templating, unsubscribe
+from common.cache import Lookups
 from common.clients import ServiceClient, ServiceUnavailable
 from common.config import Config, load_config
 from common.http import (
@@ -58,14 +59,14 @@ KEY_HASHES_KEY = web.AppKey("api_key_hashes", tuple)
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 LIMITER_KEY = web.AppKey("rate_limiter", RateLimiter)
 OPENAPI_KEY = web.AppKey("openapi", tuple)
+LOOKUPS_KEY = web.AppKey("lookups", Lookups)
+ACCEPTING_KEY = web.AppKey("accepting", set)
 PRINCIPAL_KEY = web.RequestKey("principal", auth.Principal)
 
-# A duplicate arriving while the first request is still between insert and publish gets 409;
-# after this long the first is taken as accepted (the relay owns publishing it by then).
-ACCEPTING_WINDOW = 10.0
 RELAY_INTERVAL = 1.0
 RELAY_AGE = 5.0
 RELAY_BATCH = 500
+CONFIRM_BATCH_DELAY = 0.02
 PUBLISH_TIMEOUT = 3.0
 NOTIFICATION_FIELDS = {
     "notification_type",
@@ -200,9 +201,8 @@ async def _lookups(request: web.Request, payload: dict[str, Any]) -> tuple[dict[
     """The user and the template version to use, asked in parallel; 404 / 422 when either does
     not fit, including a variable the template needs and the request lacks."""
     try:
-        user, template = await asyncio.gather(
-            request.app[USERS_KEY].get_user(str(payload["user_id"])),
-            request.app[TEMPLATES_KEY].get_template(payload["template_code"], payload["language"]),
+        user, template = await request.app[LOOKUPS_KEY].user_and_template(
+            str(payload["user_id"]), payload["template_code"], payload["language"]
         )
     except ServiceUnavailable as exc:
         raise ApiError(
@@ -240,8 +240,7 @@ async def _replay(
             "idempotency_conflict",
             f"request_id {payload['request_id']!r} was already used with a different body.",
         )
-    age = (await _db_now(request) - existing["created_at"]).total_seconds()
-    if existing["publish_pending"] and existing["status"] == "pending" and age < ACCEPTING_WINDOW:
+    if (client_id, payload["request_id"]) in request.app[ACCEPTING_KEY]:
         raise ApiError(
             409,
             "request_in_progress",
@@ -254,10 +253,6 @@ async def _replay(
         status=202,
         headers={"Idempotent-Replayed": "true"},
     )
-
-
-async def _db_now(request: web.Request) -> Any:
-    return await request.app[STORE_KEY].db.fetchval("SELECT now()")
 
 
 def _message(row: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
@@ -300,7 +295,7 @@ async def publish_notification(app: web.Application, row: dict[str, Any]) -> boo
     except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row to the relay
         log.warning("publish failed, the relay will retry: %s: %s", type(exc).__name__, exc)
         return False
-    await app[STORE_KEY].mark_published([row["id"]])
+    app[CONFIRMED_KEY].add(row["id"])
     return True
 
 
@@ -348,7 +343,15 @@ async def create_notification(request: web.Request) -> web.Response:
             metrics.skipped.labels(channel).inc()
             log.info("notification skipped: user opted out of %s", channel)
             return json_response(_accepted_view(row), "notification skipped: user opted out", status=202)
-        await publish_notification(request.app, row)
+        # A duplicate arriving while this request is between insert and publish gets 409 from
+        # this process; the row is committed, so anywhere else it is already a replay.
+        accepting = request.app[ACCEPTING_KEY]
+        key = (principal.subject, payload["request_id"])
+        accepting.add(key)
+        try:
+            await publish_notification(request.app, row)
+        finally:
+            accepting.discard(key)
         metrics.accepted.labels(channel).inc()
         log.info("notification accepted")
         return json_response(_accepted_view(row), "notification accepted", status=202)
@@ -666,12 +669,59 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[KEY_HASHES_KEY] = tuple(auth.key_id(k) for k in config.gateway_api_keys)
     app[LIMITER_KEY] = RateLimiter(app[REDIS_KEY], config.rate_limit, config.rate_limit_window)
+    app[LOOKUPS_KEY] = Lookups(app[REDIS_KEY], app[USERS_KEY], app[TEMPLATES_KEY])
     yield
 
 
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STORE_KEY] = StatusStore(app[DB_KEY])
     yield
+
+
+class Confirmed:
+    """Notifications the broker confirmed, marked in the store in batches: one UPDATE every few
+    milliseconds instead of one per request. Marks lost in a crash only make the relay publish
+    those again, which the workers' claim step makes harmless."""
+
+    def __init__(self, store: StatusStore) -> None:
+        self.store = store
+        self.pending: list[uuid.UUID] = []
+        self.wakeup = asyncio.Event()
+
+    def add(self, notification_id: uuid.UUID) -> None:
+        self.pending.append(notification_id)
+        self.wakeup.set()
+
+    async def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        self.wakeup.clear()
+        try:
+            await self.store.mark_published(batch)
+        except Exception as exc:  # noqa: BLE001 - retried with the next batch
+            log.warning("could not mark %d notification(s) published: %s", len(batch), exc)
+            self.pending[:0] = batch
+
+    async def run(self) -> None:
+        while True:
+            await self.wakeup.wait()
+            await asyncio.sleep(CONFIRM_BATCH_DELAY)
+            await self.flush()
+
+
+CONFIRMED_KEY = web.AppKey("confirmed", Confirmed)
+
+
+async def confirmed_ctx(app: web.Application) -> AsyncIterator[None]:
+    confirmed = Confirmed(app[STORE_KEY])
+    app[CONFIRMED_KEY] = confirmed
+    app[ACCEPTING_KEY] = set()
+    task = asyncio.create_task(confirmed.run(), name="confirmed-marks")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await confirmed.flush()
 
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -730,6 +780,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(resources.http_client(HTTP_KEY))
     app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
     app.cleanup_ctx.append(services_ctx)
+    app.cleanup_ctx.append(confirmed_ctx)
     app.cleanup_ctx.append(relay_ctx)
     r = app.router
     for path in ("/api/v1/notifications", "/api/v1/notifications/"):

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from common import db, resources, templating
+from common.cache import Lookups
 from common.clients import ServiceClient, ServiceUnavailable, TemplateCache
 from common.config import Config, load_config
 from common.http import CONFIG_KEY, base_app, run
@@ -35,6 +37,7 @@ DB_KEY = web.AppKey("notifications_db", db.Database)
 STORE_KEY = web.AppKey("status_store", StatusStore)
 BROKER_KEY = web.AppKey("broker", resources.Broker)
 HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
+REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 PROVIDERS_KEY = web.AppKey("push_providers", dict)
 
 
@@ -94,9 +97,12 @@ def make_deliver(app: web.Application) -> Deliver:
     session = app[HTTP_KEY]
     store = app[STORE_KEY]
     users = ServiceClient(session, config.user_service_url, config.internal_api_token, "user service")
-    templates = TemplateCache(
-        ServiceClient(session, config.template_service_url, config.internal_api_token, "template service")
+    template_service = ServiceClient(
+        session, config.template_service_url, config.internal_api_token, "template service"
     )
+    templates = TemplateCache(template_service)
+    # Profiles come from the user service's Redis cache when they are there: no HTTP call.
+    lookups = Lookups(app[REDIS_KEY], users, template_service)
     providers: dict[str, PushProvider] = app[PROVIDERS_KEY]
 
     async def remove_device(user_id: str, device: Device) -> None:
@@ -112,7 +118,7 @@ def make_deliver(app: web.Application) -> Deliver:
         body = job.body
         user_id = str(body["user_id"])
         try:
-            user = await users.get_user(user_id)
+            user = await lookups.user(user_id)
             template = await templates.get(body["template_code"], body["language"], body["template_version"])
         except ServiceUnavailable as exc:
             raise DeliveryError(str(exc), transient=True) from exc
@@ -221,6 +227,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(resources.broker(BROKER_KEY, prefetch=config.worker_prefetch))
     app.cleanup_ctx.append(resources.http_client(HTTP_KEY))
+    app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
     app.cleanup_ctx.append(providers_ctx)
     app.cleanup_ctx.append(consumer("push", STORE_KEY, BROKER_KEY, make_deliver))
     return app

@@ -11,9 +11,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from common import auth, db, resources, templating
+from common.cache import bump_template_generation
 from common.config import Config, load_config
 from common.http import (
     CONFIG_KEY,
@@ -33,6 +35,7 @@ from common.validation import CODE_RE, LANGUAGE_RE, Fields, normalize_language
 log = logging.getLogger("template_service")
 
 DB_KEY = web.AppKey("templates_db", db.Database)
+REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 
 TYPES = ("email", "push")
 MAX_SOURCE = 100_000
@@ -205,6 +208,7 @@ async def create_template(request: web.Request) -> web.Response:
         )
     assert row is not None
     row.update(notification_type=channel, active_version=1)
+    await bump_template_generation(request.app[REDIS_KEY])
     return json_response(row, "template created", status=201)
 
 
@@ -293,6 +297,7 @@ async def update_template(request: web.Request) -> web.Response:
             language,
         )
     row.update(notification_type=channel, active_version=row["version"])
+    await bump_template_generation(request.app[REDIS_KEY])
     return json_response(row, "template updated")
 
 
@@ -376,6 +381,7 @@ async def activate_version(request: web.Request) -> web.Response:
     )
     if not updated:
         raise not_found(f"Version {version} of template {code!r} ({language})")
+    await bump_template_generation(request.app[REDIS_KEY])
     return json_response(await resolve(database, code, language, None), "version activated")
 
 
@@ -411,6 +417,7 @@ def create_app(config: Config) -> web.Application:
     app = base_app("template_service", config)
     app.middlewares.append(auth_middleware)
     app.cleanup_ctx.append(resources.database(DB_KEY, lambda c: c.templates_db_url, "postgres"))
+    app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
     r = app.router
     for path in ("/api/v1/templates", "/api/v1/templates/"):
         r.add_post(path, create_template)

@@ -24,6 +24,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from common import auth, db, resources
+from common.cache import user_key
 from common.config import Config, load_config
 from common.http import (
     CONFIG_KEY,
@@ -97,7 +98,7 @@ class UserCache:
 
     @staticmethod
     def key(user_id: uuid.UUID) -> str:
-        return f"notify:user:{user_id}"
+        return user_key(user_id)  # the gateway and workers read the same key
 
     async def _call(self, op: Callable[[], Awaitable[Any]]) -> Any:
         try:

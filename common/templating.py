@@ -14,13 +14,13 @@ import re
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from html.parser import HTMLParser
 from typing import Any
 
 import jinja2
 import jinja2.meta
+import jinja2.nodes
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
 PARTS = {
@@ -80,6 +80,15 @@ def compile_source(source: str, html: bool) -> tuple[jinja2.Template, frozenset[
     env = _ENVS[html]
     ast = env.parse(source)
     return env.from_string(ast), frozenset(jinja2.meta.find_undeclared_variables(ast))
+
+
+@lru_cache(maxsize=4096)
+def _may_run_long(source: str) -> bool:
+    """Whether a template can loop (for, macros that may recurse, call blocks). Without these its
+    running time is bounded by its own size, so it is rendered on the event loop, which saves a
+    thread hand-off per notification."""
+    ast = _ENVS[False].parse(source)
+    return any(True for _ in ast.find_all((jinja2.nodes.For, jinja2.nodes.Macro, jinja2.nodes.CallBlock)))
 
 
 def syntax_errors(channel: str, parts: Mapping[str, str | None]) -> dict[str, str]:
@@ -195,13 +204,21 @@ def _render_sync(
     return rendered
 
 
-_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="render")
-
-
 def _interrupt(thread_id: int) -> None:
     # Raises _RenderTimeout inside the render thread at its next bytecode: the only way to stop
     # a runaway loop in pure Python without a process per render.
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(_RenderTimeout))
+
+
+def _resolve(
+    future: asyncio.Future[dict[str, str]], result: dict[str, str] | None, error: BaseException | None
+) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result or {})
 
 
 async def render(channel: str, version: Mapping[str, Any], variables: Mapping[str, Any]) -> dict[str, str]:
@@ -210,22 +227,38 @@ async def render(channel: str, version: Mapping[str, Any], variables: Mapping[st
     if problem is not None:
         raise problem
     deadline = time.monotonic() + RENDER_TIMEOUT
-    thread_id: list[int] = []
-    done = threading.Event()
+    if not any(_may_run_long(version[p]) for p in PARTS[channel] if version.get(p) is not None):
+        return _render_sync(channel, version, variables, deadline)
 
-    def run() -> dict[str, str]:
-        thread_id.append(threading.get_ident())
+    # A template that can loop runs in a thread of its own, which can be interrupted; one per
+    # render rather than a pool, so an interruption landing late can only end that thread.
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[dict[str, str]] = loop.create_future()
+    timeout = RenderError("render_timeout", f"Rendering took longer than {RENDER_TIMEOUT:g}s.")
+
+    def run() -> None:
         try:
-            return _render_sync(channel, version, variables, deadline)
+            try:
+                result = _render_sync(channel, version, variables, deadline)
+            except RenderError as exc:
+                loop.call_soon_threadsafe(_resolve, future, None, exc)
+            except _RenderTimeout:
+                loop.call_soon_threadsafe(_resolve, future, None, timeout)
+            except Exception as exc:  # noqa: BLE001 - reported to the caller as a render error
+                loop.call_soon_threadsafe(_resolve, future, None, RenderError("render_error", str(exc)))
+            else:
+                loop.call_soon_threadsafe(_resolve, future, result, None)
         except _RenderTimeout:
-            raise RenderError("render_timeout", f"Rendering took longer than {RENDER_TIMEOUT:g}s.") from None
-        finally:
-            done.set()
+            pass  # the interruption arrived after the result: nothing left to stop
 
-    future = asyncio.get_running_loop().run_in_executor(_executor, run)
+    thread = threading.Thread(target=run, name="render", daemon=True)
+    thread.start()
     try:
         return await asyncio.wait_for(asyncio.shield(future), timeout=RENDER_TIMEOUT)
     except TimeoutError:
-        if thread_id and not done.is_set():
-            _interrupt(thread_id[0])
-        return await future  # raises the RenderError from the interrupted thread
+        if thread.is_alive() and thread.ident is not None:
+            _interrupt(thread.ident)
+        try:
+            return await asyncio.wait_for(future, timeout=1.0)
+        except TimeoutError:
+            raise timeout from None

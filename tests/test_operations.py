@@ -26,8 +26,8 @@ async def test_health_names_each_dependency(stack: Stack) -> None:
     expected = {
         "gateway": {"postgres": "ok", "rabbitmq": "ok", "redis": "ok"},
         "user_service": {"postgres": "ok", "redis": "ok"},
-        "template_service": {"postgres": "ok"},
-        "email_worker": {"postgres": "ok", "rabbitmq": "ok"},
+        "template_service": {"postgres": "ok", "redis": "ok"},
+        "email_worker": {"postgres": "ok", "rabbitmq": "ok", "redis": "ok"},
     }
     async with aiohttp.ClientSession() as session:
         for service, checks in expected.items():
