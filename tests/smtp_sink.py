@@ -48,9 +48,10 @@ class SmtpSink:
             self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         return "250 Message accepted for delivery"
 
-    def notification_ids(self) -> list[str]:
+    def notification_ids(self, to: str | None = None) -> list[str]:
+        """What arrived (for one recipient: other tests' stragglers are not this test's)."""
         with self._lock:
-            return [str(m["X-Notification-ID"]) for m in self.messages]
+            return [str(m["X-Notification-ID"]) for m in self.messages if to is None or m["To"] == to]
 
     def to(self, address: str) -> list[EmailMessage]:
         with self._lock:

@@ -19,6 +19,7 @@ from common.amqp import EXCHANGE
 from gateway import PUBLISH_TIMEOUT
 from tests.conftest import API_KEY, Stack, failed_queue_messages
 from tests.processes import ServiceProcess
+from tests.smtp_sink import free_port
 from tests.tcp_proxy import TcpProxy
 
 
@@ -105,7 +106,7 @@ async def test_broker_cut_at_gateway_and_worker_loses_nothing(stack_factory: Any
 
     await wait_delivered(stack, user["id"], 500, timeout=90)
     await asyncio.sleep(1)  # time for a duplicate to show up, were there one
-    received = stack.smtp.notification_ids()
+    received = stack.smtp.notification_ids(user["email"])
     assert len(set(ids)) == 500
     assert sorted(received) == sorted(ids)  # each exactly once
     await gateway_link.close()
@@ -187,7 +188,7 @@ async def test_a_failed_notification_can_be_retried_once(stack: Stack) -> None:
     again = await stack.gateway.post(path, headers=stack.headers())
     assert again.status == 409 and (await again.json())["error"] == "not_retryable"
     await asyncio.sleep(0.5)
-    assert stack.smtp.notification_ids() == [notification_id]
+    assert stack.smtp.notification_ids(user["email"]) == [notification_id]
     listing = await stack.gateway.get(f"/api/v1/notifications/{uuid.uuid4()}/retry", headers=stack.headers())
     assert listing.status == 405
 
@@ -246,7 +247,7 @@ async def test_a_killed_worker_loses_nothing_and_duplicates_are_bounded(
         try:
             await wait_delivered(stack, user["id"], 200, timeout=60)
             await asyncio.sleep(0.5)
-            received = stack.smtp.notification_ids()
+            received = stack.smtp.notification_ids(user["email"])
             assert set(received) == set(ids)
             duplicates = len(received) - len(ids)
             reclaimed = metric(await second.metrics(), "notify_reclaimed_total")
@@ -278,7 +279,9 @@ async def test_sigterm_finishes_in_flight_work_and_exits(stack_factory: Any, tmp
     try:
         await wait_delivered(stack, user["id"], 100, timeout=60)
         await asyncio.sleep(0.5)
-        assert sorted(stack.smtp.notification_ids()) == sorted(ids)  # nothing lost, nothing twice
+        assert sorted(stack.smtp.notification_ids(user["email"])) == sorted(
+            ids
+        )  # nothing lost, nothing twice
         assert metric(await second.metrics(), "notify_reclaimed_total") == 0
     finally:
         second.stop()
@@ -309,8 +312,15 @@ async def test_worker_retries_while_the_user_service_is_away(stack_factory: Any,
     import email_worker
     from tests.conftest import _serve
 
+    # Its Redis is unreachable too, so it cannot read the profile from the cache either.
     worker = await _serve(
-        email_worker.create_app(replace(stack.config, user_service_url=f"http://127.0.0.1:{link.port}"))
+        email_worker.create_app(
+            replace(
+                stack.config,
+                user_service_url=f"http://127.0.0.1:{link.port}",
+                redis_url=f"redis://127.0.0.1:{free_port()}/0",
+            )
+        )
     )
     try:
         user = await stack.create_user()
@@ -322,7 +332,7 @@ async def test_worker_retries_while_the_user_service_is_away(stack_factory: Any,
         await link.restore()
         record = await stack.wait_for(notification_id, "delivered", timeout=20)
         assert record["attempts"] >= 2
-        assert stack.smtp.notification_ids() == [notification_id]
+        assert stack.smtp.notification_ids(user["email"]) == [notification_id]
     finally:
         await worker.close()
         await link.close()
@@ -344,7 +354,7 @@ async def test_an_opt_out_after_acceptance_wins_over_a_retry(stack: Stack) -> No
     assert retry.status == 202
     record = await stack.wait_for(notification_id, "skipped")
     assert record["error"] == "user opted out of email notifications"
-    assert stack.smtp.notification_ids() == []
+    assert stack.smtp.notification_ids(user["email"]) == []
 
 
 async def test_operators_can_show_and_drain_failed_queue(
