@@ -16,18 +16,14 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 
 import aiohttp
-import redis.asyncio as aioredis
 from aiohttp import web
 
-from common import db, resources, templating, unsubscribe
-from common.cache import Lookups
-from common.clients import ServiceClient, ServiceUnavailable, TemplateCache
+from common import unsubscribe
 from common.config import Config, ConfigError, load_config
-from common.http import CONFIG_KEY, METRICS_KEY, base_app, run
+from common.http import CONFIG_KEY, METRICS_KEY, run
 from common.logs import setup_logging
 from common.metrics import Metrics
-from common.store import StatusStore
-from common.worker import Deliver, Delivered, DeliveryError, Job, Skip, consumer
+from common.worker import HTTP_KEY, Deliver, Delivered, DeliveryError, Job, Preparer, worker_app
 from providers.breaker import CircuitBreaker, State
 from providers.email import EmailProvider, HeaderInjection, OutgoingEmail, message_id
 from providers.mailgun import MailgunProvider
@@ -45,11 +41,6 @@ class Route:
     breaker: CircuitBreaker
 
 
-DB_KEY = web.AppKey("notifications_db", db.Database)
-STORE_KEY = web.AppKey("status_store", StatusStore)
-BROKER_KEY = web.AppKey("broker", resources.Broker)
-HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
-REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 ROUTES_KEY = web.AppKey("email_routes", tuple)
 
 
@@ -81,11 +72,6 @@ def _provider(name: str, config: Config, session: aiohttp.ClientSession) -> Emai
     if name == "mailgun":
         return MailgunProvider(config, session)
     return SmtpProvider(config)
-
-
-async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[STORE_KEY] = StatusStore(app[DB_KEY])
-    yield
 
 
 async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -162,42 +148,19 @@ async def send_with_failover(routes: tuple[Route, ...], email: OutgoingEmail, me
 
 def make_deliver(app: web.Application) -> Deliver:
     config = app[CONFIG_KEY]
-    session = app[HTTP_KEY]
     metrics = app[METRICS_KEY]
-    users = ServiceClient(session, config.user_service_url, config.internal_api_token, "user service")
-    template_service = ServiceClient(
-        session, config.template_service_url, config.internal_api_token, "template service"
-    )
-    templates = TemplateCache(template_service)
-    # Profiles come from the user service's Redis cache when they are there: no HTTP call.
-    lookups = Lookups(app[REDIS_KEY], users, template_service)
+    preparer = Preparer(app, "email")
     routes: tuple[Route, ...] = app[ROUTES_KEY]
 
     async def deliver(job: Job) -> Delivered:
         body = job.body
-        try:
-            user = await lookups.user(str(body["user_id"]))
-            if user.status == 404:
-                raise DeliveryError("user no longer exists", transient=False)
-            template = await templates.get(body["template_code"], body["language"], body["template_version"])
-        except ServiceUnavailable as exc:
-            raise DeliveryError(str(exc), transient=True) from exc
-        if template.status != 200:
-            raise DeliveryError(f"template: {template.message}", transient=False)
-        if user.status != 200:
-            raise DeliveryError(f"user service answered {user.status}", transient=True)
-        if not user.data.get("preferences", {}).get("email", True):
-            # Checked again at sending time: an opt-out or a bounce since acceptance wins.
-            raise Skip("user opted out of email notifications")
-        try:
-            parts = await templating.render("email", template.data, body.get("variables") or {})
-        except templating.RenderError as exc:
-            raise DeliveryError(f"template: {exc.message}", transient=False) from exc
+        prepared = await preparer.prepare(job)
+        parts, user, template = prepared.parts, prepared.user, prepared.template
         notification_id = str(job.notification_id)
         token = unsubscribe.sign(config.unsubscribe_key, str(body["user_id"]), "email")
         try:
             email = OutgoingEmail(
-                to=user.data["email"],
+                to=user["email"],
                 sender=config.email_from,
                 subject=parts["subject"],
                 html=parts["body"],
@@ -216,8 +179,8 @@ def make_deliver(app: web.Application) -> Deliver:
         except HeaderInjection as exc:
             raise DeliveryError(f"refused: {exc}", transient=False) from exc
         delivered = await send_with_failover(routes, email, metrics)
-        delivered.template_version = template.data["version"]
-        delivered.language = template.data["language"]
+        delivered.template_version = template["version"]
+        delivered.language = template["language"]
         return delivered
 
     return deliver
@@ -225,15 +188,7 @@ def make_deliver(app: web.Application) -> Deliver:
 
 def create_app(config: Config) -> web.Application:
     check_settings(config)
-    app = base_app("email_worker", config)
-    app.cleanup_ctx.append(resources.database(DB_KEY, lambda c: c.notifications_db_url, "postgres"))
-    app.cleanup_ctx.append(store_ctx)
-    app.cleanup_ctx.append(resources.broker(BROKER_KEY, prefetch=config.worker_prefetch))
-    app.cleanup_ctx.append(resources.http_client(HTTP_KEY))
-    app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
-    app.cleanup_ctx.append(providers_ctx)
-    app.cleanup_ctx.append(consumer("email", STORE_KEY, BROKER_KEY, make_deliver))
-    return app
+    return worker_app("email_worker", "email", config, providers_ctx, make_deliver)
 
 
 def main() -> None:

@@ -14,18 +14,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-import redis.asyncio as aioredis
 from aiohttp import web
 
-from common import db, resources, templating
-from common.cache import Lookups
-from common.clients import ServiceClient, ServiceUnavailable, TemplateCache
+from common.clients import ServiceUnavailable
 from common.config import Config, load_config
-from common.http import CONFIG_KEY, base_app, run
+from common.http import CONFIG_KEY, run
 from common.logs import setup_logging
-from common.store import StatusStore
-from common.worker import Deliver, Delivered, DeliveryError, Job, Skip, consumer
+from common.worker import HTTP_KEY, STORE_KEY, Deliver, Delivered, DeliveryError, Job, Preparer, worker_app
 from providers.fcm import FcmProvider
 from providers.onesignal import OneSignalProvider
 from providers.push import Device, DeviceResult, PushMessage, PushProvider
@@ -33,17 +28,7 @@ from providers.webpush import WebPushProvider, guarded_session
 
 log = logging.getLogger("push_worker")
 
-DB_KEY = web.AppKey("notifications_db", db.Database)
-STORE_KEY = web.AppKey("status_store", StatusStore)
-BROKER_KEY = web.AppKey("broker", resources.Broker)
-HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
-REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 PROVIDERS_KEY = web.AppKey("push_providers", dict)
-
-
-async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[STORE_KEY] = StatusStore(app[DB_KEY])
-    yield
 
 
 async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -94,15 +79,9 @@ class _Progress:
 
 def make_deliver(app: web.Application) -> Deliver:
     config: Config = app[CONFIG_KEY]
-    session = app[HTTP_KEY]
     store = app[STORE_KEY]
-    users = ServiceClient(session, config.user_service_url, config.internal_api_token, "user service")
-    template_service = ServiceClient(
-        session, config.template_service_url, config.internal_api_token, "template service"
-    )
-    templates = TemplateCache(template_service)
-    # Profiles come from the user service's Redis cache when they are there: no HTTP call.
-    lookups = Lookups(app[REDIS_KEY], users, template_service)
+    preparer = Preparer(app, "push")
+    users = preparer.users
     providers: dict[str, PushProvider] = app[PROVIDERS_KEY]
 
     async def remove_device(user_id: str, device: Device) -> None:
@@ -117,29 +96,13 @@ def make_deliver(app: web.Application) -> Deliver:
     async def deliver(job: Job) -> Delivered:
         body = job.body
         user_id = str(body["user_id"])
-        try:
-            user = await lookups.user(user_id)
-            template = await templates.get(body["template_code"], body["language"], body["template_version"])
-        except ServiceUnavailable as exc:
-            raise DeliveryError(str(exc), transient=True) from exc
-        if user.status == 404:
-            raise DeliveryError("user no longer exists", transient=False)
-        if template.status != 200:
-            raise DeliveryError(f"template: {template.message}", transient=False)
-        if user.status != 200:
-            raise DeliveryError(f"user service answered {user.status}", transient=True)
-        if not user.data.get("preferences", {}).get("push", True):
-            # Checked again at sending time: an opt-out or a bounce since acceptance wins.
-            raise Skip("user opted out of push notifications")
-        try:
-            parts = await templating.render("push", template.data, body.get("variables") or {})
-        except templating.RenderError as exc:
-            raise DeliveryError(f"template: {exc.message}", transient=False) from exc
+        prepared = await preparer.prepare(job)
+        parts, template = prepared.parts, prepared.template
 
         progress = _Progress.of(body)
         devices = [
             Device(str(d["id"]), d["platform"], d["token"], d.get("subscription"))
-            for d in user.data.get("devices", [])
+            for d in prepared.user.get("devices", [])
             if str(d["id"]) not in progress.done
         ]
         if not devices and not progress.delivered:
@@ -150,7 +113,7 @@ def make_deliver(app: web.Application) -> Deliver:
             body=parts["body"],
             image_url=parts.get("image_url") or None,
             link=parts.get("link") or None,
-            language=template.data["language"],
+            language=template["language"],
             ttl=config.push_ttl,
         )
         results = await _fan_out(providers, devices, message)
@@ -189,8 +152,8 @@ def make_deliver(app: web.Application) -> Deliver:
         if progress.delivered:
             return Delivered(
                 ",".join(delivered_by) or "push",
-                template_version=template.data["version"],
-                language=template.data["language"],
+                template_version=template["version"],
+                language=template["language"],
                 detail=None if not retry else f"some devices failed: {summary}"[:1000],
             )
         raise DeliveryError(
@@ -222,15 +185,7 @@ async def _fan_out(
 
 
 def create_app(config: Config) -> web.Application:
-    app = base_app("push_worker", config)
-    app.cleanup_ctx.append(resources.database(DB_KEY, lambda c: c.notifications_db_url, "postgres"))
-    app.cleanup_ctx.append(store_ctx)
-    app.cleanup_ctx.append(resources.broker(BROKER_KEY, prefetch=config.worker_prefetch))
-    app.cleanup_ctx.append(resources.http_client(HTTP_KEY))
-    app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
-    app.cleanup_ctx.append(providers_ctx)
-    app.cleanup_ctx.append(consumer("push", STORE_KEY, BROKER_KEY, make_deliver))
-    return app
+    return worker_app("push_worker", "push", config, providers_ctx, make_deliver)
 
 
 def main() -> None:

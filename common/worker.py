@@ -18,20 +18,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
+import aiohttp
 import orjson
+import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 
 import topology
-from common import amqp, db
+from common import amqp, db, resources, templating
+from common.cache import Lookups
+from common.clients import ServiceClient, ServiceUnavailable, TemplateCache
 from common.config import Config
-from common.http import CONFIG_KEY, METRICS_KEY
+from common.http import CONFIG_KEY, METRICS_KEY, base_app
 from common.logs import log_context
 from common.metrics import Metrics
 from common.resources import Broker
 from common.store import StatusStore
 
 log = logging.getLogger("worker")
+
+# What every worker holds; the providers are each worker's own.
+DB_KEY = web.AppKey("notifications_db", db.Database)
+STORE_KEY = web.AppKey("status_store", StatusStore)
+BROKER_KEY = web.AppKey("broker", Broker)
+HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
+REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 
 SHUTDOWN_GRACE = 20.0
 STORE_OUTAGE_BACKOFF = 1.0
@@ -91,6 +102,56 @@ class Delivered:
 
 
 Deliver = Callable[[Job], Awaitable[Delivered]]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    user: dict[str, Any]
+    template: dict[str, Any]
+    parts: dict[str, str]
+
+
+class Preparer:
+    """The first half of every delivery: the user's profile (from the Redis cache when it is
+    there), the pinned template version (cached: versions never change), the preference checked
+    again, and the rendering, once. Failures are classified here for both channels."""
+
+    def __init__(self, app: web.Application, channel: str) -> None:
+        config = app[CONFIG_KEY]
+        session = app[HTTP_KEY]
+        self.channel = channel
+        self.users = ServiceClient(
+            session, config.user_service_url, config.internal_api_token, "user service"
+        )
+        template_service = ServiceClient(
+            session, config.template_service_url, config.internal_api_token, "template service"
+        )
+        self.templates = TemplateCache(template_service)
+        self.lookups = Lookups(app[REDIS_KEY], self.users, template_service)
+
+    async def prepare(self, job: Job) -> Prepared:
+        body = job.body
+        try:
+            user = await self.lookups.user(str(body["user_id"]))
+            template = await self.templates.get(
+                body["template_code"], body["language"], body["template_version"]
+            )
+        except ServiceUnavailable as exc:
+            raise DeliveryError(str(exc), transient=True) from exc
+        if user.status == 404:
+            raise DeliveryError("user no longer exists", transient=False)
+        if template.status != 200:
+            raise DeliveryError(f"template: {template.message}", transient=False)
+        if user.status != 200:
+            raise DeliveryError(f"user service answered {user.status}", transient=True)
+        if not user.data.get("preferences", {}).get(self.channel, True):
+            # Checked again at sending time: an opt-out or a bounce since acceptance wins.
+            raise Skip(f"user opted out of {self.channel} notifications")
+        try:
+            parts = await templating.render(self.channel, template.data, body.get("variables") or {})
+        except templating.RenderError as exc:
+            raise DeliveryError(f"template: {exc.message}", transient=False) from exc
+        return Prepared(user.data, template.data, parts)
 
 
 class Worker:
@@ -310,22 +371,14 @@ class Worker:
 
 
 def consumer(
-    channel: str,
-    store_key: web.AppKey[StatusStore],
-    broker_key: web.AppKey[Broker],
-    deliver_factory: Callable[[web.Application], Deliver],
+    channel: str, deliver_factory: Callable[[web.Application], Deliver]
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context running the consumer; on shutdown it stops taking messages, lets the
     ones in flight finish, then returns (the connection closes after it)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         worker = Worker(
-            channel,
-            app[CONFIG_KEY],
-            app[store_key],
-            app[broker_key],
-            app[METRICS_KEY],
-            deliver_factory(app),
+            channel, app[CONFIG_KEY], app[STORE_KEY], app[BROKER_KEY], app[METRICS_KEY], deliver_factory(app)
         )
         task = asyncio.create_task(worker.consume(), name=f"{channel}-consumer")
         try:
@@ -336,3 +389,27 @@ def consumer(
             await worker.drain(SHUTDOWN_GRACE)
 
     return ctx
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[STORE_KEY] = StatusStore(app[DB_KEY])
+    yield
+
+
+def worker_app(
+    service: str,
+    channel: str,
+    config: Config,
+    providers: Callable[[web.Application], AsyncIterator[None]],
+    deliver_factory: Callable[[web.Application], Deliver],
+) -> web.Application:
+    """A worker: its resources, its providers, then the consumer (closed first on shutdown)."""
+    app = base_app(service, config)
+    app.cleanup_ctx.append(resources.database(DB_KEY, lambda c: c.notifications_db_url, "postgres"))
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(resources.broker(BROKER_KEY, prefetch=config.worker_prefetch))
+    app.cleanup_ctx.append(resources.http_client(HTTP_KEY))
+    app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
+    app.cleanup_ctx.append(providers)
+    app.cleanup_ctx.append(consumer(channel, deliver_factory))
+    return app
