@@ -21,7 +21,7 @@ import orjson
 
 from bench import report
 from bench.load import SEQ, LoadResult, Spec, run_load
-from bench.stack import BenchEnv, Proc, api, free_port
+from bench.stack import BenchEnv, CpuMeter, Proc, api, free_port
 from bench.stats import fmt_num
 from common.amqp import work_queue
 
@@ -128,12 +128,11 @@ LOAD_HEADERS = [
 
 
 async def measured(procs: dict[str, Proc], run: Any) -> tuple[LoadResult, dict[str, float]]:
-    """Run a load and the CPU each service used meanwhile (cores: 1.0 = one core busy)."""
-    before = {name: p.cpu_seconds() for name, p in procs.items()}
-    t0 = time.perf_counter()
+    """Run a load and the CPU each service (and each shared server) used meanwhile."""
+    meter = CpuMeter(procs)
+    meter.start()
     result = await run
-    wall = time.perf_counter() - t0
-    return result, {name: (p.cpu_seconds() - before[name]) / wall for name, p in procs.items()}
+    return result, meter.stop()
 
 
 async def run_accept(env: BenchEnv, opts: AcceptOptions, record: bool) -> dict[str, Any]:
@@ -223,7 +222,8 @@ async def run_accept(env: BenchEnv, opts: AcceptOptions, record: bool) -> dict[s
     section.table(
         ["process", "CPU during the closed loop"],
         [[name, fmt_num(100 * v) + " %"] for name, v in cpu.items()],
-        "Service CPU (100 % = one core)",
+        "CPU during the closed loop (100 % = one core; the shared servers' figures include any"
+        " other work on the machine)",
     )
     results["ratios"] = {kind: closed.rate / b.rate if b.rate else None for kind, b in baselines.items()}
 

@@ -24,7 +24,7 @@ import aiohttp
 from bench import report
 from bench.accept import LOAD_HEADERS, _yes, add_profile, create_email_fixture, load_row, notification_body
 from bench.load import LoadResult, Spec, run_load
-from bench.stack import ROOT, BenchEnv, Proc, api, free_port
+from bench.stack import INFRA, ROOT, BenchEnv, CpuMeter, Proc, api, free_port
 from bench.stats import fmt_num, latency_summary
 from common.config import Config
 
@@ -61,7 +61,7 @@ class Outcome:
     seconds: float  # first created_at → last delivered_at
     latency_ms: dict[str, float]
     load: LoadResult
-    rss: dict[str, tuple[int, int]] | None = None  # KiB at start, at end
+    rss: dict[str, tuple[int, int, int]] | None = None  # KiB at start, after sending, at end
     cpu: dict[str, float] | None = None
 
     @property
@@ -157,6 +157,7 @@ class Pipeline:
         self.worker_config: Config = env.config
         self.body = ""
         self.workers: list[Proc] = []
+        self.sink: Proc | None = None  # the SMTP or FCM server: its CPU is part of the picture
 
     @property
     def gateway(self) -> Proc:
@@ -187,7 +188,8 @@ class Pipeline:
         )
 
     def services(self) -> dict[str, Proc]:
-        return {**self.core, **{p.name: p for p in self.workers}}
+        sink = {self.sink.name: self.sink} if self.sink else {}
+        return {**self.core, **{p.name: p for p in self.workers}, **sink}
 
     async def run_n(self, label: str, workers: int, *, sample: bool, profile_dir: Path | None) -> Outcome:
         """N notifications, closed loop, with `workers` worker processes."""
@@ -202,8 +204,8 @@ class Pipeline:
             await env.truncate_notifications()
             procs = self.services()
             rss_start = {name: p.rss_kib() for name, p in procs.items()} if sample else {}
-            cpu_start = {name: p.cpu_seconds() for name, p in procs.items()}
-            t0 = time.perf_counter()
+            meter = CpuMeter(procs)
+            meter.start()
             profile_task = None
             if profile_dir is not None and report.py_spy():
                 raw = profile_dir / f"{self.channel}_worker.pyspy.raw"
@@ -218,12 +220,16 @@ class Pipeline:
                 ),
                 opts.generators,
             )
+            # Memory halfway through sending too: growth that stops early is warm-up, growth
+            # that goes on to the end looks like a leak.
+            rss_mid = {name: p.rss_kib() for name, p in procs.items()} if sample else {}
             counts = await wait_delivered(env, load.ok, opts.drain_timeout)
-            wall = time.perf_counter() - t0
             result = await outcome(env, label, load, counts)
-            result.cpu = {name: (p.cpu_seconds() - cpu_start[name]) / wall for name, p in procs.items()}
+            result.cpu = meter.stop() | {"load generator": load.generator_cpu}
             if sample:
-                result.rss = {name: (rss_start[name], p.rss_kib()) for name, p in procs.items()}
+                result.rss = {
+                    name: (rss_start[name], rss_mid[name], p.rss_kib()) for name, p in procs.items()
+                }
             if profile_task is not None:
                 raw_path = await profile_task
                 if raw_path is not None:
@@ -284,15 +290,18 @@ async def raw_smtp(port: int, opts: E2EOptions) -> dict[str, float]:
 
 
 def rss_table(section: report.Section, o: Outcome) -> bool:
-    """RSS at start and end; True when every service stayed within ±10 %."""
+    """RSS at the start, when all was sent, at the end; True when every service's end is within
+    ± 10 % of its start."""
     assert o.rss is not None
     rows, flat = [], True
-    for name, (start, end) in o.rss.items():
+    for name, (start, mid, end) in o.rss.items():
         change = 100 * (end - start) / start if start else 0.0
         flat = flat and abs(change) <= 10
-        rows.append([name, fmt_num(start / 1024, 1), fmt_num(end / 1024, 1), f"{change:+.1f} %"])
+        rows.append([name, *(fmt_num(v / 1024, 1) for v in (start, mid, end)), f"{change:+.1f} %"])
     section.table(
-        ["process", "RSS start MiB", "RSS end MiB", "change"], rows, f"Resident memory over “{o.label}”"
+        ["process", "start MiB", "all sent MiB", "end MiB", "change"],
+        rows,
+        f"Resident memory (VmRSS) over “{o.label}”",
     )
     return flat
 
@@ -304,22 +313,35 @@ def cpu_table(section: report.Section, outcomes: list[Outcome]) -> None:
         for n in names
     ]
     section.table(
-        ["process", *[o.label for o in outcomes]], rows, "Service CPU over each run (100 % = one core)"
+        ["process", *[o.label for o in outcomes]],
+        rows,
+        "CPU over each run (100 % = one core; the shared servers' figures include any other work"
+        " on the machine)",
     )
 
 
 def _service_order(name: str) -> tuple[int, str]:
+    """Services, workers and sink, then the generator, the shared servers, the whole machine."""
     order = ["gateway", "user_service", "template_service"]
-    return (order.index(name), name) if name in order else (len(order), name)
+    if name in order:
+        return order.index(name), name
+    if name == "load generator":
+        return 10, name
+    if name in INFRA.values():
+        return 11, name
+    if name.startswith("whole machine"):
+        return 12, name
+    return 5, name
 
 
 async def run_email(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, Any]:
     section = report.Section("End to end, email")
     port = free_port()
-    await env.start_argv(
+    sink = await env.start_argv(
         "smtp_sink", ["-m", "scripts.smtp_sink", "--quiet", "--port", str(port)], port, ready="tcp"
     )
     pipe = Pipeline(env, "email", opts)
+    pipe.sink = sink
     pipe.core = await env.start_core()
     pipe.worker_config = replace(env.config, smtp_port=port)
     user_id, code = await create_email_fixture(env, pipe.gateway)
@@ -348,16 +370,17 @@ async def run_email(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, 
         "Delivered (from the status store; latency = delivered_at - created_at)",
     )
     section.table(
-        ["baseline", "sent", "seconds", "emails/s"],
+        ["baseline", "sent", "seconds", "emails/s", "sender CPU"],
         [
             [
                 f"raw aiosmtplib, {opts.raw_connections} connections",
                 fmt_num(raw["sent"]),
                 fmt_num(raw["seconds"], 1),
                 fmt_num(raw["rate"]),
+                fmt_num(100 * raw.get("cpu", 0)) + " %",
             ]
         ],
-        "Baseline (same sink, same run; an EmailMessage built per send)",
+        "Baseline (same sink, same run; one process; an EmailMessage built per send)",
     )
     ratio_rows = [[o.label, fmt_num(o.rate), fmt_num(o.rate / raw["rate"], 2)] for o in outcomes]
     section.table(["run", "delivered/s", "x raw aiosmtplib"], ratio_rows, "Ratios")
@@ -403,6 +426,7 @@ async def run_push(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, A
         "fcm_sink", ["-m", "bench.fcm_sink", "--port", str(port), "--credentials", str(credentials)], port
     )
     pipe = Pipeline(env, "push", opts)
+    pipe.sink = fcm
     pipe.core = await env.start_core()
     pipe.worker_config = replace(
         env.config,

@@ -44,8 +44,9 @@ def commit() -> str:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
+        # BENCHMARKS.md itself changes as sections are appended: that is not a code change.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md"],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -74,6 +75,7 @@ class Section:
         self.parts: list[str | Table] = []
         # The machine is shared: a high load average before the run means noisy figures.
         self.load_before = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+        self.commit = commit()  # at the start: the code the services were started from
 
     def table(self, headers: list[str], rows: list[list[str]], caption: str = "") -> None:
         self.parts.append((caption, headers, rows))
@@ -89,7 +91,7 @@ class Section:
             f"### {self.title} — {self.started:%Y-%m-%d %H:%M} UTC",
             "",
             f"- machine: {machine()}; load average before the run {self.load_before}",
-            f"- commit: `{commit()}`",
+            f"- commit: `{self.commit}`",
             f"- command: `{command()}`",
             "",
         ]

@@ -2,7 +2,7 @@
 queue, database or template in between — what a worker could reach if sending were all it did.
 
 `python -m bench.smtp_raw --port P [--connections 16] [--count 5000] [--duration 10]` prints
-JSON {sent, errors, seconds, rate}. Each message is built as an EmailMessage with an HTML and a
+JSON {sent, errors, seconds, rate, cpu}. Each message is built as an EmailMessage with an HTML and a
 text part and the usual headers, as the email worker's are, because building it is part of the
 cost of sending one. Bounded by count and duration.
 """
@@ -52,6 +52,7 @@ async def run(host: str, port: int, connections: int, count: int, duration: floa
     for client in clients:
         await client.connect()
     start = time.perf_counter()
+    cpu0 = time.process_time()
     deadline = start + duration
 
     async def sender(client: aiosmtplib.SMTP) -> None:
@@ -65,12 +66,13 @@ async def run(host: str, port: int, connections: int, count: int, duration: floa
 
     await asyncio.gather(*(sender(c) for c in clients))
     seconds = time.perf_counter() - start
+    cpu = (time.process_time() - cpu0) / seconds  # 1.0: the sender itself was the limit
     for client in clients:
         try:
             await client.quit()
         except (aiosmtplib.SMTPException, OSError):
             client.close()
-    return {"sent": sent, "errors": errors, "seconds": seconds, "rate": sent / seconds}
+    return {"sent": sent, "errors": errors, "seconds": seconds, "rate": sent / seconds, "cpu": cpu}
 
 
 def main() -> None:

@@ -71,6 +71,52 @@ def cpu_seconds(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / CLK_TCK
 
 
+# Shared servers, by process name. Their CPU includes any other work on the machine.
+INFRA = {"postgres": "PostgreSQL (all processes)", "beam.smp": "RabbitMQ", "redis-server": "Redis"}
+
+
+def infra_cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by PostgreSQL, RabbitMQ and Redis, each summed over its processes,
+    plus `machine`: busy CPU seconds of the whole machine (all cores, from /proc/stat)."""
+    totals = dict.fromkeys(INFRA.values(), 0.0)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited meanwhile
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        if comm in INFRA:
+            parts = text[text.rindex(")") + 2 :].split()
+            totals[INFRA[comm]] += (int(parts[11]) + int(parts[12])) / CLK_TCK
+    # First line of /proc/stat: user nice system idle iowait irq softirq steal (jiffies).
+    cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    busy = sum(cpu) - cpu[3] - cpu[4]
+    totals["whole machine (all cores)"] = busy / CLK_TCK
+    return totals
+
+
+class CpuMeter:
+    """CPU used by the given processes and the shared servers between start() and stop(), as a
+    share of one core over the wall time (1.0 = one core busy)."""
+
+    def __init__(self, procs: dict[str, Proc]) -> None:
+        self.procs = procs
+        self.before: dict[str, float] = {}
+        self.t0 = 0.0
+
+    def _now(self) -> dict[str, float]:
+        return {**{name: p.cpu_seconds() for name, p in self.procs.items()}, **infra_cpu_seconds()}
+
+    def start(self) -> None:
+        self.before = self._now()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.t0
+        after = self._now()
+        return {name: (after[name] - self.before[name]) / wall for name in after if name in self.before}
+
+
 class Proc:
     """A subprocess with a log file, ready when its /health answers 200."""
 
