@@ -19,7 +19,7 @@ from typing import Any
 from bench.accept import AcceptOptions, run_accept
 from bench.e2e import E2EOptions, run_email, run_push
 from bench.report import ROOT
-from bench.stack import BenchEnv
+from bench.stack import BenchEnv, exclusive_run
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -77,6 +77,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument(
         "--drain-timeout", type=float, default=120.0, help="max seconds to wait for deliveries (default 120)"
     )
+    e.add_argument(
+        "--warmup", type=int, default=200, help="notifications sent before each e2e run, not counted"
+    )
     c = p.add_argument_group("common")
     c.add_argument("--generators", type=int, default=1, help="load generator processes (default 1)")
     c.add_argument("--loop", choices=("uvloop", "asyncio"), default=None, help="generator event loop")
@@ -109,6 +112,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         open_workers=args.open_workers,
         raw_count=args.raw_count,
         send_seconds=args.send_seconds,
+        warmup=args.warmup,
         drain_timeout=args.drain_timeout,
         generators=args.generators,
         loop=args.loop,
@@ -144,7 +148,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def run() -> None:
     args = parse()
-    results = asyncio.run(main(args))
+    with exclusive_run():
+        results = asyncio.run(main(args))
     out = ROOT / "bench" / "results" / "last.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str))

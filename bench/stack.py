@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -17,7 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,22 @@ PG = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432"
 PREFIX = os.environ.get("NOTIFY_BENCH_PREFIX", "notify_bench")
 REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "14"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def exclusive_run() -> Iterator[None]:
+    """One benchmark run per prefix at a time: a second one would drop the first one's databases
+    and vhost under it. Another at once needs its own NOTIFY_BENCH_PREFIX and BENCH_REDIS_DB."""
+    path = Path(tempfile.gettempdir()) / f"{PREFIX}.lock"
+    with path.open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(
+                f"bench: another run is using {PREFIX} ({path} is locked); wait for it, or give this"
+                " one its own NOTIFY_BENCH_PREFIX and BENCH_REDIS_DB"
+            ) from None
+        yield
 
 
 def free_port() -> int:
