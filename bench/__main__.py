@@ -13,7 +13,9 @@ import asyncio
 import datetime
 import importlib.util
 import json
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.accept import AcceptOptions, run_accept
@@ -95,9 +97,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def prune(results: Path, keep: int) -> None:
+    """Service logs at LOG_LEVEL=INFO run to ~10 MB a run: keep only the newest runs' folders."""
+    if not results.is_dir():
+        return
+    runs = sorted(p for p in results.iterdir() if p.is_dir() and p.name[:8].isdigit())
+    for old in runs[: max(0, len(runs) - keep + 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     log_dir = ROOT / "bench" / "results" / stamp
+    prune(log_dir.parent, keep=10)
     env = BenchEnv(log_dir, prefetch=args.prefetch, log_level=args.log_level)
     record = not args.no_record
     profile = not args.no_profile
