@@ -3,11 +3,17 @@ guard, and the one table that classifies provider failures as transient or perma
 
 from __future__ import annotations
 
+import email.generator
+import email.policy
 import email.utils
+import io
 import re
 import time
 from dataclasses import dataclass, field
-from email.message import EmailMessage
+from email.header import Header
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from email.utils import make_msgid
 from typing import Protocol
 
@@ -39,6 +45,10 @@ class OutgoingEmail:
     tracking: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse line breaks in any header and anything but one plain recipient address."""
         for name, value in (
             ("To", self.to),
             ("From", self.sender),
@@ -60,18 +70,41 @@ class OutgoingEmail:
     def sender_name(self) -> str:
         return email.utils.parseaddr(self.sender)[0]
 
-    def to_mime(self) -> EmailMessage:
-        msg = EmailMessage()
-        msg["From"] = self.sender
+    def to_mime(self) -> Message:
+        """The MIME message: text and HTML alternatives, UTF-8.
+
+        Built with the compat32 classes rather than EmailMessage: header values were checked
+        for line breaks above, and the modern policy's header parsing and refolding cost about
+        four times as much per message, a fifth of a worker's CPU.
+        """
+        self.check()  # again here: the compat32 classes below do not refuse line breaks themselves
+        msg = MIMEMultipart("alternative", policy=_POLICY)
+        name, address = email.utils.parseaddr(self.sender)
+        msg["From"] = email.utils.formataddr((name, address), charset="utf-8") if name else self.sender
         msg["To"] = self.to
-        msg["Subject"] = self.subject
+        msg["Subject"] = _header(self.subject)
         msg["Message-ID"] = self.message_id
         msg["Date"] = email.utils.formatdate(localtime=False)
         for name, value in self.headers.items():
-            msg[name] = value
-        msg.set_content(self.text)
-        msg.add_alternative(self.html, subtype="html")
+            msg[name] = _header(value)
+        msg.attach(MIMEText(self.text, "plain", "utf-8", policy=_POLICY))
+        msg.attach(MIMEText(self.html, "html", "utf-8", policy=_POLICY))
         return msg
+
+
+    def to_bytes(self) -> bytes:
+        """The message as sent over SMTP (CRLF line ends), flattened with our policy."""
+        out = io.BytesIO()
+        email.generator.BytesGenerator(out, policy=_POLICY.clone(linesep="\r\n")).flatten(self.to_mime())
+        return out.getvalue()
+
+
+def _header(value: str) -> str:
+    return value if value.isascii() else Header(value, "utf-8").encode()
+
+
+# Fold only past RFC 5322's hard limit: a folded Message-ID would start with a space.
+_POLICY = email.policy.compat32.clone(max_line_length=998)
 
 
 def message_id(notification_id: str, sender: str) -> str:

@@ -94,13 +94,13 @@ class SmtpProvider:
     async def send(self, email: OutgoingEmail) -> str:
         sender, recipients = envelope(email)
         try:
-            mime = email.to_mime()
+            data = email.to_bytes()
         except ValueError as exc:  # the stdlib's own header guard, behind ours
             raise DeliveryError(f"refused: {exc}", transient=False, provider="smtp") from exc
         for attempt in (1, 2):
             try:
                 async with self._connection() as client:
-                    await client.send_message(mime, sender=sender, recipients=recipients)
+                    await client.sendmail(sender, recipients, data)
                 return email.message_id
             except aiosmtplib.SMTPServerDisconnected as exc:
                 # A pooled connection the server closed while idle: one fresh try.
