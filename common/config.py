@@ -72,6 +72,7 @@ class Config:
     rate_limit_window: float = 1.0
     queue_type: str = "classic"
     http_timeout: float = 10.0
+    event_loop: str = "asyncio"
     log_level: str = "INFO"
     log_format: str = "json"
     # Email delivery: unsubscribe links, circuit breakers, bounce webhooks.
@@ -240,6 +241,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "rate_limit_window": _positive_float,
     "queue_type": _one_of(QUEUE_TYPES),
     "http_timeout": _positive_float,
+    "event_loop": _one_of(("asyncio", "uvloop")),
     "log_level": _log_level,
     "log_format": _one_of(LOG_FORMATS),
     "public_base_url": _http,

@@ -6,6 +6,7 @@ and uuid columns as `uuid.UUID`, both of which the envelope serialises as they a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -119,9 +120,16 @@ class Database(Executor):
     async def ping(self) -> None:
         await self.fetchval("SELECT 1")
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close, waiting a bounded time for connections in use: a connection whose query was
+        cancelled half-way may never be handed back, and shutdown must not wait for it."""
         self.pool.close()
-        await self.pool.wait_closed()
+        try:
+            await asyncio.wait_for(self.pool.wait_closed(), timeout)
+        except TimeoutError:
+            log.warning("closing the database pool: connections still in use after %gs, dropped", timeout)
+            self.pool.terminate()
+            await self.pool.wait_closed()
 
 
 class _TxExecutor(Executor):

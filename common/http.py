@@ -303,4 +303,9 @@ def outgoing_headers(token: str | None = None) -> dict[str, str]:
 def run(app: web.Application, config: Config, default_port: int) -> None:
     port = config.port or default_port
     print(f"{app[SERVICE_KEY]} listening on http://{config.host}:{port}", flush=True)
-    web.run_app(app, host=config.host, port=port, print=None, shutdown_timeout=15)
+    loop = None
+    if config.event_loop == "uvloop":
+        import uvloop  # only where it is asked for
+
+        loop = uvloop.new_event_loop()
+    web.run_app(app, host=config.host, port=port, print=None, shutdown_timeout=15, loop=loop)

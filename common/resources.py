@@ -6,6 +6,8 @@ AppKey, registers its health check, and closes it after the app stops.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -71,7 +73,9 @@ def broker(key: web.AppKey[Broker], prefetch: int | None = None) -> CleanupCtx:
             app[HEALTH_KEY]["rabbitmq"] = Check(app[key].ping)
             yield
         finally:
-            await connection.close()
+            # Bounded: a broker that does not answer the close handshake must not hold up exit.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5)
 
     return ctx
 
@@ -84,7 +88,8 @@ def redis_client(key: web.AppKey[aioredis.Redis], critical: bool = False) -> Cle
         try:
             yield
         finally:
-            await client.aclose()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), 5)
 
     return ctx
 
