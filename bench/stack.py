@@ -242,7 +242,7 @@ class BenchEnv:
             internal_api_token=secrets.token_urlsafe(24),
             jwt_secret=secrets.token_urlsafe(24),
             rate_limit=0,  # the benchmark measures the service, not the limiter's ceiling
-            event_loop=os.environ.get("BENCH_SERVICE_LOOP", "asyncio"),
+            event_loop=os.environ.get("BENCH_SERVICE_LOOP", "uvloop"),
             worker_prefetch=self.prefetch,
             log_level=self.log_level,
             log_format="json",

@@ -72,7 +72,7 @@ class Config:
     rate_limit_window: float = 1.0
     queue_type: str = "classic"
     http_timeout: float = 10.0
-    event_loop: str = "asyncio"
+    event_loop: str = "uvloop"
     log_level: str = "INFO"
     log_format: str = "json"
     # Email delivery: unsubscribe links, circuit breakers, bounce webhooks.

@@ -8,7 +8,7 @@ statement, so the record and its history cannot disagree.
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from common.db import Database, Executor, Row
@@ -48,7 +48,8 @@ class StatusStore:
 
     async def create(self, n: NewNotification) -> Row | None:
         """Insert, unless (client_id, request_id) exists: then None, and nothing is written."""
-        values = asdict(n)
+        # Built field by field: dataclasses.asdict deep-copies the variables, on the hot path.
+        values = {f.name: getattr(n, f.name) for f in fields(n)}
         values["publish_pending"] = n.status == "pending"
         return await self.db.fetchrow(
             f"""
