@@ -13,15 +13,13 @@ import contextlib
 import fcntl
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ import redis.asyncio as aioredis
 from common import amqp, db
 from common.config import Config
 from common.migrate import databases, migrate_all
+from scripts.localenv import config_env, free_port, rabbitmq_vhost
 from topology import declare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,24 +54,6 @@ def exclusive_run() -> Iterator[None]:
                 " one its own NOTIFY_BENCH_PREFIX and BENCH_REDIS_DB"
             ) from None
         yield
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def config_env(config: Config) -> dict[str, str]:
-    """The environment that makes a process read exactly this config (no stray settings from
-    the caller's environment or .env)."""
-    env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG")}
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if value is None or value == ():
-            continue
-        env[f.name.upper()] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-    return env
 
 
 def rss_kib(pid: int) -> int:
@@ -207,20 +188,6 @@ class Proc:
             await asyncio.to_thread(self.process.wait, 10)
 
 
-def _rabbitmq_vhost(action: str, vhost: str) -> None:
-    if not shutil.which("rabbitmqctl"):
-        raise SystemExit("bench: needs rabbitmqctl to create its own vhost")
-    if action == "add":
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], capture_output=True, check=False)
-        subprocess.run(
-            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-            capture_output=True,
-            check=True,
-        )
-    else:
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, check=False)
-
-
 @dataclass
 class BenchEnv:
     log_dir: Path
@@ -257,8 +224,8 @@ class BenchEnv:
         for url in databases(self.config).values():
             await db.drop_database(url)  # leftovers of an interrupted run
         await migrate_all(self.config)
-        await asyncio.to_thread(_rabbitmq_vhost, "delete", PREFIX)
-        await asyncio.to_thread(_rabbitmq_vhost, "add", PREFIX)
+        await asyncio.to_thread(rabbitmq_vhost, "delete", PREFIX)
+        await asyncio.to_thread(rabbitmq_vhost, "add", PREFIX)
         connection = await amqp.connect(self.config.rabbitmq_url)
         try:
             await declare(await connection.channel(), self.config)
@@ -276,7 +243,7 @@ class BenchEnv:
         for url in databases(self.config).values():
             with contextlib.suppress(db.DatabaseError, OSError):
                 await db.drop_database(url)
-        await asyncio.to_thread(_rabbitmq_vhost, "delete", PREFIX)
+        await asyncio.to_thread(rabbitmq_vhost, "delete", PREFIX)
         await self._flush_redis()
 
     async def _flush_redis(self) -> None:

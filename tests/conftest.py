@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
 import time
-import urllib.request
-from base64 import b64encode
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,6 +25,7 @@ from common import db
 from common.amqp import FAILED_QUEUE
 from common.config import Config
 from common.migrate import databases, migrate_all
+from scripts.localenv import rabbitmq_vhost
 from tests.smtp_sink import SmtpSink
 from topology import declare, table
 
@@ -38,36 +35,6 @@ AMQP_HOST = os.environ.get("TEST_RABBITMQ_HOST", "127.0.0.1")
 REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "15"))
 API_KEY = "test-client-key-0123456789"
 INTERNAL_TOKEN = "test-internal-token-0123456789"
-
-
-def _rabbitmq_vhost(action: str, vhost: str) -> None:
-    """Create or delete a vhost: rabbitmqctl on this machine, else the management API."""
-    if shutil.which("rabbitmqctl"):
-        if action == "add":
-            subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], capture_output=True, check=False)
-            subprocess.run(
-                ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-                capture_output=True,
-                check=True,
-            )
-        else:
-            subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, check=False)
-        return
-    base = f"http://{AMQP_HOST}:15672/api"
-    auth = {
-        "Authorization": "Basic " + b64encode(b"guest:guest").decode(),
-        "Content-Type": "application/json",
-    }
-    requests = (
-        [
-            (f"{base}/vhosts/{vhost}", "PUT", b"{}"),
-            (f"{base}/permissions/{vhost}/guest", "PUT", b'{"configure":".*","write":".*","read":".*"}'),
-        ]
-        if action == "add"
-        else [(f"{base}/vhosts/{vhost}", "DELETE", None)]
-    )
-    for url, method, data in requests:
-        urllib.request.urlopen(urllib.request.Request(url, data=data, method=method, headers=auth))
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +54,7 @@ def base_config() -> Iterator[Config]:
         worker_prefetch=16,
         log_format="text",
     )
-    _rabbitmq_vhost("add", PREFIX)
+    rabbitmq_vhost("add", PREFIX, AMQP_HOST)
 
     async def fresh() -> None:
         for url in databases(config).values():
@@ -104,7 +71,7 @@ def base_config() -> Iterator[Config]:
 
     asyncio.run(drop())
     redis.Redis.from_url(config.redis_url).flushdb()
-    _rabbitmq_vhost("delete", PREFIX)
+    rabbitmq_vhost("delete", PREFIX, AMQP_HOST)
 
 
 @pytest.fixture

@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import aiohttp
 
 from common.config import Config
-from tests.smtp_sink import free_port
+from scripts.localenv import config_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def config_env(config: Config) -> dict[str, str]:
-    """The environment that makes a process read exactly this config."""
-    env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG")}
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if value is None or value == ():
-            continue
-        env[f.name.upper()] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-    return env
 
 
 class ServiceProcess:
