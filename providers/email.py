@@ -91,7 +91,6 @@ class OutgoingEmail:
         msg.attach(MIMEText(self.html, "html", "utf-8", policy=_POLICY))
         return msg
 
-
     def to_bytes(self) -> bytes:
         """The message as sent over SMTP (CRLF line ends), flattened with our policy."""
         out = io.BytesIO()
