@@ -43,7 +43,7 @@ from common.http import (
 from common.logs import correlation_id_var, log_context, setup_logging
 from common.ratelimit import RateLimiter
 from common.store import STATUSES, NewNotification, StatusStore
-from common.validation import CODE_RE, LANGUAGE_RE, Fields, normalize_language, parse_uuid
+from common.validation import CODE_RE, Fields, parse_uuid
 from providers import mailgun, sendgrid
 from providers.email import Bounce
 
@@ -160,13 +160,7 @@ def _validate(body: dict[str, Any]) -> dict[str, Any]:
     variables = fields.object("variables")
     metadata = fields.object("metadata")
     priority = fields.integer("priority", default=0, low=0, high=9)
-    language = fields.string(
-        "language",
-        required=False,
-        max_len=35,
-        pattern=LANGUAGE_RE,
-        hint="must be a language tag like en or pt-BR",
-    )
+    language = fields.language()
     fields.check()
     return {
         "notification_type": channel,
@@ -176,7 +170,7 @@ def _validate(body: dict[str, Any]) -> dict[str, Any]:
         "variables": variables,
         "metadata": metadata,
         "priority": priority,
-        "language": normalize_language(language) if language else None,
+        "language": language,
     }
 
 

@@ -30,7 +30,7 @@ from common.http import (
 )
 from common.logs import setup_logging
 from common.templating import PARTS, REQUIRED_PARTS, SINGLE_LINE_PARTS
-from common.validation import CODE_RE, LANGUAGE_RE, Fields, normalize_language
+from common.validation import CODE_RE, Fields, normalize_language
 
 log = logging.getLogger("template_service")
 
@@ -149,16 +149,9 @@ async def create_template(request: web.Request) -> web.Response:
     if channel is not None and channel not in TYPES:
         fields.error("notification_type", "must be email or push")
         channel = None
-    language = fields.string(
-        "language",
-        required=False,
-        max_len=35,
-        pattern=LANGUAGE_RE,
-        hint="must be a language tag like en or pt-BR",
-    )
+    language = fields.language() or "en"
     fields.check()
     assert code and channel
-    language = normalize_language(language or "en")
     parts = _parts_from(fields, channel, required=True)
     for part, problem in templating.syntax_errors(channel, parts).items():
         fields.error(part, problem)
@@ -220,14 +213,7 @@ async def update_template(request: web.Request) -> web.Response:
     channel = template["notification_type"]
     fields = Fields(body)
     fields.unknown({"language", "notification_type", *PARTS[channel]})
-    language = fields.string(
-        "language",
-        required=False,
-        max_len=35,
-        pattern=LANGUAGE_RE,
-        hint="must be a language tag like en or pt-BR",
-    )
-    language = normalize_language(language) if language else template["default_language"]
+    language = fields.language() or template["default_language"]
     parts = _parts_from(fields, channel, required=False)
     if not any(v is not None for v in parts.values()):
         fields.error("body", "send at least one part to change")
@@ -365,9 +351,8 @@ async def activate_version(request: web.Request) -> web.Response:
     database = request.app[DB_KEY]
     template = await _template(database, code)
     fields = Fields(body)
-    language = fields.string("language", required=False, max_len=35, pattern=LANGUAGE_RE)
+    language = fields.language() or template["default_language"]
     fields.check()
-    language = normalize_language(language) if language else template["default_language"]
     updated = await database.execute(
         "UPDATE template_languages SET active_version = %s, updated_at = now()"
         " WHERE code = %s AND language = %s AND EXISTS (SELECT 1 FROM template_versions"
@@ -389,7 +374,7 @@ async def render(request: web.Request) -> web.Response:
     code = request.match_info["code"]
     body = await read_json(request)
     fields = Fields(body)
-    language = fields.string("language", required=False, max_len=35, pattern=LANGUAGE_RE)
+    language = fields.language()
     version = body.get("version")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
         fields.error("version", "must be a positive whole number")

@@ -41,10 +41,8 @@ from common.http import (
 from common.logs import setup_logging
 from common.metrics import Metrics
 from common.validation import (
-    LANGUAGE_RE,
     Fields,
     b64url_decode,
-    normalize_language,
     parse_uuid,
 )
 
@@ -193,13 +191,6 @@ def _preferences(fields: Fields, name: str, *, partial: bool) -> dict[str, bool]
     return prefs
 
 
-def _language(fields: Fields, name: str = "language") -> str | None:
-    value = fields.string(
-        name, required=False, max_len=35, pattern=LANGUAGE_RE, hint="must be a language tag like en or pt-BR"
-    )
-    return normalize_language(value) if value else None
-
-
 def _timezone(fields: Fields) -> str | None:
     value = fields.string("timezone", required=False, max_len=64)
     if value is None:
@@ -303,7 +294,7 @@ async def create_user(request: web.Request) -> web.Response:
     password = fields.string("password", min_len=8, max_len=256)
     push_token = fields.string("push_token", required=False, max_len=4096)
     prefs = _preferences(fields, "preferences", partial=False) or dict.fromkeys(CHANNELS, True)
-    language = _language(fields) or "en"
+    language = fields.language() or "en"
     timezone = _timezone(fields) or "UTC"
     fields.check()
     assert name and email and password
@@ -361,7 +352,7 @@ async def update_user(request: web.Request) -> web.Response:
     if "password" in body:
         password = fields.string("password", min_len=8, max_len=256)
     if "language" in body:
-        changes["language"] = _language(fields)
+        changes["language"] = fields.language()
     if "timezone" in body:
         changes["timezone"] = _timezone(fields)
     prefs = _preferences(fields, "preferences", partial=True)

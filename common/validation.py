@@ -63,6 +63,17 @@ class Fields:
             return None
         return value
 
+    def language(self, name: str = "language") -> str | None:
+        """An optional language tag, normalised (`pt_br` → `pt-BR`)."""
+        value = self.string(
+            name,
+            required=False,
+            max_len=35,
+            pattern=LANGUAGE_RE,
+            hint="must be a language tag like en or pt-BR",
+        )
+        return normalize_language(value) if value else None
+
     def email(self, name: str, *, required: bool = True) -> str | None:
         value = self.string(name, required=required, max_len=254)
         if value is not None and not EMAIL_RE.match(value):
