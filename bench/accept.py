@@ -50,11 +50,28 @@ def notification_body(user_id: str, code: str, channel: str = "email") -> str:
     return orjson.dumps(body).decode()
 
 
-async def create_email_fixture(env: BenchEnv, gateway: Proc) -> tuple[str, str]:
-    """One user with email on and one email template, through the gateway like a client.
+EMAIL_TEMPLATE = {
+    "notification_type": "email",
+    "language": "en",
+    "subject": "Welcome, {{ name }}!",
+    "body": "<p>Hello {{ name }}, start here: <a href='{{ link }}'>{{ link }}</a></p>",
+}
+PUSH_TEMPLATE = {
+    "notification_type": "push",
+    "language": "en",
+    "title": "Hi {{ name }}",
+    "body": "Start here: {{ link }}",
+    "link": "{{ link }}",
+}
+
+
+async def create_fixture(
+    env: BenchEnv, gateway: Proc, template: dict[str, Any], device: dict[str, Any] | None = None
+) -> tuple[str, str]:
+    """One user (with `device`, if given) and one template, through the gateway like a client.
     Unique names: `all` runs several benchmarks against the same databases."""
     suffix = time.time_ns()
-    code = f"bench-welcome-{suffix}"
+    code = f"bench-{template['notification_type']}-{suffix}"
     async with aiohttp.ClientSession() as session:
         user = await api(
             session,
@@ -68,18 +85,12 @@ async def create_email_fixture(env: BenchEnv, gateway: Proc) -> tuple[str, str]:
                 "preferences": {"email": True, "push": True},
             },
         )
+        if device is not None:
+            await api(
+                session, "POST", f"{gateway.url}/api/v1/users/{user['id']}/devices", env.headers, device
+            )
         await api(
-            session,
-            "POST",
-            f"{gateway.url}/api/v1/templates/",
-            env.headers,
-            {
-                "code": code,
-                "notification_type": "email",
-                "language": "en",
-                "subject": "Welcome, {{ name }}!",
-                "body": "<p>Hello {{ name }}, start here: <a href='{{ link }}'>{{ link }}</a></p>",
-            },
+            session, "POST", f"{gateway.url}/api/v1/templates/", env.headers, {"code": code, **template}
         )
     return str(user["id"]), code
 
@@ -139,7 +150,7 @@ async def run_accept(env: BenchEnv, opts: AcceptOptions, record: bool) -> dict[s
     section = report.Section("Gateway accept")
     core = await env.start_core()
     gateway = core["gateway"]
-    user_id, code = await create_email_fixture(env, gateway)
+    user_id, code = await create_fixture(env, gateway, EMAIL_TEMPLATE)
     body = notification_body(user_id, code)
     queue = work_queue("email")
 

@@ -22,9 +22,18 @@ from typing import Any
 import aiohttp
 
 from bench import report
-from bench.accept import LOAD_HEADERS, _yes, add_profile, create_email_fixture, load_row, notification_body
+from bench.accept import (
+    EMAIL_TEMPLATE,
+    LOAD_HEADERS,
+    PUSH_TEMPLATE,
+    _yes,
+    add_profile,
+    create_fixture,
+    load_row,
+    notification_body,
+)
 from bench.load import LoadResult, Spec, run_load
-from bench.stack import INFRA, ROOT, BenchEnv, CpuMeter, Proc, api, free_port
+from bench.stack import INFRA, ROOT, BenchEnv, CpuMeter, Proc, free_port
 from bench.stats import fmt_num, latency_summary
 from common.config import Config
 
@@ -344,7 +353,7 @@ async def run_email(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, 
     pipe.sink = sink
     pipe.core = await env.start_core()
     pipe.worker_config = replace(env.config, smtp_port=port)
-    user_id, code = await create_email_fixture(env, pipe.gateway)
+    user_id, code = await create_fixture(env, pipe.gateway, EMAIL_TEMPLATE)
     pipe.body = notification_body(user_id, code)
 
     raw = await raw_smtp(port, opts)
@@ -434,44 +443,10 @@ async def run_push(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, A
         fcm_base_url=fcm.url,
         fcm_token_url=f"{fcm.url}/token",
     )
-    gateway = pipe.gateway
-    suffix = time.time_ns()
-    code = f"bench-push-{suffix}"
-    async with aiohttp.ClientSession() as session:
-        user = await api(
-            session,
-            "POST",
-            f"{gateway.url}/api/v1/users/",
-            env.headers,
-            {
-                "name": "Ada",
-                "email": f"ada-push-{suffix}@example.com",
-                "password": "correct horse battery",
-                "preferences": {"email": True, "push": True},
-            },
-        )
-        await api(
-            session,
-            "POST",
-            f"{gateway.url}/api/v1/users/{user['id']}/devices",
-            env.headers,
-            {"platform": "fcm", "token": "bench-fcm-device-token-0001"},
-        )
-        await api(
-            session,
-            "POST",
-            f"{gateway.url}/api/v1/templates/",
-            env.headers,
-            {
-                "code": code,
-                "notification_type": "push",
-                "language": "en",
-                "title": "Hi {{ name }}",
-                "body": "Start here: {{ link }}",
-                "link": "{{ link }}",
-            },
-        )
-    pipe.body = notification_body(str(user["id"]), code, "push")
+    user_id, code = await create_fixture(
+        env, pipe.gateway, PUSH_TEMPLATE, {"platform": "fcm", "token": "bench-fcm-device-token-0001"}
+    )
+    pipe.body = notification_body(user_id, code, "push")
     outcomes = []
     for i, n in enumerate(opts.workers):
         label = f"N={opts.count:,}, {n} worker{'s' if n > 1 else ''}"
