@@ -9,6 +9,7 @@ anything stored but never confirmed by the broker, so a broker outage loses noth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import html
@@ -681,6 +682,7 @@ class Confirmed:
         self.store = store
         self.pending: list[uuid.UUID] = []
         self.wakeup = asyncio.Event()
+        self.stopping = False
 
     def add(self, notification_id: uuid.UUID) -> None:
         self.pending.append(notification_id)
@@ -696,10 +698,24 @@ class Confirmed:
             self.pending[:0] = batch
 
     async def run(self) -> None:
-        while True:
+        while not self.stopping:
             await self.wakeup.wait()
-            await asyncio.sleep(CONFIRM_BATCH_DELAY)
+            if not self.stopping:
+                await asyncio.sleep(CONFIRM_BATCH_DELAY)
             await self.flush()
+
+
+async def _finish(task: asyncio.Task[None], wake: Callable[[], None], timeout: float = 10.0) -> None:
+    """Stop a background loop by asking it (`wake`) and waiting, not by cancelling it: a
+    cancellation landing inside an aiopg query can leave the connection, and shutdown, stuck.
+    Cancelled only if it does not finish in time."""
+    wake()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout)
+    except TimeoutError:
+        log.warning("%s did not stop within %gs; cancelled", task.get_name(), timeout)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 CONFIRMED_KEY = web.AppKey("confirmed", Confirmed)
@@ -713,26 +729,31 @@ async def confirmed_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+
+        def wake() -> None:
+            confirmed.stopping = True
+            confirmed.wakeup.set()
+
+        await _finish(task, wake)
         await confirmed.flush()
 
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     """Republish notifications stored but never confirmed by the broker (outage, crash)."""
-    task = asyncio.create_task(_relay_loop(app), name="outbox-relay")
+    stop = asyncio.Event()
+    task = asyncio.create_task(_relay_loop(app, stop), name="outbox-relay")
     try:
         yield
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await _finish(task, stop.set)
 
 
-async def _relay_loop(app: web.Application) -> None:
+async def _relay_loop(app: web.Application, stop: asyncio.Event) -> None:
     store = app[STORE_KEY]
-    while True:
-        await asyncio.sleep(RELAY_INTERVAL)
-        if not app[BROKER_KEY].ready:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), RELAY_INTERVAL)
+        if stop.is_set() or not app[BROKER_KEY].ready:
             continue
         try:
             # Rows are locked (SKIP LOCKED) so several gateways relay without publishing one
@@ -747,8 +768,6 @@ async def _relay_loop(app: web.Application) -> None:
                     log.info(
                         "relay published %d of %d notification(s) left unpublished", len(confirmed), len(rows)
                     )
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # noqa: BLE001 - the next round tries again
             log.warning("relay round failed: %s: %s", type(exc).__name__, exc)
 

@@ -4,6 +4,7 @@ of the suite's own, so a running `make run` is not disturbed and the suite can r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -84,7 +85,8 @@ async def amqp_channel(base_config: Config) -> AsyncIterator[aio_pika.abc.Abstra
         queue = await channel.get_queue(spec.name)
         await queue.purge()
     yield channel
-    await connection.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(connection.close(), 5)
 
 
 @pytest.fixture
