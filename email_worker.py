@@ -18,12 +18,15 @@ from ipaddress import ip_address
 import aiohttp
 from aiohttp import web
 
+import topology
 from common import unsubscribe
 from common.config import Config, ConfigError, load_config
-from common.http import CONFIG_KEY, METRICS_KEY, run
+from common.delivery import Delivered, DeliveryError, Job
+from common.http import CONFIG_KEY, METRICS_KEY
 from common.logs import setup_logging
 from common.metrics import Metrics
-from common.worker import HTTP_KEY, Deliver, Delivered, DeliveryError, Job, Preparer, worker_app
+from common.runner import run
+from common.worker import HTTP_KEY, Preparer, worker_app
 from providers.breaker import CircuitBreaker, State
 from providers.email import EmailProvider, HeaderInjection, OutgoingEmail, message_id
 from providers.mailgun import MailgunProvider
@@ -146,49 +149,59 @@ async def send_with_failover(routes: tuple[Route, ...], email: OutgoingEmail, me
     )
 
 
-def make_deliver(app: web.Application) -> Deliver:
-    config = app[CONFIG_KEY]
-    metrics = app[METRICS_KEY]
-    preparer = Preparer(app, "email")
-    routes: tuple[Route, ...] = app[ROUTES_KEY]
+class EmailDelivery:
+    """The email worker's delivery step: prepare, build the message, send with failover."""
 
-    async def deliver(job: Job) -> Delivered:
-        body = job.body
-        prepared = await preparer.prepare(job)
-        parts, user, template = prepared.parts, prepared.user, prepared.template
-        notification_id = str(job.notification_id)
-        token = unsubscribe.sign(config.unsubscribe_key, str(body["user_id"]), "email")
+    def __init__(self, app: web.Application) -> None:
+        self.config = app[CONFIG_KEY]
+        self.metrics = app[METRICS_KEY]
+        self.preparer = Preparer(app, "email")
+        self.routes: tuple[Route, ...] = app[ROUTES_KEY]
+
+    async def deliver(self, job: Job) -> Delivered:
+        prepared = await self.preparer.prepare(job)
         try:
-            email = OutgoingEmail(
-                to=user["email"],
-                sender=config.email_from,
-                subject=parts["subject"],
-                html=parts["body"],
-                text=parts["text_body"],
-                message_id=message_id(notification_id, config.email_from),
-                headers={
-                    "X-Notification-ID": notification_id,
-                    "X-Correlation-ID": str(body.get("correlation_id") or ""),
-                    # RFC 2369 and RFC 8058: mail clients show an unsubscribe button that
-                    # POSTs "List-Unsubscribe=One-Click" to this link, no login needed.
-                    "List-Unsubscribe": f"<{unsubscribe.link(config.public_base_url, token)}>",
-                    "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
-                },
-                tracking={"notification_id": notification_id},
-            )
+            email = self.build(job, prepared.user["email"], prepared.parts)
         except HeaderInjection as exc:
             raise DeliveryError(f"refused: {exc}", transient=False) from exc
-        delivered = await send_with_failover(routes, email, metrics)
-        delivered.template_version = template["version"]
-        delivered.language = template["language"]
+        delivered = await send_with_failover(self.routes, email, self.metrics)
+        delivered.template_version = prepared.template["version"]
+        delivered.language = prepared.template["language"]
         return delivered
 
-    return deliver
+    def build(self, job: Job, to: str, parts: dict[str, str]) -> OutgoingEmail:
+        config = self.config
+        notification_id = str(job.notification_id)
+        token = unsubscribe.sign(config.unsubscribe_key, str(job.body["user_id"]), "email")
+        return OutgoingEmail(
+            to=to,
+            sender=config.email_from,
+            subject=parts["subject"],
+            html=parts["body"],
+            text=parts["text_body"],
+            message_id=message_id(notification_id, config.email_from),
+            headers={
+                "X-Notification-ID": notification_id,
+                "X-Correlation-ID": str(job.body.get("correlation_id") or ""),
+                # RFC 2369 and RFC 8058: mail clients show an unsubscribe button that POSTs
+                # "List-Unsubscribe=One-Click" to this link, no login needed.
+                "List-Unsubscribe": f"<{unsubscribe.link(config.public_base_url, token)}>",
+                "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+            },
+            tracking={"notification_id": notification_id},
+        )
 
 
 def create_app(config: Config) -> web.Application:
     check_settings(config)
-    return worker_app("email_worker", "email", config, providers_ctx, make_deliver)
+    return worker_app(
+        "email_worker",
+        "email",
+        config,
+        declare=topology.declare,
+        providers=providers_ctx,
+        delivery=EmailDelivery,
+    )
 
 
 def main() -> None:

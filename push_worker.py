@@ -16,11 +16,14 @@ from typing import Any
 
 from aiohttp import web
 
+import topology
 from common.clients import ServiceUnavailable
 from common.config import Config, load_config
-from common.http import CONFIG_KEY, run
+from common.delivery import Delivered, DeliveryError, Job
+from common.http import CONFIG_KEY
 from common.logs import setup_logging
-from common.worker import HTTP_KEY, STORE_KEY, Deliver, Delivered, DeliveryError, Job, Preparer, worker_app
+from common.runner import run
+from common.worker import HTTP_KEY, STORE_KEY, Preparer, worker_app
 from providers.fcm import FcmProvider
 from providers.onesignal import OneSignalProvider
 from providers.push import Device, DeviceResult, PushMessage, PushProvider
@@ -77,29 +80,20 @@ class _Progress:
         return {"devices_done": sorted(self.done), "devices_delivered": self.delivered}
 
 
-def make_deliver(app: web.Application) -> Deliver:
-    config: Config = app[CONFIG_KEY]
-    store = app[STORE_KEY]
-    preparer = Preparer(app, "push")
-    users = preparer.users
-    providers: dict[str, PushProvider] = app[PROVIDERS_KEY]
+class PushDelivery:
+    """The push worker's delivery step: prepare, fan out to the devices not done yet, record a
+    result per device, prune dead ones, and decide from the results."""
 
-    async def remove_device(user_id: str, device: Device) -> None:
-        try:
-            reply = await users.call("DELETE", f"/api/v1/users/{user_id}/devices/{device.id}")
-        except ServiceUnavailable as exc:
-            log.warning("could not remove dead %s device %s: %s", device.platform, device.id, exc)
-            return
-        if reply.status in (200, 404):
-            log.info("removed dead %s device %s", device.platform, device.id)
+    def __init__(self, app: web.Application) -> None:
+        self.config: Config = app[CONFIG_KEY]
+        self.store = app[STORE_KEY]
+        self.preparer = Preparer(app, "push")
+        self.providers: dict[str, PushProvider] = app[PROVIDERS_KEY]
 
-    async def deliver(job: Job) -> Delivered:
-        body = job.body
-        user_id = str(body["user_id"])
-        prepared = await preparer.prepare(job)
+    async def deliver(self, job: Job) -> Delivered:
+        prepared = await self.preparer.prepare(job)
         parts, template = prepared.parts, prepared.template
-
-        progress = _Progress.of(body)
+        progress = _Progress.of(job.body)
         devices = [
             Device(str(d["id"]), d["platform"], d["token"], d.get("subscription"))
             for d in prepared.user.get("devices", [])
@@ -114,11 +108,16 @@ def make_deliver(app: web.Application) -> Deliver:
             image_url=parts.get("image_url") or None,
             link=parts.get("link") or None,
             language=template["language"],
-            ttl=config.push_ttl,
+            ttl=self.config.push_ttl,
         )
-        results = await _fan_out(providers, devices, message)
+        results = await _fan_out(self.providers, devices, message)
+        await self.record(job, results, progress)
+        return self.outcome(job, results, progress, template)
+
+    async def record(self, job: Job, results: list[DeviceResult], progress: _Progress) -> None:
+        """One history entry per device; dead devices removed; progress carried forward."""
         for result in results:
-            await store.event(
+            await self.store.event(
                 job.notification_id,
                 result.outcome,
                 attempt=job.attempt,
@@ -127,20 +126,19 @@ def make_deliver(app: web.Application) -> Deliver:
                 detail=result.detail[:1000] or None,
             )
             if result.outcome == "removed":
-                await remove_device(user_id, result.device)
+                await self.remove_device(str(job.body["user_id"]), result.device)
             if result.outcome != "retry":
                 progress.done.add(result.device.id)
             if result.outcome == "delivered":
                 progress.delivered += 1
+
+    def outcome(
+        self, job: Job, results: list[DeviceResult], progress: _Progress, template: dict[str, Any]
+    ) -> Delivered:
+        """Delivered when any device has it (now or on an earlier attempt); retried while devices
+        failed transiently and attempts remain; failed otherwise."""
         retry = [r for r in results if r.outcome == "retry"]
-        summary = "; ".join(
-            f"{r.device.platform}:{r.device.id[:8]} {r.outcome}"
-            + (f" ({r.detail[:200]})" if r.detail else "")
-            for r in results
-            if r.outcome != "delivered"
-        )
-        delivered_by = sorted({r.device.platform for r in results if r.outcome == "delivered"})
-        if retry and job.attempt < config.max_attempts:
+        if retry and job.attempt < self.config.max_attempts:
             waits = [r.retry_after for r in retry if r.retry_after is not None]
             raise DeliveryError(
                 f"{len(retry)} device(s) to retry: " + "; ".join(r.detail for r in retry)[:800],
@@ -149,7 +147,14 @@ def make_deliver(app: web.Application) -> Deliver:
                 retry_after=max(waits) if waits else None,
                 carry=progress.carry(),
             )
+        summary = "; ".join(
+            f"{r.device.platform}:{r.device.id[:8]} {r.outcome}"
+            + (f" ({r.detail[:200]})" if r.detail else "")
+            for r in results
+            if r.outcome != "delivered"
+        )
         if progress.delivered:
+            delivered_by = sorted({r.device.platform for r in results if r.outcome == "delivered"})
             return Delivered(
                 ",".join(delivered_by) or "push",
                 template_version=template["version"],
@@ -162,7 +167,14 @@ def make_deliver(app: web.Application) -> Deliver:
             provider=",".join(sorted({r.device.platform for r in results})) or None,
         )
 
-    return deliver
+    async def remove_device(self, user_id: str, device: Device) -> None:
+        try:
+            reply = await self.preparer.users.call("DELETE", f"/api/v1/users/{user_id}/devices/{device.id}")
+        except ServiceUnavailable as exc:
+            log.warning("could not remove dead %s device %s: %s", device.platform, device.id, exc)
+            return
+        if reply.status in (200, 404):
+            log.info("removed dead %s device %s", device.platform, device.id)
 
 
 async def _fan_out(
@@ -185,7 +197,14 @@ async def _fan_out(
 
 
 def create_app(config: Config) -> web.Application:
-    return worker_app("push_worker", "push", config, providers_ctx, make_deliver)
+    return worker_app(
+        "push_worker",
+        "push",
+        config,
+        declare=topology.declare,
+        providers=providers_ctx,
+        delivery=PushDelivery,
+    )
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ language and version it used.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -16,6 +15,7 @@ from aiohttp import web
 
 from common import auth, db, resources, templating
 from common.cache import bump_template_generation
+from common.channels import CHANNELS
 from common.config import Config, load_config
 from common.http import (
     CONFIG_KEY,
@@ -26,9 +26,9 @@ from common.http import (
     page_meta,
     paging,
     read_json,
-    run,
 )
 from common.logs import setup_logging
+from common.runner import run
 from common.templating import PARTS, REQUIRED_PARTS, SINGLE_LINE_PARTS
 from common.validation import CODE_RE, Fields, normalize_language
 
@@ -37,7 +37,6 @@ log = logging.getLogger("template_service")
 DB_KEY = web.AppKey("templates_db", db.Database)
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 
-TYPES = ("email", "push")
 MAX_SOURCE = 100_000
 _VERSION_COLUMNS = (
     "code, language, version, subject, body, text_body, title, image_url, link, created_by, created_at"
@@ -47,15 +46,10 @@ _VERSION_COLUMNS = (
 # --- auth: only the internal token (clients come through the gateway) --------------------------
 
 
-@web.middleware
-async def auth_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    if request.path.startswith("/api/"):
-        presented = auth.presented_credential(request)
-        if presented is None or not auth.matches(request.app[CONFIG_KEY].internal_api_token, presented):
-            raise auth.unauthorized()
-    return await handler(request)
+def _resolve(request: web.Request, presented: str) -> auth.Principal:
+    if not auth.matches(request.app[CONFIG_KEY].internal_api_token, presented):
+        raise auth.unauthorized()
+    return auth.Principal("internal", "internal")
 
 
 # --- data access -----------------------------------------------------------------------------
@@ -146,7 +140,7 @@ async def create_template(request: web.Request) -> web.Response:
     fields.unknown({"code", "notification_type", "language", *{p for ps in PARTS.values() for p in ps}})
     code = fields.string("code", max_len=100, pattern=CODE_RE, hint="letters, digits, _ . - only")
     channel = fields.string("notification_type", max_len=10)
-    if channel is not None and channel not in TYPES:
+    if channel is not None and channel not in CHANNELS:
         fields.error("notification_type", "must be email or push")
         channel = None
     language = fields.language() or "en"
@@ -400,7 +394,7 @@ async def render(request: web.Request) -> web.Response:
 
 def create_app(config: Config) -> web.Application:
     app = base_app("template_service", config)
-    app.middlewares.append(auth_middleware)
+    app.middlewares.append(auth.middleware(_resolve))
     app.cleanup_ctx.append(resources.database(DB_KEY, lambda c: c.templates_db_url, "postgres"))
     app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
     r = app.router

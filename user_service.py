@@ -13,7 +13,7 @@ import hmac
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
@@ -21,10 +21,10 @@ from zoneinfo import ZoneInfo
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from common import auth, db, resources
-from common.cache import user_key
+from common.cache import ProfileCache
+from common.channels import CHANNELS
 from common.config import Config, load_config
 from common.http import (
     CONFIG_KEY,
@@ -36,10 +36,9 @@ from common.http import (
     page_meta,
     paging,
     read_json,
-    run,
 )
 from common.logs import setup_logging
-from common.metrics import Metrics
+from common.runner import run
 from common.validation import (
     Fields,
     b64url_decode,
@@ -50,11 +49,7 @@ log = logging.getLogger("user_service")
 
 DB_KEY = web.AppKey("users_db", db.Database)
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
-PRINCIPAL_KEY = web.RequestKey("principal", auth.Principal)
-
-CHANNELS = ("email", "push")
 PLATFORMS = ("fcm", "onesignal", "webpush")
-CACHE_TTL = 300
 _USER_COLUMNS = "id, name, email, preferences, language, timezone, created_at, updated_at"
 
 
@@ -86,78 +81,32 @@ _DUMMY_HASH = "scrypt$" + "00" * 16 + "$" + "00" * 32
 # --- the cache ---------------------------------------------------------------------------------
 
 
-class UserCache:
-    """Profiles in Redis. Redis being down degrades to PostgreSQL, logged once per outage."""
-
-    def __init__(self, client: aioredis.Redis, metrics: Metrics) -> None:
-        self.client = client
-        self.degraded = False
-        self.lookups = metrics.cache_lookups
-
-    @staticmethod
-    def key(user_id: uuid.UUID) -> str:
-        return user_key(user_id)  # the gateway and workers read the same key
-
-    async def _call(self, op: Callable[[], Awaitable[Any]]) -> Any:
-        try:
-            result = await op()
-        except (RedisError, OSError) as exc:
-            if not self.degraded:
-                log.warning("redis unavailable, serving from PostgreSQL: %s", exc)
-                self.degraded = True
-            return None
-        if self.degraded:
-            log.info("redis is back; cache in use again")
-            self.degraded = False
-        return result
-
-    async def get(self, user_id: uuid.UUID) -> dict[str, Any] | None:
-        raw = await self._call(lambda: self.client.get(self.key(user_id)))
-        result = "hit" if raw else "error" if self.degraded else "miss"
-        self.lookups.labels("user", result).inc()
-        return orjson.loads(raw) if raw else None
-
-    async def put(self, user_id: uuid.UUID, profile: dict[str, Any]) -> None:
-        await self._call(lambda: self.client.set(self.key(user_id), orjson.dumps(profile), ex=CACHE_TTL))
-
-    async def invalidate(self, user_id: uuid.UUID) -> None:
-        await self._call(lambda: self.client.delete(self.key(user_id)))
-
-
-CACHE_KEY = web.AppKey("user_cache", UserCache)
+CACHE_KEY = web.AppKey("profile_cache", ProfileCache)
 
 
 async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[CACHE_KEY] = UserCache(app[REDIS_KEY], app[METRICS_KEY])
+    app[CACHE_KEY] = ProfileCache(app[REDIS_KEY], app[METRICS_KEY])
     yield
 
 
 # --- auth ----------------------------------------------------------------------------------------
 
 
-@web.middleware
-async def auth_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    if not request.path.startswith("/api/"):
-        return await handler(request)
+def _resolve(request: web.Request, presented: str) -> auth.Principal:
+    """The internal token may do anything; a user's access token reaches only that user."""
     config = request.app[CONFIG_KEY]
-    presented = auth.presented_credential(request)
-    if presented is None:
-        raise auth.unauthorized()
     if auth.matches(config.internal_api_token, presented):
-        request[PRINCIPAL_KEY] = auth.Principal("internal", "internal")
-    elif request.path.startswith("/api/v1/auth/"):
+        return auth.Principal("internal", "internal")
+    if request.path.startswith("/api/v1/auth/"):
         raise auth.unauthorized()  # login is reached through the gateway only
-    elif (user_id := auth.verify_access_token(config.jwt_secret, presented)) is not None:
-        principal = auth.Principal("user", user_id)
-        target = request.match_info.get("user_id")
-        if target is None or not principal.may_access_user(target):
-            raise auth.forbidden()
-        request[PRINCIPAL_KEY] = principal
-    else:
+    user_id = auth.verify_access_token(config.jwt_secret, presented)
+    if user_id is None:
         raise auth.unauthorized()
-    return await handler(request)
+    principal = auth.Principal("user", user_id)
+    target = request.match_info.get("user_id")
+    if target is None or not principal.may_access_user(target):
+        raise auth.forbidden()
+    return principal
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -322,7 +271,7 @@ async def create_user(request: web.Request) -> web.Response:
 
 
 async def list_users(request: web.Request) -> web.Response:
-    if request[PRINCIPAL_KEY].kind != "internal":
+    if request[auth.PRINCIPAL_KEY].kind != "internal":
         raise auth.forbidden()
     page, limit = paging(request)
     database = request.app[DB_KEY]
@@ -477,7 +426,7 @@ async def login(request: web.Request) -> web.Response:
 
 def create_app(config: Config) -> web.Application:
     app = base_app("user_service", config)
-    app.middlewares.append(auth_middleware)
+    app.middlewares.append(auth.middleware(_resolve))
     app.cleanup_ctx.append(resources.database(DB_KEY, lambda c: c.users_db_url, "postgres"))
     app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
     app.cleanup_ctx.append(cache_ctx)

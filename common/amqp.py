@@ -1,19 +1,34 @@
-"""RabbitMQ: the names every service uses, a robust connection, and one publish helper."""
+"""RabbitMQ: the names every service uses, the broker a service holds, and one publish helper.
+
+The topology itself (which queues, with which arguments) is `topology/`'s business: a service
+passes its `declare` function to `broker()`, and the broker keeps the arguments it declared so a
+consumer can declare its queue again, identically, after a reconnect.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aiohttp import web
+
+from common.config import Config
+from common.http import CONFIG_KEY, HEALTH_KEY, Check
 
 EXCHANGE = "notifications.direct"
-CHANNELS = ("email", "push")
 FAILED_QUEUE = "failed.queue"
 FAILED_ROUTING_KEY = "failed"
 MAX_PRIORITY = 10
+
+# Queue name -> the arguments it is declared with.
+QueueArguments = Mapping[str, Mapping[str, Any]]
+Declare = Callable[[AbstractChannel, Config], Awaitable[QueueArguments]]
 
 
 def work_queue(channel: str) -> str:
@@ -58,3 +73,47 @@ async def publish(
         headers={**(headers or {}), **({"x-correlation-id": correlation_id} if correlation_id else {})},
     )
     await exchange.publish(message, routing_key=routing_key, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class Broker:
+    connection: AbstractRobustConnection
+    channel: AbstractChannel
+    exchange: AbstractExchange
+    queues: QueueArguments
+
+    @property
+    def ready(self) -> bool:
+        """Connected now (a robust connection clears `connected` while it reconnects)."""
+        return (
+            self.connection.connected.is_set()
+            and not self.connection.is_closed
+            and not self.channel.is_closed
+        )
+
+    async def ping(self) -> None:
+        if not self.ready:
+            raise ConnectionError("RabbitMQ is not connected")
+
+
+def broker(
+    key: web.AppKey[Broker], declare: Declare, prefetch: int | None = None
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context: a robust connection and a confirming channel, the topology declared."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        config = app[CONFIG_KEY]
+        connection = await connect(config.rabbitmq_url)
+        try:
+            channel = await open_channel(connection, prefetch)
+            queues = await declare(channel, config)
+            exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+            app[key] = Broker(connection, channel, exchange, queues)
+            app[HEALTH_KEY]["rabbitmq"] = Check(app[key].ping)
+            yield
+        finally:
+            # Bounded: a broker that does not answer the close handshake must not hold up exit.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5)
+
+    return ctx

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import jwt
@@ -70,3 +71,39 @@ def unauthorized() -> ApiError:
 
 def forbidden() -> ApiError:
     return ApiError(403, "forbidden", "These credentials may not access this resource.")
+
+
+PRINCIPAL_KEY = web.RequestKey("principal", Principal)
+
+# Given the request and the credential it presented: who that is, or raise unauthorized/forbidden.
+Resolver = Callable[[web.Request, str], Principal]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def middleware(
+    resolve: Resolver, public_prefixes: Iterable[str] = ()
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The one authentication middleware: every `/api/` request but the public ones presents a
+    credential, the service's resolver says whose it is, and the handler finds the principal
+    under PRINCIPAL_KEY."""
+    public = tuple(public_prefixes)
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/api/") or (public and request.path.startswith(public)):
+            return await handler(request)
+        presented = presented_credential(request)
+        if presented is None:
+            raise unauthorized()
+        request[PRINCIPAL_KEY] = resolve(request, presented)
+        return await handler(request)
+
+    return authenticate
+
+
+def require(request: web.Request, *kinds: str) -> Principal:
+    """The caller's principal, if it is one of `kinds`; 403 otherwise."""
+    principal = request[PRINCIPAL_KEY]
+    if principal.kind not in kinds:
+        raise forbidden()
+    return principal

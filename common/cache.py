@@ -1,10 +1,15 @@
-"""What the gateway and workers read from Redis instead of asking a service on every notification.
+"""The caches, together: what the gateway and workers read instead of asking a service on every
+notification.
 
 The user service keeps each user's profile (address, preferences, devices, language) in Redis and
 deletes it on every change; the template service bumps a generation counter on every template
 write. Readers use the profile when it is there and a cached template only while the generation
 is unchanged, and ask the service otherwise, so a change is seen by the very next notification.
 If Redis is down, every lookup goes to the services.
+
+- `ProfileCache`: the user service's side (writes and invalidates the profiles);
+- `CachedLookups`: the readers' side (gateway at acceptance, workers at sending);
+- `TemplateVersionCache`: pinned template versions in process memory (they never change).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -21,12 +27,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common.clients import Reply, ServiceClient
+from common.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 TEMPLATE_GENERATION_KEY = "notify:templates:generation"
 # A cached template is also dropped after this long, in case a generation bump was lost.
 TEMPLATE_TTL = 5.0
+PROFILE_TTL = 300
 
 
 def user_key(user_id: uuid.UUID | str) -> str:
@@ -42,7 +50,66 @@ async def bump_template_generation(client: aioredis.Redis) -> None:
         )
 
 
-class Lookups:
+class ProfileCache:
+    """Profiles in Redis, kept by the user service. Redis being down degrades to PostgreSQL,
+    logged once per outage."""
+
+    def __init__(self, client: aioredis.Redis, metrics: Metrics) -> None:
+        self.client = client
+        self.degraded = False
+        self.lookups = metrics.cache_lookups
+
+    async def _call(self, op: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            result = await op()
+        except (RedisError, OSError) as exc:
+            if not self.degraded:
+                log.warning("redis unavailable, serving from PostgreSQL: %s", exc)
+                self.degraded = True
+            return None
+        if self.degraded:
+            log.info("redis is back; cache in use again")
+            self.degraded = False
+        return result
+
+    async def get(self, user_id: uuid.UUID) -> dict[str, Any] | None:
+        raw = await self._call(lambda: self.client.get(user_key(user_id)))
+        result = "hit" if raw else "error" if self.degraded else "miss"
+        self.lookups.labels("user", result).inc()
+        return orjson.loads(raw) if raw else None
+
+    async def put(self, user_id: uuid.UUID, profile: dict[str, Any]) -> None:
+        await self._call(lambda: self.client.set(user_key(user_id), orjson.dumps(profile), ex=PROFILE_TTL))
+
+    async def invalidate(self, user_id: uuid.UUID) -> None:
+        await self._call(lambda: self.client.delete(user_key(user_id)))
+
+
+class TemplateVersionCache:
+    """Template versions fetched from the template service, kept in memory.
+
+    Keyed by code, language and version: a version never changes once written, so an entry can
+    never be stale, and an update (a new version) is a new key."""
+
+    def __init__(self, client: ServiceClient, size: int = 1024) -> None:
+        self.client = client
+        self.size = size
+        self._entries: OrderedDict[tuple[str, str, int], dict[str, Any]] = OrderedDict()
+
+    async def get(self, code: str, language: str, version: int) -> Reply:
+        key = (code, language, version)
+        if (entry := self._entries.get(key)) is not None:
+            self._entries.move_to_end(key)
+            return Reply(200, {"data": entry})
+        reply = await self.client.get_template(code, language, version)
+        if reply.status == 200 and reply.data.get("language") == language:
+            self._entries[key] = reply.data
+            if len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return reply
+
+
+class CachedLookups:
     def __init__(self, client: aioredis.Redis, users: ServiceClient, templates: ServiceClient) -> None:
         self.client = client
         self.users = users

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -10,11 +9,23 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from common.http import outgoing_headers
+from common.config import Config
+from common.logs import CORRELATION_HEADER, correlation_id_var
 
 
 class ServiceUnavailable(Exception):
     """The other service did not answer usefully (connection error, timeout, 5xx)."""
+
+
+def outgoing_headers(token: str | None = None) -> dict[str, str]:
+    """Headers for a call to another service: the correlation id, and the internal token."""
+    headers = {}
+    correlation_id = correlation_id_var.get()
+    if correlation_id:
+        headers[CORRELATION_HEADER] = correlation_id
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
 
 
 @dataclass(frozen=True)
@@ -66,26 +77,26 @@ class ServiceClient:
         query = "&".join(f"{k}={quote(str(v))}" for k, v in params.items() if v is not None)
         return await self.call("GET", f"/api/v1/templates/{quote(code)}" + (f"?{query}" if query else ""))
 
+    async def turn_off(self, user_id: Any, channel: str) -> bool:
+        """Turn a user's channel off; False when the user no longer exists. Idempotent, so a
+        provider retrying its webhook or a second click changes nothing."""
+        reply = await self.call("PUT", f"/api/v1/users/{user_id}/preferences", {channel: False})
+        if reply.status == 404:
+            return False
+        if reply.status != 200:
+            raise ServiceUnavailable(f"{self.name} did not take the change (HTTP {reply.status})")
+        return True
 
-class TemplateCache:
-    """Template versions fetched from the template service, kept in memory.
 
-    Keyed by code, language and version: a version never changes once written, so an entry can
-    never be stale, and an update (a new version) is a new key."""
+@dataclass(frozen=True)
+class Services:
+    users: ServiceClient
+    templates: ServiceClient
 
-    def __init__(self, client: ServiceClient, size: int = 1024) -> None:
-        self.client = client
-        self.size = size
-        self._entries: OrderedDict[tuple[str, str, int], dict[str, Any]] = OrderedDict()
 
-    async def get(self, code: str, language: str, version: int) -> Reply:
-        key = (code, language, version)
-        if (entry := self._entries.get(key)) is not None:
-            self._entries.move_to_end(key)
-            return Reply(200, {"data": entry})
-        reply = await self.client.get_template(code, language, version)
-        if reply.status == 200 and reply.data.get("language") == language:
-            self._entries[key] = reply.data
-            if len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-        return reply
+def services(config: Config, session: aiohttp.ClientSession) -> Services:
+    """The user and template service clients, as the gateway and the workers both call them."""
+    return Services(
+        ServiceClient(session, config.user_service_url, config.internal_api_token, "user service"),
+        ServiceClient(session, config.template_service_url, config.internal_api_token, "template service"),
+    )

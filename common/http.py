@@ -1,4 +1,5 @@
-"""What every service shares over HTTP: the envelope, errors, middlewares, /health, /metrics."""
+"""What every service shares as an HTTP server: the envelope, errors, middlewares, /health,
+/metrics, and the base application they are wired on."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from common.clients import ServiceUnavailable
 from common.config import Config
 from common.db import OperationalError
-from common.logs import correlation_id_var, install_record_factory
+from common.logs import CORRELATION_HEADER, correlation_id_var, install_record_factory
 from common.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,6 @@ METRICS_KEY = web.AppKey("metrics", Metrics)
 HEALTH_KEY = web.AppKey("health_checks", dict)
 SERVICE_KEY = web.AppKey("service", str)
 
-CORRELATION_HEADER = "X-Correlation-ID"
 _CORRELATION_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -162,6 +163,15 @@ async def error_middleware(
         return await handler(request)
     except ApiError as exc:
         return json_response(exc.data, exc.message, status=exc.status, error=exc.code, headers=exc.headers)
+    except ServiceUnavailable as exc:
+        log.warning("%s", exc)
+        return json_response(
+            None,
+            f"{exc}; please retry shortly.",
+            status=503,
+            error="service_unavailable",
+            headers={"Retry-After": "1"},
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -287,25 +297,3 @@ def base_app(service: str, config: Config, *, client_max_size: int = 1024**2) ->
     app.router.add_get("/health/live", liveness)
     app.router.add_get("/metrics", metrics_view)
     return app
-
-
-def outgoing_headers(token: str | None = None) -> dict[str, str]:
-    """Headers for a call to another service: the correlation id, and the internal token."""
-    headers = {}
-    correlation_id = correlation_id_var.get()
-    if correlation_id:
-        headers[CORRELATION_HEADER] = correlation_id
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    return headers
-
-
-def run(app: web.Application, config: Config, default_port: int) -> None:
-    port = config.port or default_port
-    print(f"{app[SERVICE_KEY]} listening on http://{config.host}:{port}", flush=True)
-    loop = None
-    if config.event_loop == "uvloop":
-        import uvloop  # only where it is asked for
-
-        loop = uvloop.new_event_loop()
-    web.run_app(app, host=config.host, port=port, print=None, shutdown_timeout=15, loop=loop)

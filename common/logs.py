@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 
+CORRELATION_HEADER = "X-Correlation-ID"
+
 correlation_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "correlation_id", default=None
 )

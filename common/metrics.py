@@ -1,129 +1,81 @@
-"""Prometheus metrics, one registry per application so several apps can share a process (tests)."""
+"""Prometheus metrics, one registry per application so several apps can share a process (tests).
+
+Declared as data: one row per metric (attribute, kind, name, help, labels); `Metrics` builds
+them all on its registry.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
+# attribute, kind, metric name, labels (space-separated), help
+_DEFINITIONS: tuple[tuple[str, type, str, str, str], ...] = (
+    ("http_requests", Counter, "notify_http_requests_total", "method route status",
+     "HTTP requests answered"),
+    ("http_latency", Histogram, "notify_http_request_duration_seconds", "method route",
+     "Time to answer an HTTP request"),
+    ("accepted", Counter, "notify_notifications_accepted_total", "channel",
+     "Notifications accepted (202)"),
+    ("skipped", Counter, "notify_notifications_skipped_total", "channel",
+     "Notifications not sent: user opted out"),
+    ("delivered", Counter, "notify_notifications_delivered_total", "channel provider",
+     "Notifications delivered"),
+    ("failed", Counter, "notify_notifications_failed_total", "channel reason",
+     "Notifications that ended failed"),
+    ("retried", Counter, "notify_notifications_retried_total", "channel",
+     "Attempts sent to a retry queue"),
+    ("duplicates", Counter, "notify_duplicate_deliveries_skipped_total", "channel",
+     "Redelivered messages acknowledged without sending: already final"),
+    ("reclaimed", Counter, "notify_reclaimed_total", "channel",
+     "Notifications taken over after a worker died mid-attempt: possibly sent twice"),
+    ("deferred_in_progress", Counter, "notify_deferred_in_progress_total", "channel",
+     "Redelivered messages put back because another consumer holds the notification"),
+    ("delivery_latency", Histogram, "notify_delivery_duration_seconds", "channel",
+     "Time spent in one delivery attempt"),
+    ("end_to_end_latency", Histogram, "notify_end_to_end_latency_seconds", "channel",
+     "From acceptance to delivery"),
+    ("cache_lookups", Counter, "notify_cache_lookups_total", "cache result",
+     "Cache lookups by outcome (hit, miss, error)"),
+    ("in_flight", Gauge, "notify_worker_in_flight", "channel",
+     "Messages being processed now"),
+    # Email delivery: provider health, bounces and unsubscribes.
+    ("circuit_state", Gauge, "notify_circuit_state", "provider",
+     "Circuit breaker per provider: 0 closed, 1 open, 2 half-open"),
+    ("provider_failures", Counter, "notify_provider_failures_total", "channel provider kind",
+     "Failed calls to a delivery provider, by class (transient, permanent)"),
+    ("bounces", Counter, "notify_email_bounces_total", "provider",
+     "Bounce and drop events received from email providers' webhooks"),
+    ("unsubscribes", Counter, "notify_unsubscribes_total", "channel",
+     "Users who turned a channel off through an unsubscribe link"),
+)  # fmt: skip
 
-@dataclass
+
 class Metrics:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    http_requests: Counter
+    http_latency: Histogram
+    accepted: Counter
+    skipped: Counter
+    delivered: Counter
+    failed: Counter
+    retried: Counter
+    duplicates: Counter
+    reclaimed: Counter
+    deferred_in_progress: Counter
+    delivery_latency: Histogram
+    end_to_end_latency: Histogram
+    cache_lookups: Counter
+    in_flight: Gauge
+    circuit_state: Gauge
+    provider_failures: Counter
+    bounces: Counter
+    unsubscribes: Counter
 
-    def __post_init__(self) -> None:
-        r = self.registry
-        self.http_requests = Counter(
-            "notify_http_requests_total",
-            "HTTP requests answered",
-            ["method", "route", "status"],
-            registry=r,
-        )
-        self.http_latency = Histogram(
-            "notify_http_request_duration_seconds",
-            "Time to answer an HTTP request",
-            ["method", "route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.accepted = Counter(
-            "notify_notifications_accepted_total",
-            "Notifications accepted (202)",
-            ["channel"],
-            registry=r,
-        )
-        self.skipped = Counter(
-            "notify_notifications_skipped_total",
-            "Notifications not sent: user opted out",
-            ["channel"],
-            registry=r,
-        )
-        self.delivered = Counter(
-            "notify_notifications_delivered_total",
-            "Notifications delivered",
-            ["channel", "provider"],
-            registry=r,
-        )
-        self.failed = Counter(
-            "notify_notifications_failed_total",
-            "Notifications that ended failed",
-            ["channel", "reason"],
-            registry=r,
-        )
-        self.retried = Counter(
-            "notify_notifications_retried_total",
-            "Attempts sent to a retry queue",
-            ["channel"],
-            registry=r,
-        )
-        self.duplicates = Counter(
-            "notify_duplicate_deliveries_skipped_total",
-            "Redelivered messages acknowledged without sending: already final",
-            ["channel"],
-            registry=r,
-        )
-        self.reclaimed = Counter(
-            "notify_reclaimed_total",
-            "Notifications taken over after a worker died mid-attempt: possibly sent twice",
-            ["channel"],
-            registry=r,
-        )
-        self.deferred_in_progress = Counter(
-            "notify_deferred_in_progress_total",
-            "Redelivered messages put back because another consumer holds the notification",
-            ["channel"],
-            registry=r,
-        )
-        self.delivery_latency = Histogram(
-            "notify_delivery_duration_seconds",
-            "Time spent in one delivery attempt",
-            ["channel"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.end_to_end_latency = Histogram(
-            "notify_end_to_end_latency_seconds",
-            "From acceptance to delivery",
-            ["channel"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.cache_lookups = Counter(
-            "notify_cache_lookups_total",
-            "Cache lookups by outcome (hit, miss, error)",
-            ["cache", "result"],
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "notify_worker_in_flight",
-            "Messages being processed now",
-            ["channel"],
-            registry=r,
-        )
-        # Email delivery: provider health, bounces and unsubscribes.
-        self.circuit_state = Gauge(
-            "notify_circuit_state",
-            "Circuit breaker per provider: 0 closed, 1 open, 2 half-open",
-            ["provider"],
-            registry=r,
-        )
-        self.provider_failures = Counter(
-            "notify_provider_failures_total",
-            "Failed calls to a delivery provider, by class (transient, permanent)",
-            ["channel", "provider", "kind"],
-            registry=r,
-        )
-        self.bounces = Counter(
-            "notify_email_bounces_total",
-            "Bounce and drop events received from email providers' webhooks",
-            ["provider"],
-            registry=r,
-        )
-        self.unsubscribes = Counter(
-            "notify_unsubscribes_total",
-            "Users who turned a channel off through an unsubscribe link",
-            ["channel"],
-            registry=r,
-        )
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        for attribute, kind, name, labels, text in _DEFINITIONS:
+            extra: dict[str, Any] = {"buckets": _LATENCY_BUCKETS} if kind is Histogram else {}
+            setattr(self, attribute, kind(name, text, labels.split(), registry=self.registry, **extra))

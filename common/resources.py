@@ -1,7 +1,8 @@
-"""Cleanup contexts for the resources services hold, one generator per resource.
+"""Cleanup contexts for the resources every service may hold, one generator per resource.
 
 Each factory returns a `cleanup_ctx` generator that opens the resource, stores it under a typed
-AppKey, registers its health check, and closes it after the app stops.
+AppKey, registers its health check, and closes it after the app stops. The broker has its own
+in `common/amqp.py`, so a service without one imports no broker code.
 """
 
 from __future__ import annotations
@@ -9,39 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import aiohttp
 import redis.asyncio as aioredis
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aiohttp import web
 
-import topology
-from common import amqp, db
+from common import db
 from common.config import Config
 from common.http import CONFIG_KEY, HEALTH_KEY, Check
+from common.store import StatusStore
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
-
-
-@dataclass(frozen=True)
-class Broker:
-    connection: AbstractRobustConnection
-    channel: AbstractChannel
-    exchange: AbstractExchange
-
-    @property
-    def ready(self) -> bool:
-        """Connected now (a robust connection clears `connected` while it reconnects)."""
-        return (
-            self.connection.connected.is_set()
-            and not self.connection.is_closed
-            and not self.channel.is_closed
-        )
-
-    async def ping(self) -> None:
-        if not self.ready:
-            raise ConnectionError("RabbitMQ is not connected")
 
 
 def database(
@@ -55,27 +34,6 @@ def database(
             yield
         finally:
             await database.close()
-
-    return ctx
-
-
-def broker(key: web.AppKey[Broker], prefetch: int | None = None) -> CleanupCtx:
-    """A robust connection and a confirming channel; the topology declared from its one table."""
-
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        config = app[CONFIG_KEY]
-        connection = await amqp.connect(config.rabbitmq_url)
-        try:
-            channel = await amqp.open_channel(connection, prefetch)
-            await topology.declare(channel, config)
-            exchange = await channel.get_exchange(amqp.EXCHANGE, ensure=False)
-            app[key] = Broker(connection, channel, exchange)
-            app[HEALTH_KEY]["rabbitmq"] = Check(app[key].ping)
-            yield
-        finally:
-            # Bounded: a broker that does not answer the close handshake must not hold up exit.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), 5)
 
     return ctx
 
@@ -106,5 +64,15 @@ def http_client(key: web.AppKey[aiohttp.ClientSession]) -> CleanupCtx:
             yield
         finally:
             await session.close()
+
+    return ctx
+
+
+def status_store(db_key: web.AppKey[db.Database], key: web.AppKey[StatusStore]) -> CleanupCtx:
+    """The status store over the notifications database (the gateway's and every worker's)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        app[key] = StatusStore(app[db_key])
+        yield
 
     return ctx

@@ -12,11 +12,15 @@ import base64
 import binascii
 import hashlib
 import hmac
+import html
 import uuid
 from dataclasses import dataclass
 
+from aiohttp import web
+
+from common.channels import CHANNELS
+
 PATH = "/api/v1/unsubscribe/"
-CHANNELS = ("email", "push")
 # Domain separation: the key may be JWT_SECRET, and a MAC made here must never double as
 # a JWT signature (whose input is base64 text with dots, never a NUL byte).
 _CONTEXT = b"notify-unsubscribe\x00"
@@ -68,3 +72,56 @@ def verify(key: str, token: str) -> Target | None:
 
 def link(base_url: str, token: str) -> str:
     return base_url.rstrip("/") + PATH + token
+
+
+# --- the pages a person sees ----------------------------------------------------------------
+
+_PAGE_HEADERS = {
+    # The token in the URL is a credential for one preference: keep it out of referrers,
+    # caches and search engines; the page runs no script and posts only to itself.
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "X-Robots-Tag": "noindex",
+}
+
+
+def page(status: int, title: str, text: str, *, button: bool = False) -> web.Response:
+    form = (
+        '<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">'
+        '<button type="submit">Unsubscribe</button></form>'
+        if button
+        else ""
+    )
+    body = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;max-width:32rem;"
+        "margin:4rem auto;padding:0 1rem;line-height:1.5}button{font-size:1rem;padding:.5rem 1.25rem}"
+        f"</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(text)}</p>{form}</body></html>"
+    )
+    return web.Response(text=body, status=status, content_type="text/html", headers=_PAGE_HEADERS)
+
+
+def confirm_page(target: Target | None) -> web.Response:
+    """GET shows a page with a button, and changes nothing: link scanners and mail previews
+    fetch links, and must not unsubscribe anyone by doing so (RFC 8058)."""
+    if target is None:
+        return page(
+            400,
+            "This unsubscribe link is not valid",
+            "It was altered or cut short. Use the link from the email itself.",
+        )
+    return page(
+        200,
+        f"Unsubscribe from {target.channel} notifications?",
+        f"You will no longer receive {target.channel} notifications. "
+        "Nothing changes until you press the button.",
+        button=True,
+    )
+
+
+def done_page(target: Target) -> web.Response:
+    return page(
+        200, "You are unsubscribed", f"You will no longer receive {target.channel} notifications from us."
+    )

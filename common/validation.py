@@ -6,6 +6,7 @@ import base64
 import binascii
 import re
 import uuid
+from collections.abc import Set
 from typing import Any
 
 from common.http import validation_error
@@ -29,7 +30,7 @@ class Fields:
         if self.errors:
             raise validation_error(self.errors)
 
-    def unknown(self, allowed: set[str]) -> None:
+    def unknown(self, allowed: Set[str]) -> None:
         for name in self.body:
             if name not in allowed:
                 self.error(name, "is not a known field")

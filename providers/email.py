@@ -17,7 +17,7 @@ from email.mime.text import MIMEText
 from email.utils import make_msgid
 from typing import Protocol
 
-from common.worker import DeliveryError
+from common.delivery import DeliveryError
 
 
 class HeaderInjection(ValueError):
@@ -109,18 +109,6 @@ _POLICY = email.policy.compat32.clone(max_line_length=998)
 def message_id(notification_id: str, sender: str) -> str:
     domain = sender.rsplit("@", 1)[-1].strip("> ") or "localhost"
     return make_msgid(idstring=notification_id.replace("-", ""), domain=domain)
-
-
-@dataclass(frozen=True)
-class Bounce:
-    """A provider's report that a message could not be delivered after it accepted it."""
-
-    provider: str
-    notification_id: str | None
-    reason: str
-    # A hard bounce or a drop says the address does not take mail: stop sending to it.
-    # A block (the receiving server refused for reputation or content) does not.
-    suppress: bool = True
 
 
 class EmailProvider(Protocol):

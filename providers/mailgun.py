@@ -11,8 +11,9 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from common.bounces import Bounce
 from common.config import Config
-from providers.email import Bounce, OutgoingEmail, connection_failure, http_failure
+from providers.email import OutgoingEmail, connection_failure, http_failure
 
 
 def form(email: OutgoingEmail) -> aiohttp.FormData:

@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
+from common.bounces import Bounce
 from common.config import Config
-from providers.email import Bounce, OutgoingEmail, connection_failure, http_failure
+from providers.email import OutgoingEmail, connection_failure, http_failure
 
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
 TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"

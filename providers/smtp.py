@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import aiosmtplib
 
 from common.config import Config
-from common.worker import DeliveryError
+from common.delivery import DeliveryError
 from providers.email import OutgoingEmail, is_transient
 
 log = logging.getLogger("providers.smtp")

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from common.amqp import EXCHANGE
-from gateway import PUBLISH_TIMEOUT
+from common.outbox import PUBLISH_TIMEOUT
 from tests.conftest import API_KEY, Stack, failed_queue_messages
 from tests.processes import ServiceProcess
 from tests.smtp_sink import free_port

@@ -20,7 +20,6 @@ import aiormq
 from aio_pika.abc import AbstractChannel, ExchangeType
 
 from common.amqp import (
-    CHANNELS,
     EXCHANGE,
     FAILED_QUEUE,
     FAILED_ROUTING_KEY,
@@ -28,6 +27,7 @@ from common.amqp import (
     retry_queue,
     work_queue,
 )
+from common.channels import CHANNELS
 from common.config import Config
 
 
@@ -78,10 +78,10 @@ class TopologyConflict(RuntimeError):
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for queue '([^']+)'[^:]*: (.*)")
 
 
-async def declare(channel: AbstractChannel, config: Config) -> list[str]:
-    """Declare the exchange, queues and bindings; idempotent. Returns the queue names."""
+async def declare(channel: AbstractChannel, config: Config) -> dict[str, dict[str, Any]]:
+    """Declare the exchange, queues and bindings; idempotent. Returns each queue's arguments."""
     exchange = await channel.declare_exchange(EXCHANGE, ExchangeType.DIRECT, durable=True)
-    names = []
+    declared: dict[str, dict[str, Any]] = {}
     for spec in table(config):
         try:
             queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
@@ -89,8 +89,8 @@ async def declare(channel: AbstractChannel, config: Config) -> list[str]:
             raise _conflict(spec, str(exc)) from None
         for key in spec.routing_keys:
             await queue.bind(exchange, routing_key=key)
-        names.append(spec.name)
-    return names
+        declared[spec.name] = spec.arguments
+    return declared
 
 
 def _conflict(spec: QueueSpec, detail: str) -> TopologyConflict:

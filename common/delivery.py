@@ -1,0 +1,102 @@
+"""The delivery interface: what a provider or a worker's delivery step raises or returns, and the
+retry decision the worker loop takes from it. Providers import this module, not the worker loop.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class DeliveryError(Exception):
+    """A delivery attempt failed; `transient` decides retry queue or failed.
+
+    `retry_after` (seconds, from a provider's Retry-After) picks a retry queue at least that
+    long. `defer` waits in the retry queue without using up an attempt (every provider's
+    circuit is open: nothing was tried). `carry` is merged into the message for the next
+    attempt, e.g. which devices already have it, so a retry resends only what failed.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        transient: bool,
+        provider: str | None = None,
+        retry_after: float | None = None,
+        defer: bool = False,
+        carry: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+        self.provider = provider
+        self.retry_after = retry_after
+        self.defer = defer
+        self.carry = carry or {}
+
+
+class Skip(Exception):
+    """Not to be sent after all (the user opted out since it was accepted): recorded `skipped`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Job:
+    """One attempt at one notification: the message body, and the stored row it claimed."""
+
+    notification_id: uuid.UUID
+    attempt: int
+    body: dict[str, Any]
+    priority: int = 0
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Delivered:
+    provider: str
+    template_version: int | None = None
+    language: str | None = None
+    detail: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Delivery(Protocol):
+    """A worker's delivery step: send one job, or raise DeliveryError / Skip."""
+
+    async def deliver(self, job: Job) -> Delivered: ...
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Go to retry queue `queue` (1-based); the message carries `next_attempt`."""
+
+    queue: int
+    next_attempt: int
+    delay: float
+
+
+@dataclass(frozen=True)
+class Fail:
+    reason: str
+
+
+def decide(exc: DeliveryError, attempt: int, delays: Sequence[float]) -> Retry | Fail:
+    """What follows a failed attempt. A transient failure goes to the retry queue for its
+    attempt, or a later one when the provider asked for a longer wait; a deferral waits in the
+    first one and keeps its attempt number; a permanent failure, or the last attempt, fails."""
+    max_attempts = len(delays) + 1
+    if not exc.transient:
+        return Fail(exc.reason)
+    if not exc.defer and attempt >= max_attempts:
+        return Fail(f"retries exhausted: {exc.reason}")
+    index = 1 if exc.defer else attempt
+    if exc.retry_after is not None:
+        longer = [i for i, d in enumerate(delays, start=1) if i >= index and d >= exc.retry_after]
+        index = longer[0] if longer else len(delays)
+    return Retry(index, attempt if exc.defer else index + 1, delays[index - 1])

@@ -1,0 +1,149 @@
+"""The outbox: a notification is stored first, then published from its stored row.
+
+- `message(row)`: the AMQP body built from a stored row (the gateway and the relay send the same);
+- `Outbox.publish(row)`: publish with a confirm, and mark it published in the store, in batches
+  (one UPDATE every few milliseconds instead of one per request);
+- `relay`: a loop republishing rows stored but never confirmed by the broker (an outage, a crash
+  between commit and publish). Rows are locked with SKIP LOCKED so several gateways relay
+  without publishing one row twice; a mark lost in a crash only makes the relay publish that
+  row again, which the workers' claim step makes harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+
+from common import amqp, background
+from common.store import StatusStore
+
+log = logging.getLogger(__name__)
+
+RELAY_INTERVAL = 1.0
+RELAY_AGE = 5.0
+RELAY_BATCH = 500
+CONFIRM_BATCH_DELAY = 0.02
+PUBLISH_TIMEOUT = 3.0
+
+
+def message(row: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
+    return {
+        "notification_id": row["id"],
+        "request_id": row["request_id"],
+        "user_id": row["user_id"],
+        "notification_type": row["notification_type"],
+        "template_code": row["template_code"],
+        "language": row["language"],
+        "template_version": row["template_version"],
+        "variables": row["variables"],
+        "priority": row["priority"],
+        "metadata": row["metadata"],
+        "correlation_id": row["correlation_id"],
+        "attempt": attempt,
+        "created_at": row["created_at"],
+    }
+
+
+class Outbox:
+    def __init__(self, store: StatusStore, broker: amqp.Broker) -> None:
+        self.store = store
+        self.broker = broker
+        self._marks: list[uuid.UUID] = []
+        self._wakeup = asyncio.Event()
+
+    async def _send(self, row: dict[str, Any]) -> None:
+        await amqp.publish(
+            self.broker.exchange,
+            row["notification_type"],
+            message(row),
+            correlation_id=row["correlation_id"],
+            priority=row["priority"],
+            message_id=str(row["id"]),
+            timeout=PUBLISH_TIMEOUT,
+        )
+
+    async def publish(self, row: dict[str, Any]) -> bool:
+        """Publish and mark confirmed. When the broker is down the row stays unpublished for the
+        relay and the caller still answers at once: the status store is the record."""
+        if not self.broker.ready:
+            return False
+        try:
+            await self._send(row)
+        except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row to the relay
+            log.warning("publish failed, the relay will retry: %s: %s", type(exc).__name__, exc)
+            return False
+        self._marks.append(row["id"])
+        self._wakeup.set()
+        return True
+
+    async def flush_marks(self) -> None:
+        batch, self._marks = self._marks, []
+        self._wakeup.clear()
+        try:
+            await self.store.mark_published(batch)
+        except Exception as exc:  # noqa: BLE001 - retried with the next batch
+            log.warning("could not mark %d notification(s) published: %s", len(batch), exc)
+            self._marks[:0] = batch
+
+    async def mark_loop(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            await self._wakeup.wait()
+            if not stopping.is_set():
+                await asyncio.sleep(CONFIRM_BATCH_DELAY)
+            await self.flush_marks()
+
+    def stop_marks(self, stopping: asyncio.Event) -> Callable[[], None]:
+        def wake() -> None:
+            stopping.set()
+            self._wakeup.set()
+
+        return wake
+
+    async def relay_once(self) -> None:
+        async with self.store.db.transaction() as tx:
+            rows = await self.store.unpublished(tx, RELAY_AGE, limit=RELAY_BATCH)
+            # Sent in order on one channel; the confirms are awaited together.
+            results = await asyncio.gather(*(self._send(row) for row in rows), return_exceptions=True)
+            confirmed = [row["id"] for row, result in zip(rows, results, strict=True) if result is None]
+            await self.store.mark_published(confirmed, tx)
+            if rows:
+                log.info(
+                    "relay published %d of %d notification(s) left unpublished", len(confirmed), len(rows)
+                )
+
+    async def relay_loop(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            await background.sleep(stopping, RELAY_INTERVAL)
+            if stopping.is_set() or not self.broker.ready:
+                continue
+            try:
+                await self.relay_once()
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("relay round failed: %s: %s", type(exc).__name__, exc)
+
+
+def outbox(
+    key: web.AppKey[Outbox], store_key: web.AppKey[StatusStore], broker_key: web.AppKey[amqp.Broker]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context: the outbox, its mark batching and its relay; on shutdown the relay
+    stops, then the marks left are written."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        box = Outbox(app[store_key], app[broker_key])
+        app[key] = box
+        marks_stop, relay_stop = asyncio.Event(), asyncio.Event()
+        marks = asyncio.create_task(box.mark_loop(marks_stop), name="outbox-marks")
+        relay = asyncio.create_task(box.relay_loop(relay_stop), name="outbox-relay")
+        try:
+            yield
+        finally:
+            await background.stop(relay, relay_stop.set)
+            await background.stop(marks, box.stop_marks(marks_stop))
+            await box.flush_marks()
+
+    return ctx
