@@ -117,9 +117,10 @@ async def send_with_failover(routes: tuple[Route, ...], email: OutgoingEmail, me
             metrics.provider_failures.labels(
                 "email", name, "transient" if exc.transient else "permanent"
             ).inc()
-            if not exc.transient:
-                # The provider answered and refused this message: it is healthy, and another
-                # provider would refuse the same message (bad address, too large) as well.
+            if not exc.transient or not exc.provider_fault:
+                # The provider answered about this message or recipient (a bad address, a
+                # greylisting 451): it is healthy, and another provider would hear the same
+                # from the recipient's server. Retried or failed alone.
                 route.breaker.success()
                 raise
             route.breaker.failure()

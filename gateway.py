@@ -64,9 +64,10 @@ OPENAPI_KEY = web.AppKey("openapi", tuple)
 LOOKUPS_KEY = web.AppKey("lookups", CachedLookups)
 ACCEPTING_KEY = web.AppKey("accepting", set)
 
-NOTIFICATION_FIELDS = frozenset(
-    "notification_type user_id template_code variables request_id priority metadata language".split()
-)
+NOTIFICATION_FIELDS = frozenset({
+    "notification_type", "user_id", "template_code", "variables", "request_id", "priority", "metadata",
+    "language",
+})  # fmt: skip
 
 
 # --- authentication and rate limits ---------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.exceptions import PublishError
 from aiohttp import web
 
 from common.config import Config
@@ -29,6 +30,10 @@ MAX_PRIORITY = 10
 # Queue name -> the arguments it is declared with.
 QueueArguments = Mapping[str, Mapping[str, Any]]
 Declare = Callable[[AbstractChannel, Config], Awaitable[QueueArguments]]
+
+
+class Unroutable(Exception):
+    """The broker returned a mandatory publish: no queue took it (one deleted, say)."""
 
 
 def work_queue(channel: str) -> str:
@@ -45,7 +50,8 @@ async def connect(url: str) -> AbstractRobustConnection:
 
 
 async def open_channel(connection: AbstractRobustConnection, prefetch: int | None = None) -> AbstractChannel:
-    channel = await connection.channel(publisher_confirms=True)
+    # Returned messages raise: a publish that reached no queue is a failure, not a success.
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     if prefetch is not None:
         await channel.set_qos(prefetch_count=prefetch)
     return channel
@@ -62,7 +68,8 @@ async def publish(
     message_id: str | None = None,
     timeout: float = 10.0,
 ) -> None:
-    """Publish persistently and wait for the broker's confirm; raises if it is refused."""
+    """Publish persistently and wait for the broker's confirm; raises if it is refused, or
+    returned because no queue took it."""
     message = aio_pika.Message(
         orjson.dumps(body),
         content_type="application/json",
@@ -72,7 +79,18 @@ async def publish(
         message_id=message_id,
         headers={**(headers or {}), **({"x-correlation-id": correlation_id} if correlation_id else {})},
     )
-    await exchange.publish(message, routing_key=routing_key, timeout=timeout)
+    await publish_message(exchange, message, routing_key, timeout)
+
+
+async def publish_message(
+    exchange: AbstractExchange, message: aio_pika.Message, routing_key: str, timeout: float = 10.0
+) -> None:
+    """Every publish of the project: mandatory, confirmed, bounded in time."""
+    try:
+        await exchange.publish(message, routing_key=routing_key, mandatory=True, timeout=timeout)
+    except PublishError:
+        where = exchange.name or "the default exchange"
+        raise Unroutable(f"no queue took a message for {routing_key!r} on {where}") from None
 
 
 @dataclass(frozen=True)

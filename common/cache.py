@@ -37,6 +37,32 @@ TEMPLATE_TTL = 5.0
 PROFILE_TTL = 300
 
 
+class RedisOutage:
+    """Redis, as its users see it: after a failure it is left alone for a few seconds, so a
+    Redis that does not answer (a black hole: each call waits out its timeout) costs one timeout
+    every few seconds, not one per request. The outage is logged once, and its end."""
+
+    def __init__(self, consequence: str, pause: float = 5.0) -> None:
+        self.consequence = consequence
+        self.pause = pause
+        self.down = False
+        self._until = 0.0
+
+    def skip(self) -> bool:
+        return time.monotonic() < self._until
+
+    def failed(self, exc: BaseException) -> None:
+        self._until = time.monotonic() + self.pause
+        if not self.down:
+            log.warning("redis unavailable, %s: %s", self.consequence, exc)
+            self.down = True
+
+    def succeeded(self) -> None:
+        if self.down:
+            log.info("redis is back")
+            self.down = False
+
+
 def user_key(user_id: uuid.UUID | str) -> str:
     return f"notify:user:{user_id}"
 
@@ -56,25 +82,23 @@ class ProfileCache:
 
     def __init__(self, client: aioredis.Redis, metrics: Metrics) -> None:
         self.client = client
-        self.degraded = False
+        self.outage = RedisOutage("serving from PostgreSQL")
         self.lookups = metrics.cache_lookups
 
     async def _call(self, op: Callable[[], Awaitable[Any]]) -> Any:
+        if self.outage.skip():
+            return None
         try:
             result = await op()
         except (RedisError, OSError) as exc:
-            if not self.degraded:
-                log.warning("redis unavailable, serving from PostgreSQL: %s", exc)
-                self.degraded = True
+            self.outage.failed(exc)
             return None
-        if self.degraded:
-            log.info("redis is back; cache in use again")
-            self.degraded = False
+        self.outage.succeeded()
         return result
 
     async def get(self, user_id: uuid.UUID) -> dict[str, Any] | None:
         raw = await self._call(lambda: self.client.get(user_key(user_id)))
-        result = "hit" if raw else "error" if self.degraded else "miss"
+        result = "hit" if raw else "error" if self.outage.down else "miss"
         self.lookups.labels("user", result).inc()
         return orjson.loads(raw) if raw else None
 
@@ -117,20 +141,20 @@ class CachedLookups:
         self._templates: OrderedDict[tuple[str, str | None], tuple[int, float, dict[str, Any]]] = (
             OrderedDict()
         )
-        self._failing = False
+        self.outage = RedisOutage("asking the services directly")
 
     async def _read(self, user_id: str) -> tuple[bytes | None, int | None]:
+        if self.outage.skip():
+            return None, None
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.get(user_key(user_id))
                 pipe.get(TEMPLATE_GENERATION_KEY)
                 raw_user, generation = await pipe.execute()
         except (RedisError, OSError) as exc:
-            if not self._failing:
-                log.warning("redis unavailable, asking the services directly: %s", exc)
-                self._failing = True
+            self.outage.failed(exc)
             return None, None
-        self._failing = False
+        self.outage.succeeded()
         return raw_user, int(generation or 0)
 
     async def user(self, user_id: str) -> Reply:

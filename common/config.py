@@ -68,6 +68,11 @@ class Config:
     retry_delays: tuple[float, ...] = (1.0, 5.0, 25.0, 125.0, 625.0)
     worker_prefetch: int = 32
     claim_timeout: float = 120.0
+    # Seconds a non-final notification may sit unmoved beyond its expected time before the
+    # reconciler republishes it from the status store.
+    reconcile_after: float = 300.0
+    # Bound on every PostgreSQL call (connect, query, waiting for a pooled connection).
+    db_timeout: float = 5.0
     rate_limit: int = 1000
     rate_limit_window: float = 1.0
     queue_type: str = "classic"
@@ -237,6 +242,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "push_ttl": _positive_int,
     "worker_prefetch": _positive_int,
     "claim_timeout": _positive_float,
+    "reconcile_after": _positive_float,
+    "db_timeout": _positive_float,
     "rate_limit": _non_negative_int,
     "rate_limit_window": _positive_float,
     "queue_type": _one_of(QUEUE_TYPES),

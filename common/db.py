@@ -91,14 +91,31 @@ class Executor:
 
 
 class Database(Executor):
-    def __init__(self, pool: aiopg.Pool) -> None:
+    def __init__(self, pool: aiopg.Pool, timeout: float) -> None:
         self.pool = pool
+        self.timeout = timeout
         super().__init__(self._pool_cursor)
+
+    async def _acquire(self) -> Any:
+        # aiopg bounds connecting and each query (`timeout`), not waiting for a free connection:
+        # with every connection stuck on a dead server, that wait must end too.
+        async def acquire() -> Any:
+            return await self.pool.acquire()
+
+        return await asyncio.wait_for(acquire(), self.timeout)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        conn = await self._acquire()
+        try:
+            yield conn
+        finally:
+            self.pool.release(conn)
 
     @asynccontextmanager
     async def _pool_cursor(self) -> AsyncIterator[Any]:
         async with (
-            self.pool.acquire() as conn,
+            self._connection() as conn,
             conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur,
         ):
             yield cur
@@ -106,7 +123,7 @@ class Database(Executor):
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:
         async with (
-            self.pool.acquire() as conn,
+            self._connection() as conn,
             conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur,
         ):
             await cur.execute("BEGIN")
@@ -141,11 +158,11 @@ class _TxExecutor(Executor):
         super().__init__(same_cursor)
 
 
-async def connect(url: str, minsize: int = 1, maxsize: int = 10) -> Database:
+async def connect(url: str, minsize: int = 1, maxsize: int = 10, timeout: float = 10.0) -> Database:
     pool = await aiopg.create_pool(
-        _dsn(url), minsize=minsize, maxsize=maxsize, timeout=10, enable_hstore=False
+        _dsn(url), minsize=minsize, maxsize=maxsize, timeout=timeout, enable_hstore=False
     )
-    return Database(pool)
+    return Database(pool, timeout)
 
 
 async def create_database(url: str) -> bool:

@@ -15,8 +15,11 @@ class DeliveryError(Exception):
 
     `retry_after` (seconds, from a provider's Retry-After) picks a retry queue at least that
     long. `defer` waits in the retry queue without using up an attempt (every provider's
-    circuit is open: nothing was tried). `carry` is merged into the message for the next
-    attempt, e.g. which devices already have it, so a retry resends only what failed.
+    circuit is open, or our own infrastructure failed: nothing was tried). `carry` is merged
+    into the message for the next attempt, e.g. which devices already have it, so a retry
+    resends only what failed. `provider_fault` says whether the failure speaks of the
+    provider's health (connection, TLS, auth, 421, timeouts: its circuit breaker counts it) or
+    only of this message or recipient (a greylisting 451, a refused address: it does not).
     """
 
     def __init__(
@@ -28,6 +31,7 @@ class DeliveryError(Exception):
         retry_after: float | None = None,
         defer: bool = False,
         carry: dict[str, Any] | None = None,
+        provider_fault: bool = True,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -36,6 +40,7 @@ class DeliveryError(Exception):
         self.retry_after = retry_after
         self.defer = defer
         self.carry = carry or {}
+        self.provider_fault = provider_fault
 
 
 class Skip(Exception):
@@ -55,6 +60,7 @@ class Job:
     body: dict[str, Any]
     priority: int = 0
     record: dict[str, Any] = field(default_factory=dict)
+    claim: uuid.UUID | None = None  # the claim token every write of this attempt presents
 
 
 @dataclass

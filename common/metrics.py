@@ -40,6 +40,8 @@ _DEFINITIONS: tuple[tuple[str, type, str, str, str], ...] = (
      "From acceptance to delivery"),
     ("cache_lookups", Counter, "notify_cache_lookups_total", "cache result",
      "Cache lookups by outcome (hit, miss, error)"),
+    ("reconciled", Counter, "notify_reconciled_total", "channel from_status",
+     "Notifications the reconciler published again: their message was lost or never came back"),
     ("in_flight", Gauge, "notify_worker_in_flight", "channel",
      "Messages being processed now"),
     # Email delivery: provider health, bounces and unsubscribes.
@@ -68,6 +70,7 @@ class Metrics:
     delivery_latency: Histogram
     end_to_end_latency: Histogram
     cache_lookups: Counter
+    reconciled: Counter
     in_flight: Gauge
     circuit_state: Gauge
     provider_failures: Counter

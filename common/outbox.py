@@ -6,13 +6,19 @@
 - `relay`: a loop republishing rows stored but never confirmed by the broker (an outage, a crash
   between commit and publish). Rows are locked with SKIP LOCKED so several gateways relay
   without publishing one row twice; a mark lost in a crash only makes the relay publish that
-  row again, which the workers' claim step makes harmless.
+  row again, which the workers' claim step makes harmless;
+- `reconcile`: a loop that makes the status store the single source of truth. A notification
+  not final that has not moved for longer than it should have (`pending` though published,
+  `retrying` past its retry delay, `sending` past its lease), beyond RECONCILE_AFTER, had its
+  message lost (a purged or deleted queue, a broker node gone, a worker gone): it is published
+  again from its row. Redelivery is harmless: the claim step dedupes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -20,6 +26,9 @@ from typing import Any
 from aiohttp import web
 
 from common import amqp, background
+from common.config import Config
+from common.http import CONFIG_KEY, METRICS_KEY
+from common.metrics import Metrics
 from common.store import StatusStore
 
 log = logging.getLogger(__name__)
@@ -29,6 +38,10 @@ RELAY_AGE = 5.0
 RELAY_BATCH = 500
 CONFIRM_BATCH_DELAY = 0.02
 PUBLISH_TIMEOUT = 3.0
+# After a publish failed, requests leave publishing to the relay for this long (or until the
+# relay gets one through): a broker that does not answer must not cost every request a timeout.
+BROKER_SUSPECT_FOR = 5.0
+RECONCILE_BATCH = 500
 
 
 def message(row: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
@@ -50,17 +63,20 @@ def message(row: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
 
 
 class Outbox:
-    def __init__(self, store: StatusStore, broker: amqp.Broker) -> None:
+    def __init__(self, store: StatusStore, broker: amqp.Broker, config: Config, metrics: Metrics) -> None:
         self.store = store
         self.broker = broker
+        self.config = config
+        self.metrics = metrics
         self._marks: list[uuid.UUID] = []
         self._wakeup = asyncio.Event()
+        self._suspect_until = 0.0
 
-    async def _send(self, row: dict[str, Any]) -> None:
+    async def _send(self, row: dict[str, Any], attempt: int = 1) -> None:
         await amqp.publish(
             self.broker.exchange,
             row["notification_type"],
-            message(row),
+            message(row, attempt),
             correlation_id=row["correlation_id"],
             priority=row["priority"],
             message_id=str(row["id"]),
@@ -70,11 +86,12 @@ class Outbox:
     async def publish(self, row: dict[str, Any]) -> bool:
         """Publish and mark confirmed. When the broker is down the row stays unpublished for the
         relay and the caller still answers at once: the status store is the record."""
-        if not self.broker.ready:
+        if not self.broker.ready or time.monotonic() < self._suspect_until:
             return False
         try:
             await self._send(row)
         except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row to the relay
+            self._suspect_until = time.monotonic() + BROKER_SUSPECT_FOR
             log.warning("publish failed, the relay will retry: %s: %s", type(exc).__name__, exc)
             return False
         self._marks.append(row["id"])
@@ -126,22 +143,65 @@ class Outbox:
             except Exception as exc:  # noqa: BLE001 - the next round tries again
                 log.warning("relay round failed: %s: %s", type(exc).__name__, exc)
 
+    def _attempt_of(self, row: dict[str, Any]) -> int:
+        """The attempt the lost message carried: the first for `pending`, the same one for a
+        `sending` whose worker is gone, the next one for `retrying`."""
+        if row["status"] == "pending":
+            return 1
+        if row["status"] == "sending":
+            return max(1, row["attempts"])
+        return min(row["attempts"] + 1, self.config.max_attempts)
+
+    async def reconcile_once(self) -> int:
+        config = self.config
+        async with self.store.db.transaction() as tx:
+            rows = await self.store.stalled(tx, config.reconcile_after, config.retry_delays, RECONCILE_BATCH)
+            results = await asyncio.gather(
+                *(self._send(row, self._attempt_of(row)) for row in rows), return_exceptions=True
+            )
+            sent = [row for row, result in zip(rows, results, strict=True) if result is None]
+            await self.store.redriven(tx, sent)
+        for row, result in zip(rows, results, strict=True):
+            if result is None:
+                self.metrics.reconciled.labels(row["notification_type"], row["status"]).inc()
+                log.warning(
+                    "reconciler: notification %s was %s with no message in flight; published again",
+                    row["id"],
+                    row["status"],
+                )
+            else:
+                log.warning("reconciler: could not publish %s again: %s", row["id"], result)
+        return len(sent)
+
+    async def reconcile_loop(self, stopping: asyncio.Event) -> None:
+        interval = min(max(self.config.reconcile_after / 4, 0.5), 30.0)
+        while not stopping.is_set():
+            await background.sleep(stopping, interval)
+            if stopping.is_set() or not self.broker.ready:
+                continue
+            try:
+                await self.reconcile_once()
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("reconcile round failed: %s: %s", type(exc).__name__, exc)
+
 
 def outbox(
     key: web.AppKey[Outbox], store_key: web.AppKey[StatusStore], broker_key: web.AppKey[amqp.Broker]
 ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context: the outbox, its mark batching and its relay; on shutdown the relay
-    stops, then the marks left are written."""
+    """A cleanup context: the outbox, its mark batching, its relay and the reconciler; on
+    shutdown the loops stop, then the marks left are written."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        box = Outbox(app[store_key], app[broker_key])
+        box = Outbox(app[store_key], app[broker_key], app[CONFIG_KEY], app[METRICS_KEY])
         app[key] = box
-        marks_stop, relay_stop = asyncio.Event(), asyncio.Event()
+        marks_stop, relay_stop, reconcile_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
         marks = asyncio.create_task(box.mark_loop(marks_stop), name="outbox-marks")
         relay = asyncio.create_task(box.relay_loop(relay_stop), name="outbox-relay")
+        reconcile = asyncio.create_task(box.reconcile_loop(reconcile_stop), name="reconciler")
         try:
             yield
         finally:
+            await background.stop(reconcile, reconcile_stop.set)
             await background.stop(relay, relay_stop.set)
             await background.stop(marks, box.stop_marks(marks_stop))
             await box.flush_marks()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-log = logging.getLogger(__name__)
+from common.cache import RedisOutage
 
 
 @dataclass(frozen=True)
@@ -36,12 +35,12 @@ class RateLimiter:
         self.client = client
         self.limit = limit
         self.window = window
-        self._failing = False
+        self.outage = RedisOutage("rate limiting off")
 
     async def check(self, subject: str) -> Verdict | None:
         """Count one request; None when limiting is off or Redis is down (fail open, logged once:
         an outage of the cache must not stop notifications)."""
-        if self.limit <= 0:
+        if self.limit <= 0 or self.outage.skip():
             return None
         now = time.time()
         window = int(now // self.window)
@@ -52,10 +51,8 @@ class RateLimiter:
                 pipe.expire(key, max(1, math.ceil(self.window * 2)))
                 count, _ = await pipe.execute()
         except (RedisError, OSError) as exc:
-            if not self._failing:
-                log.warning("rate limiting off while Redis is unavailable: %s", exc)
-                self._failing = True
+            self.outage.failed(exc)
             return None
-        self._failing = False
+        self.outage.succeeded()
         reset = (window + 1) * self.window - now
         return Verdict(count <= self.limit, self.limit, max(0, self.limit - count), reset)

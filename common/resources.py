@@ -27,7 +27,8 @@ def database(
     key: web.AppKey[db.Database], url_of: Callable[[Config], str], name: str, maxsize: int = 10
 ) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        database = await db.connect(url_of(app[CONFIG_KEY]), maxsize=maxsize)
+        config = app[CONFIG_KEY]
+        database = await db.connect(url_of(config), maxsize=maxsize, timeout=config.db_timeout)
         app[key] = database
         app[HEALTH_KEY][name] = Check(database.ping)
         try:

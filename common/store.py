@@ -123,7 +123,8 @@ class StatusStore:
             )
 
     async def claim(self, notification_id: uuid.UUID, attempt: int, lease: float) -> Row | None:
-        """Start an attempt: the notification moves to `sending`.
+        """Start an attempt: the notification moves to `sending` under a lease held by a new
+        `claim_token`, which every later write of this attempt must present.
 
         None when it is final, unknown, or `sending` under a live lease (another consumer is on
         it right now). A `sending` whose lease ran out was claimed by a worker that died between
@@ -135,14 +136,16 @@ class StatusStore:
                 SELECT id, status AS previous FROM notifications WHERE id = %(id)s FOR UPDATE
             ), n AS (
                 UPDATE notifications AS t
-                SET status = 'sending', attempts = %(attempt)s, updated_at = now()
+                SET status = 'sending', attempts = %(attempt)s, updated_at = now(),
+                    claim_token = gen_random_uuid(),
+                    lease_until = now() + make_interval(secs => %(lease)s)
                 FROM old
                 WHERE t.id = old.id AND (
                     old.previous IN ('pending', 'retrying')
-                    OR (old.previous = 'sending' AND t.updated_at < now() - make_interval(secs => %(lease)s))
+                    OR (old.previous = 'sending' AND coalesce(t.lease_until, t.updated_at) < now())
                 )
                 RETURNING {", ".join("t." + c.strip() for c in _PUBLIC_COLUMNS.split(","))},
-                          old.previous = 'sending' AS reclaimed
+                          t.claim_token, old.previous = 'sending' AS reclaimed
             ), e AS (
                 INSERT INTO notification_events (notification_id, status, attempt, detail)
                 SELECT id, 'sending', attempts,
@@ -153,6 +156,17 @@ class StatusStore:
             """,
             {"id": notification_id, "attempt": attempt, "lease": lease},
         )
+
+    async def extend(self, notification_id: uuid.UUID, claim: uuid.UUID, lease: float) -> bool:
+        """Keep a claim alive while its delivery runs; False when the claim is no longer ours."""
+        count = await self.db.execute(
+            "UPDATE notifications SET lease_until = now() + make_interval(secs => %s)"
+            " WHERE id = %s AND claim_token = %s AND status = 'sending'",
+            lease,
+            notification_id,
+            claim,
+        )
+        return count > 0
 
     async def record(
         self,
@@ -165,8 +179,14 @@ class StatusStore:
         device: str | None = None,
         template_version: int | None = None,
         language: str | None = None,
+        claim: uuid.UUID | None = None,
+        detail: str | None = None,
     ) -> bool:
-        """Move to `status`, keeping the reason and provider; appends the history event."""
+        """Move to `status`, keeping the reason and provider; appends the history event.
+
+        With `claim`, a compare-and-set: written only while that claim is still the
+        notification's (a worker whose lease was taken over changes nothing), and the claim
+        ends. False when nothing was written."""
         row = await self.db.fetchrow(
             """
             WITH n AS (
@@ -180,13 +200,17 @@ class StatusStore:
                     language = coalesce(%(language)s, language),
                     delivered_at = CASE WHEN %(status)s = 'delivered' THEN now()
                                         ELSE delivered_at END,
+                    claim_token = NULL,
+                    lease_until = NULL,
                     updated_at = now()
                 WHERE id = %(id)s
+                  AND (%(claim)s::uuid IS NULL OR (claim_token = %(claim)s AND status = 'sending'))
                 RETURNING id, attempts
             )
             INSERT INTO notification_events
                 (notification_id, status, attempt, provider, device, detail)
-            SELECT id, %(status)s, attempts, %(provider)s, %(device)s, %(error)s FROM n
+            SELECT id, %(status)s, attempts, %(provider)s, %(device)s,
+                   coalesce(%(detail)s, %(error)s) FROM n
             RETURNING notification_id
             """,
             {
@@ -198,6 +222,8 @@ class StatusStore:
                 "device": device,
                 "template_version": template_version,
                 "language": language,
+                "claim": claim,
+                "detail": detail,
             },
         )
         return row is not None
@@ -250,4 +276,43 @@ class StatusStore:
             " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED",
             older_than,
             limit,
+        )
+
+    async def stalled(self, db: Executor, after: float, delays: tuple[float, ...], limit: int) -> list[Row]:
+        """Notifications not final that have not moved for longer than they should have, beyond
+        the margin `after`: `pending` though published, `retrying` past its retry delay,
+        `sending` past its lease. Oldest first; locked for this reconciler (SKIP LOCKED)."""
+        return await db.fetch(
+            f"""
+            SELECT {_PUBLIC_COLUMNS} FROM notifications
+            WHERE status IN ('pending', 'retrying', 'sending') AND NOT publish_pending
+              AND updated_at < now() - make_interval(secs => %(after)s)
+              AND CASE status
+                  WHEN 'pending' THEN true
+                  WHEN 'retrying' THEN updated_at < now() - make_interval(secs => %(after)s
+                      + coalesce((%(delays)s::float8[])[attempts], %(longest)s))
+                  ELSE coalesce(lease_until, updated_at) < now() - make_interval(secs => %(after)s)
+              END
+            ORDER BY updated_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+            """,
+            {"after": after, "delays": list(delays), "longest": max(delays, default=0), "limit": limit},
+        )
+
+    async def redriven(self, db: Executor, rows: list[Row]) -> None:
+        """Note in each history that the reconciler published it again, and restart its clock
+        (a lease that ran out stays run out, so the next claim takes it over)."""
+        if not rows:
+            return
+        await db.execute(
+            """
+            WITH n AS (
+                UPDATE notifications SET updated_at = now(),
+                    lease_until = CASE WHEN status = 'sending' THEN now() ELSE lease_until END
+                WHERE id = ANY(%(ids)s::uuid[])
+                RETURNING id, status, attempts
+            )
+            INSERT INTO notification_events (notification_id, status, attempt, detail)
+            SELECT id, status, attempts, 'republished by the reconciler: its message was lost' FROM n
+            """,
+            {"ids": [r["id"] for r in rows]},
         )

@@ -10,12 +10,13 @@ failed.queue with the reason in its headers). Every message is settled exactly o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aiohttp
@@ -24,11 +25,12 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 
-from common import amqp, db, resources, templating
+from common import amqp, background, db, resources, templating
 from common.cache import CachedLookups, TemplateVersionCache
 from common.clients import ServiceUnavailable, services
 from common.config import Config
-from common.delivery import Delivery, DeliveryError, Fail, Job, Retry, Skip, decide
+from common.delivery import Delivered, Delivery, DeliveryError, Fail, Job, Retry, Skip, decide
+from common.faults import is_infrastructure
 from common.http import CONFIG_KEY, METRICS_KEY, base_app
 from common.logs import log_context
 from common.metrics import Metrics
@@ -44,7 +46,11 @@ HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 
 SHUTDOWN_GRACE = 20.0
-STORE_OUTAGE_BACKOFF = 1.0
+HOLD_FIRST_DELAY = 0.2
+HOLD_MAX_DELAY = 5.0
+RETRY_PUBLISH_TIMEOUT = 5.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,8 @@ class Preparer:
                 body["template_code"], body["language"], body["template_version"]
             )
         except ServiceUnavailable as exc:
-            raise DeliveryError(str(exc), transient=True) from exc
+            # Our own services, not the provider: wait without using up an attempt.
+            raise DeliveryError(str(exc), transient=True, defer=True, provider_fault=False) from exc
         if user.status == 404:
             raise DeliveryError("user no longer exists", transient=False)
         if template.status != 200:
@@ -103,6 +110,11 @@ def parse(message: AbstractIncomingMessage) -> Job:
 
 
 class Worker:
+    """Consumes one channel's work queue. Infrastructure errors never fail a notification
+    (`common/faults.py`): a store write that does not go through is retried, holding the
+    message, until it does; a broker that does not take a retry leaves the notification to the
+    reconciler; a service that does not answer defers the attempt without using it up."""
+
     def __init__(
         self,
         channel: str,
@@ -135,16 +147,27 @@ class Worker:
                 task.add_done_callback(self.in_flight.discard)
 
     async def drain(self, timeout: float) -> None:
-        if self.in_flight:
-            log.info("waiting for %d message(s) in flight", len(self.in_flight))
-            await asyncio.wait(self.in_flight, timeout=timeout)
+        """Let the messages in flight finish; those that cannot in time go back to the queue."""
+        if not self.in_flight:
+            return
+        log.info("waiting for %d message(s) in flight", len(self.in_flight))
+        await asyncio.wait(self.in_flight, timeout=timeout)
+        for task in list(self.in_flight):
+            task.cancel()
+        await asyncio.gather(*self.in_flight, return_exceptions=True)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         gauge = self.metrics.in_flight.labels(self.channel)
         gauge.inc()
         try:
             async with message.process(requeue=False, ignore_processed=True):
-                await self._process(message)
+                try:
+                    await self._process(message)
+                except asyncio.CancelledError:
+                    # Stopped before it finished: back to the queue, not to failed.queue.
+                    with contextlib.suppress(Exception):
+                        await message.nack(requeue=True)
+                    raise
         except Exception:  # noqa: BLE001 - already logged; the message was settled above
             pass
         finally:
@@ -158,43 +181,109 @@ class Worker:
             return
         correlation_id = job.body.get("correlation_id") or (message.headers or {}).get("x-correlation-id")
         with log_context(str(correlation_id) if correlation_id else None, str(job.notification_id)):
+            await self._attempt(message, job)
+
+    async def _hold(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
+        """Run a status-store step until it goes through. The store is the record: without it
+        nothing can be decided, so the message is held (not requeued in a loop) meanwhile."""
+        delay, failing_since = HOLD_FIRST_DELAY, 0.0
+        while True:
             try:
-                await self._attempt(message, job)
-            except db.DatabaseError as exc:
-                # Without the store nothing can be recorded: hand the message back and slow down.
-                log.warning("status store unavailable, message requeued: %s", exc)
-                await asyncio.sleep(STORE_OUTAGE_BACKOFF)
-                await message.nack(requeue=True)
-            except Exception:
-                log.exception("unexpected error; message dead-lettered to failed.queue")
-                await self.store.record(job.notification_id, "failed", error="internal error in worker")
-                self.metrics.failed.labels(self.channel, "internal").inc()
-                raise  # process() rejects it; the work queue dead-letters it to failed.queue
+                result = await step()
+            except Exception as exc:
+                if not is_infrastructure(exc):
+                    raise
+                if not failing_since:
+                    failing_since = time.monotonic()
+                    log.warning(
+                        "%s failed, retrying until it goes through: %s: %s", what, type(exc).__name__, exc
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, HOLD_MAX_DELAY)
+                continue
+            if failing_since:
+                log.info("%s went through after %.1fs of retries", what, time.monotonic() - failing_since)
+            return result
 
     async def _attempt(self, message: AbstractIncomingMessage, job: Job) -> None:
-        record = await self.store.claim(job.notification_id, job.attempt, self.config.claim_timeout)
-        if record is None:
+        claimed = await self._hold(
+            "claim", lambda: self.store.claim(job.notification_id, job.attempt, self.config.claim_timeout)
+        )
+        if claimed is None:
             await self._not_claimed(message, job)
             return
-        if record.pop("reclaimed", False):
+        if claimed.pop("reclaimed", False):
             self.metrics.reclaimed.labels(self.channel).inc()
             log.warning("taking over an attempt a worker did not finish: it may be sent twice")
-        job = replace(job, record=record)
-        started = time.perf_counter()
-        try:
-            delivered = await self.delivery.deliver(job)
-        except DeliveryError as exc:
-            await self._failed_attempt(message, job, exc)
-            return
-        except Skip as exc:
-            await self.store.record(job.notification_id, "skipped", error=exc.reason)
-            self.metrics.skipped.labels(self.channel).inc()
-            log.info("skipped: %s", exc.reason)
-            return
-        finally:
+        job = replace(job, record=claimed, claim=claimed.pop("claim_token"))
+        async with self._lease(job):
+            started = time.perf_counter()
+            outcome = await self._deliver(job)
             self.metrics.delivery_latency.labels(self.channel).observe(time.perf_counter() - started)
-        await self.store.record(
-            job.notification_id,
+            if isinstance(outcome, Delivered):
+                await self._delivered(job, outcome)
+            elif isinstance(outcome, Skip):
+                await self._write(job, "skipped", error=outcome.reason)
+                self.metrics.skipped.labels(self.channel).inc()
+                log.info("skipped: %s", outcome.reason)
+            else:
+                await self._failed_attempt(message, job, outcome)
+
+    async def _deliver(self, job: Job) -> Delivered | Skip | DeliveryError:
+        try:
+            return await self.delivery.deliver(job)
+        except (DeliveryError, Skip) as exc:
+            return exc
+        except Exception as exc:
+            if is_infrastructure(exc):
+                return DeliveryError(
+                    f"infrastructure: {type(exc).__name__}: {exc}",
+                    transient=True,
+                    defer=True,
+                    provider_fault=False,
+                )
+            log.exception("unexpected error in the delivery step")
+            return DeliveryError("internal error in worker", transient=False)
+
+    @contextlib.asynccontextmanager
+    async def _lease(self, job: Job) -> AsyncIterator[None]:
+        """Extend the claim while the delivery and its recording run, so a slow provider does
+        not let another worker take the notification over and send it again."""
+        stopping = asyncio.Event()
+        task = asyncio.create_task(self._keep_claim(job, stopping), name="lease")
+        try:
+            yield
+        finally:
+            await background.stop(task, stopping.set)
+
+    async def _keep_claim(self, job: Job, stopping: asyncio.Event) -> None:
+        assert job.claim is not None
+        lease = self.config.claim_timeout
+        while not stopping.is_set():
+            await background.sleep(stopping, lease / 3)
+            if stopping.is_set():
+                return
+            try:
+                if not await self.store.extend(job.notification_id, job.claim, lease):
+                    log.warning("the claim was taken over while delivering")
+                    return
+            except Exception as exc:  # noqa: BLE001 - the next beat tries again
+                log.warning("could not extend the claim: %s: %s", type(exc).__name__, exc)
+
+    async def _write(self, job: Job, status: str, **fields: Any) -> bool:
+        """Record this attempt's outcome, as a compare-and-set on its claim."""
+        written = await self._hold(
+            f"recording {status}",
+            lambda: self.store.record(job.notification_id, status, claim=job.claim, **fields),
+        )
+        if not written:
+            log.warning("%s not recorded: the claim was taken over by another worker meanwhile", status)
+        return written
+
+    async def _delivered(self, job: Job, delivered: Delivered) -> None:
+        # Held until it goes through: giving the message back now would send it again.
+        await self._write(
+            job,
             "delivered",
             provider=delivered.provider,
             error=delivered.detail,
@@ -202,7 +291,7 @@ class Worker:
             language=delivered.language,
         )
         self.metrics.delivered.labels(self.channel, delivered.provider).inc()
-        created = record.get("created_at")
+        created = job.record.get("created_at")
         if created is not None:
             self.metrics.end_to_end_latency.labels(self.channel).observe(
                 max(0.0, time.time() - created.timestamp())
@@ -210,12 +299,13 @@ class Worker:
         log.info("delivered by %s on attempt %d", delivered.provider, job.attempt)
 
     async def _not_claimed(self, message: AbstractIncomingMessage, job: Job) -> None:
-        existing = await self.store.get(job.notification_id)
+        existing = await self._hold("reading the status", lambda: self.store.get(job.notification_id))
         if existing is None:
             await self._poison(message, "unknown notification_id")
         elif existing["status"] == "sending":
             # Another consumer holds it (a redelivery raced the first copy): look again after a
-            # retry delay; its lease runs out if that consumer died.
+            # retry delay; its lease runs out if that consumer died. If the broker will not
+            # take it, this copy goes: the holder, or the reconciler, sees it through.
             self.metrics.deferred_in_progress.labels(self.channel).inc()
             await self._to_retry_queue(job, 1, job.attempt, "in progress elsewhere")
         else:
@@ -228,8 +318,11 @@ class Worker:
             # Published before the status changes: a crash in between leaves a duplicate
             # message, which the claim step turns into a no-op, never a lost one.
             carried = replace(job, body={**job.body, **exc.carry})
-            await self._to_retry_queue(carried, decision.queue, decision.next_attempt, exc.reason)
-            await self.store.record(job.notification_id, "retrying", error=exc.reason, provider=exc.provider)
+            published = await self._to_retry_queue(carried, decision.queue, decision.next_attempt, exc.reason)
+            detail = (
+                None if published else f"{exc.reason} (not queued for retry: the reconciler sends it again)"
+            )
+            await self._write(job, "retrying", error=exc.reason, provider=exc.provider, detail=detail)
             self.metrics.retried.labels(self.channel).inc()
             log.warning(
                 "attempt %d %s (%s); attempt %d follows in %gs",
@@ -237,39 +330,45 @@ class Worker:
                 "deferred" if exc.defer else "failed",
                 exc.reason,
                 decision.next_attempt,
-                decision.delay,
+                decision.delay if published else decision.delay + self.config.reconcile_after,
             )
             return
         assert isinstance(decision, Fail)
-        await self.store.record(job.notification_id, "failed", error=decision.reason, provider=exc.provider)
-        await self._dead_letter(message.body, decision.reason, job.notification_id, job.attempt, job.priority)
+        await self._write(job, "failed", error=decision.reason, provider=exc.provider)
+        await self._dead_letter(message, decision.reason, job.notification_id, job.attempt)
         self.metrics.failed.labels(self.channel, "transient" if exc.transient else "permanent").inc()
         log.error("failed after %d attempt(s): %s", job.attempt, decision.reason)
 
-    async def _to_retry_queue(self, job: Job, queue: int, next_attempt: int, reason: str) -> None:
-        await amqp.publish(
-            self.broker.channel.default_exchange,
-            amqp.retry_queue(self.channel, queue),
-            {**job.body, "attempt": next_attempt},
-            correlation_id=job.body.get("correlation_id"),
-            priority=job.priority,
-            message_id=str(job.notification_id),
-            headers={"x-last-error": reason[:500]},
-        )
+    async def _to_retry_queue(self, job: Job, queue: int, next_attempt: int, reason: str) -> bool:
+        """False when the broker did not take it (down, or the queue is gone)."""
+        try:
+            await amqp.publish(
+                self.broker.channel.default_exchange,
+                amqp.retry_queue(self.channel, queue),
+                {**job.body, "attempt": next_attempt},
+                correlation_id=job.body.get("correlation_id"),
+                priority=job.priority,
+                message_id=str(job.notification_id),
+                headers={"x-last-error": reason[:500]},
+                timeout=RETRY_PUBLISH_TIMEOUT,
+            )
+        except Exception as exc:
+            if not is_infrastructure(exc):
+                raise
+            log.warning("could not queue the retry: %s: %s", type(exc).__name__, exc)
+            return False
+        return True
 
     async def _poison(self, message: AbstractIncomingMessage, reason: str) -> None:
-        await self._dead_letter(message.body, reason, None, 0, message.priority)
+        await self._dead_letter(message, reason, None, 0)
         self.metrics.failed.labels(self.channel, "poison").inc()
         log.error("poison message moved to failed.queue: %s", reason)
 
     async def _dead_letter(
-        self,
-        raw: bytes,
-        reason: str,
-        notification_id: uuid.UUID | None,
-        attempts: int,
-        priority: int | None,
+        self, message: AbstractIncomingMessage, reason: str, notification_id: uuid.UUID | None, attempts: int
     ) -> None:
+        """A copy in failed.queue with the reason in its headers; if the broker will not take
+        it, the message is rejected, and the work queue dead-letters it there all the same."""
         headers: dict[str, Any] = {
             "x-failure-reason": reason[:1000],
             "x-channel": self.channel,
@@ -278,17 +377,22 @@ class Worker:
         }
         if notification_id is not None:
             headers["x-notification-id"] = str(notification_id)
-        await self.broker.exchange.publish(
-            aio_pika.Message(
-                raw,
-                content_type="application/json",
-                headers=headers,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                priority=priority or 0,
-            ),
-            routing_key=amqp.FAILED_ROUTING_KEY,
-            timeout=10,
+        copy = aio_pika.Message(
+            message.body,
+            content_type="application/json",
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=message.priority or 0,
         )
+        try:
+            await amqp.publish_message(self.broker.exchange, copy, amqp.FAILED_ROUTING_KEY)
+        except Exception as exc:
+            if not is_infrastructure(exc):
+                raise
+            log.warning(
+                "could not publish to failed.queue (%s); rejected to its dead-letter route instead", exc
+            )
+            await message.reject(requeue=False)
 
 
 DeliveryFactory = Callable[[web.Application], Delivery]
@@ -306,6 +410,7 @@ def consumer(channel: str, delivery: DeliveryFactory) -> Callable[[web.Applicati
         try:
             yield
         finally:
+            # The iterator is cancelled (it holds no query); then the messages in flight finish.
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await worker.drain(SHUTDOWN_GRACE)

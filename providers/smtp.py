@@ -21,15 +21,26 @@ log = logging.getLogger("providers.smtp")
 
 
 def classify(exc: BaseException) -> DeliveryError:
-    """An SMTP reply code goes through the failure table; connection trouble is transient."""
+    """An SMTP reply code goes through the failure table; connection trouble is transient.
+
+    Only connection, TLS and authentication trouble, timeouts and 421 ("service not available")
+    speak of the server's health; any other reply is about this message or recipient (a 451
+    greylisting, a 550 unknown user) and must not open the circuit for everyone's mail."""
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [r.code for r in exc.recipients]
         text = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
         transient = all(is_transient("smtp", c) for c in codes)
-        return DeliveryError(f"SMTP {text}", transient=transient, provider="smtp")
+        return DeliveryError(
+            f"SMTP {text}", transient=transient, provider="smtp", provider_fault=421 in codes
+        )
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        return DeliveryError(f"SMTP {exc.code} {exc.message}", transient=True, provider="smtp")
     if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code > 0:
         return DeliveryError(
-            f"SMTP {exc.code} {exc.message}", transient=is_transient("smtp", exc.code), provider="smtp"
+            f"SMTP {exc.code} {exc.message}",
+            transient=is_transient("smtp", exc.code),
+            provider="smtp",
+            provider_fault=exc.code == 421,
         )
     kind = "timeout" if isinstance(exc, TimeoutError | aiosmtplib.SMTPTimeoutError) else "network"
     return DeliveryError(
@@ -72,7 +83,18 @@ class SmtpProvider:
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[aiosmtplib.SMTP]:
-        async with self._slots:
+        try:
+            # Bounded: a send waiting behind slow ones must not outlive its claim.
+            await asyncio.wait_for(self._slots.acquire(), self.config.smtp_timeout)
+        except TimeoutError:
+            raise DeliveryError(
+                f"no SMTP connection free within {self.config.smtp_timeout:g}s",
+                transient=True,
+                defer=True,
+                provider="smtp",
+                provider_fault=False,
+            ) from None
+        try:
             client = None
             while not self._idle.empty():
                 candidate = self._idle.get_nowait()
@@ -90,6 +112,8 @@ class SmtpProvider:
                     client.close()
                 raise
             self._idle.put_nowait(client)
+        finally:
+            self._slots.release()
 
     async def send(self, email: OutgoingEmail) -> str:
         sender, recipients = envelope(email)

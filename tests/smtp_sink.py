@@ -23,6 +23,10 @@ class SmtpSink:
         # Answers to give to the next DATA commands, before accepting ("451 try later", ...).
         self.script: list[str] = []
         self.delay = 0.0  # seconds each accepted message takes, to keep work in flight
+        # Greylisting, as receiving servers do: a recipient's first RCPT is answered 451.
+        self.greylist: set[str] = set()  # the recipients it applies to
+        self.greylisted: list[str] = []
+        self.received_data = threading.Event()  # set when a DATA arrives, before it is answered
         self._lock = threading.Lock()
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
 
@@ -32,7 +36,18 @@ class SmtpSink:
     def stop(self) -> None:
         self._controller.stop()
 
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        with self._lock:
+            if address in self.greylist and address not in self.greylisted:
+                self.greylisted.append(address)
+                return "451 4.7.1 Greylisted, please try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.received_data.set()
         if self.delay:
             await asyncio.sleep(self.delay)
         with self._lock:

@@ -1,5 +1,7 @@
-"""A TCP proxy on 127.0.0.1 for fault tests: cut a service's connection to PostgreSQL or
-RabbitMQ, then restore it, without touching the machine's shared servers."""
+"""A TCP proxy on 127.0.0.1 for fault tests: cut a service's connection to PostgreSQL, Redis or
+RabbitMQ, or freeze it (a black hole: connections stay open and nothing is forwarded either way,
+as in a partition or a failover), then restore or thaw it, without touching the machine's shared
+servers."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
@@ -21,6 +25,9 @@ class TcpProxy:
         return self.port
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A new connection during a freeze is accepted and then hears nothing, like one into a
+        # black hole: its client's connect timeout is what ends it.
+        await self._flowing.wait()
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -35,6 +42,7 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.CancelledError):
@@ -57,6 +65,13 @@ class TcpProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def freeze(self) -> None:
+        """Forward nothing, either way, and close nothing, until `thaw`."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
 
     async def restore(self) -> None:
         await self.start()

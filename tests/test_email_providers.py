@@ -793,7 +793,10 @@ async def test_smtp_login_with_username_and_password() -> None:
                 else:
                     with pytest.raises(DeliveryError) as caught:
                         await provider.send(OutgoingEmail(**_email()))
-                    assert "535" in caught.value.reason and caught.value.transient is False
+                    # A wrong password is the deployment's trouble, not the message's: retried
+                    # (and counted by the breaker, so the next provider takes over).
+                    assert "535" in caught.value.reason and caught.value.transient is True
+                    assert caught.value.provider_fault is True
             finally:
                 await provider.close()
     finally:

@@ -331,7 +331,9 @@ async def test_worker_retries_while_the_user_service_is_away(stack_factory: Any,
         assert "user service unreachable" in record["error"]
         await link.restore()
         record = await stack.wait_for(notification_id, "delivered", timeout=20)
-        assert record["attempts"] >= 2
+        # Our own service being away is no provider's verdict: it waited, no attempt used up.
+        assert record["attempts"] == 1
+        assert sum(h["status"] == "retrying" for h in record["history"]) >= 1
         assert stack.smtp.notification_ids(user["email"]) == [notification_id]
     finally:
         await worker.close()
