@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | 
 help:
 	@echo "make run       install, create databases, migrate, declare topology, start all services"
 	@echo "make test      run the test suite against the local PostgreSQL, Redis and RabbitMQ"
-	@echo "make lint      ruff, mypy and hadolint"
+	@echo "make lint      ruff, mypy, hadolint and actionlint"
 	@echo "make migrate   create missing databases and apply migrations"
 	@echo "make topology  declare the RabbitMQ exchange and queues"
 	@echo "make bench     run the benchmarks and append the figures to BENCHMARKS.md"
@@ -34,6 +34,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 	$(BIN)/hadolint Dockerfile
+	$(BIN)/actionlint -shellcheck=$(BIN)/shellcheck
 
 format: venv
 	$(BIN)/ruff check --fix .

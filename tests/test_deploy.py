@@ -511,7 +511,7 @@ def test_ci_runs_what_make_test_runs_locally() -> None:
     assert "make test" in runs and "make lint" in runs
     assert runs.index("make topology") < runs.index("make test")  # python -m topology bootstrap
     for run in runs:
-        assert not re.search(r"\b(pytest|ruff|mypy|hadolint)\b", run), f"drifting copy: {run}"
+        assert not re.search(r"\b(pytest|ruff|mypy|hadolint|actionlint)\b", run), f"drifting copy: {run}"
     assert any("pytest" in line for line in _make_target("test"))
     assert any("-m topology" in line for line in _make_target("topology"))
     # The services the suite expects (tests/conftest.py defaults), on their default ports.
@@ -566,3 +566,44 @@ def test_compose_env_adds_only_missing_secrets() -> None:
     for line in lines:
         value = line.split("=", 1)[1]
         assert len(value) >= 16 and re.fullmatch(r"[A-Za-z0-9_-]+", value), line  # URL-safe
+
+
+def test_compose_env_points_make_run_at_the_dependencies_compose_publishes(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """`python3 -m scripts.compose_env --make-run` + `docker compose up -d postgres redis rabbitmq
+    mailpit` is how `make run` works on a machine without them: the settings it writes must name
+    the host ports compose publishes (on loopback only) and the users and passwords compose gives."""
+    secrets_text = "\n".join(compose_env.missing_lines(""))
+    secrets = compose_env.values(secrets_text)
+    env = dict(line.split("=", 1) for line in compose_env.make_run_lines(secrets_text))
+    Config.from_env(env)
+
+    def published(service: str, container_port: int) -> int:
+        for entry in services[service]["ports"]:
+            spec = str(entry)
+            if spec.endswith(f":{container_port}"):
+                assert spec.startswith("127.0.0.1:"), f"{service} publishes {spec} beyond this machine"
+                return int(spec.split(":")[1])
+        raise AssertionError(f"{service} does not publish {container_port}")
+
+    pg_user = _interpolate(_environment(services["postgres"])["POSTGRES_USER"])
+    mq_user = _interpolate(_environment(services["rabbitmq"])["RABBITMQ_DEFAULT_USER"])
+    names = set()
+    for key in ("USERS_DB_URL", "TEMPLATES_DB_URL", "NOTIFICATIONS_DB_URL"):
+        url = urlsplit(env[key])
+        assert (url.hostname, url.port) == ("127.0.0.1", published("postgres", 5432)), key
+        assert (url.username, url.password) == (pg_user, secrets["POSTGRES_PASSWORD"]), key
+        names.add(url.path.lstrip("/"))
+    assert names == {urlsplit(url).path.lstrip("/") for url in databases(Config()).values()}
+    amqp = urlsplit(env["RABBITMQ_URL"])
+    assert (amqp.hostname, amqp.port) == ("127.0.0.1", published("rabbitmq", 5672))
+    assert (amqp.username, amqp.password) == (mq_user, secrets["RABBITMQ_PASSWORD"])
+    redis_url = urlsplit(env["REDIS_URL"])
+    assert (redis_url.hostname, redis_url.port) == ("127.0.0.1", published("redis", 6379))
+    # SMTP_HOST keeps its default, 127.0.0.1; make run starts no sink of its own off port 1025.
+    assert "SMTP_HOST" not in env and Config().smtp_host == "127.0.0.1"
+    assert int(env["SMTP_PORT"]) == published("mailpit", 1025) != 1025
+    # Never a setting .env already has.
+    kept = compose_env.make_run_lines(secrets_text + "\nREDIS_URL=redis://elsewhere:6379/0\n")
+    assert [line.split("=", 1)[0] for line in kept] == [k for k in env if k != "REDIS_URL"]
