@@ -42,6 +42,8 @@ _DEFINITIONS: tuple[tuple[str, type, str, str, str], ...] = (
      "Cache lookups by outcome (hit, miss, error)"),
     ("reconciled", Counter, "notify_reconciled_total", "channel from_status",
      "Notifications the reconciler published again: their message was lost or never came back"),
+    ("store_retries", Counter, "notify_store_retries_total", "channel step",
+     "Status-store steps retried after an infrastructure error, the message held meanwhile"),
     ("in_flight", Gauge, "notify_worker_in_flight", "channel",
      "Messages being processed now"),
     # Email delivery: provider health, bounces and unsubscribes.
@@ -71,6 +73,7 @@ class Metrics:
     end_to_end_latency: Histogram
     cache_lookups: Counter
     reconciled: Counter
+    store_retries: Counter
     in_flight: Gauge
     circuit_state: Gauge
     provider_failures: Counter

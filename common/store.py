@@ -122,9 +122,13 @@ class StatusStore:
                 notification_ids,
             )
 
-    async def claim(self, notification_id: uuid.UUID, attempt: int, lease: float) -> Row | None:
-        """Start an attempt: the notification moves to `sending` under a lease held by a new
-        `claim_token`, which every later write of this attempt must present.
+    async def claim(
+        self, notification_id: uuid.UUID, attempt: int, lease: float, token: uuid.UUID
+    ) -> Row | None:
+        """Start an attempt: the notification moves to `sending` under a lease held by the
+        caller's `token`, which every later write of this attempt must present. Claiming again
+        with the same token returns the claim (a retry after a timeout whose first try did
+        reach the database must not find its own claim taken).
 
         None when it is final, unknown, or `sending` under a live lease (another consumer is on
         it right now). A `sending` whose lease ran out was claimed by a worker that died between
@@ -133,28 +137,31 @@ class StatusStore:
         return await self.db.fetchrow(
             f"""
             WITH old AS (
-                SELECT id, status AS previous FROM notifications WHERE id = %(id)s FOR UPDATE
+                SELECT id, status AS previous, claim_token AS previous_token
+                FROM notifications WHERE id = %(id)s FOR UPDATE
             ), n AS (
                 UPDATE notifications AS t
                 SET status = 'sending', attempts = %(attempt)s, updated_at = now(),
-                    claim_token = gen_random_uuid(),
+                    claim_token = %(token)s,
                     lease_until = now() + make_interval(secs => %(lease)s)
                 FROM old
                 WHERE t.id = old.id AND (
                     old.previous IN ('pending', 'retrying')
                     OR (old.previous = 'sending' AND coalesce(t.lease_until, t.updated_at) < now())
+                    OR (old.previous = 'sending' AND old.previous_token = %(token)s)
                 )
                 RETURNING {", ".join("t." + c.strip() for c in _PUBLIC_COLUMNS.split(","))},
-                          t.claim_token, old.previous = 'sending' AS reclaimed
+                    old.previous = 'sending' AND old.previous_token IS DISTINCT FROM %(token)s AS reclaimed,
+                    old.previous = 'sending' AND old.previous_token = %(token)s AS again
             ), e AS (
                 INSERT INTO notification_events (notification_id, status, attempt, detail)
                 SELECT id, 'sending', attempts,
                        CASE WHEN reclaimed THEN 'taken over from a worker that did not finish' END
-                FROM n
+                FROM n WHERE NOT again
             )
             SELECT * FROM n
             """,
-            {"id": notification_id, "attempt": attempt, "lease": lease},
+            {"id": notification_id, "attempt": attempt, "lease": lease, "token": token},
         )
 
     async def extend(self, notification_id: uuid.UUID, claim: uuid.UUID, lease: float) -> bool:
@@ -185,11 +192,16 @@ class StatusStore:
         """Move to `status`, keeping the reason and provider; appends the history event.
 
         With `claim`, a compare-and-set: written only while that claim is still the
-        notification's (a worker whose lease was taken over changes nothing), and the claim
-        ends. False when nothing was written."""
+        notification's (a worker whose lease was taken over changes nothing). The token stays
+        on the row after the write, so writing the same outcome again with the same claim (a
+        retry after a timeout whose first try did reach the database) is a success that changes
+        nothing. False when nothing was written."""
         row = await self.db.fetchrow(
             """
-            WITH n AS (
+            WITH cur AS (
+                SELECT status AS before, claim_token AS token FROM notifications
+                WHERE id = %(id)s FOR UPDATE
+            ), n AS (
                 UPDATE notifications SET
                     status = %(status)s,
                     attempts = coalesce(%(attempt)s, attempts),
@@ -200,18 +212,19 @@ class StatusStore:
                     language = coalesce(%(language)s, language),
                     delivered_at = CASE WHEN %(status)s = 'delivered' THEN now()
                                         ELSE delivered_at END,
-                    claim_token = NULL,
                     lease_until = NULL,
                     updated_at = now()
                 WHERE id = %(id)s
                   AND (%(claim)s::uuid IS NULL OR (claim_token = %(claim)s AND status = 'sending'))
                 RETURNING id, attempts
+            ), e AS (
+                INSERT INTO notification_events
+                    (notification_id, status, attempt, provider, device, detail)
+                SELECT id, %(status)s, attempts, %(provider)s, %(device)s,
+                       coalesce(%(detail)s, %(error)s) FROM n
             )
-            INSERT INTO notification_events
-                (notification_id, status, attempt, provider, device, detail)
-            SELECT id, %(status)s, attempts, %(provider)s, %(device)s,
-                   coalesce(%(detail)s, %(error)s) FROM n
-            RETURNING notification_id
+            SELECT EXISTS (SELECT 1 FROM n)
+                OR EXISTS (SELECT 1 FROM cur WHERE token = %(claim)s AND before = %(status)s) AS done
             """,
             {
                 "id": notification_id,
@@ -226,7 +239,7 @@ class StatusStore:
                 "detail": detail,
             },
         )
-        return row is not None
+        return bool(row and row["done"])
 
     async def event(
         self,

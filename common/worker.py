@@ -193,6 +193,7 @@ class Worker:
             except Exception as exc:
                 if not is_infrastructure(exc):
                     raise
+                self.metrics.store_retries.labels(self.channel, what).inc()
                 if not failing_since:
                     failing_since = time.monotonic()
                     log.warning(
@@ -206,16 +207,22 @@ class Worker:
             return result
 
     async def _attempt(self, message: AbstractIncomingMessage, job: Job) -> None:
+        # The token is chosen here, before the first try: a claim that reached the database
+        # though its answer timed out is found again as ours by the next try.
+        token = uuid.uuid4()
+        job = replace(job, claim=token)
         claimed = await self._hold(
-            "claim", lambda: self.store.claim(job.notification_id, job.attempt, self.config.claim_timeout)
+            "claim",
+            lambda: self.store.claim(job.notification_id, job.attempt, self.config.claim_timeout, token),
         )
         if claimed is None:
             await self._not_claimed(message, job)
             return
+        claimed.pop("again", None)
         if claimed.pop("reclaimed", False):
             self.metrics.reclaimed.labels(self.channel).inc()
             log.warning("taking over an attempt a worker did not finish: it may be sent twice")
-        job = replace(job, record=claimed, claim=claimed.pop("claim_token"))
+        job = replace(job, record=claimed)
         async with self._lease(job):
             started = time.perf_counter()
             outcome = await self._deliver(job)
