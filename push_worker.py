@@ -76,6 +76,14 @@ class _Progress:
     def of(cls, body: dict[str, Any]) -> _Progress:
         return cls(set(body.get("devices_done") or []), int(body.get("devices_delivered") or 0))
 
+    def merge(self, outcomes: dict[str, str]) -> None:
+        """What the history says earlier attempts finished: a retry the reconciler sent again
+        from the stored row carries no progress in its message."""
+        for device, outcome in outcomes.items():
+            if outcome != "retry" and device not in self.done:
+                self.done.add(device)
+                self.delivered += outcome == "delivered"
+
     def carry(self) -> dict[str, Any]:
         return {"devices_done": sorted(self.done), "devices_delivered": self.delivered}
 
@@ -94,6 +102,8 @@ class PushDelivery:
         prepared = await self.preparer.prepare(job)
         parts, template = prepared.parts, prepared.template
         progress = _Progress.of(job.body)
+        if job.attempt > 1:
+            progress.merge(await self.store.device_outcomes(job.notification_id))
         devices = [
             Device(str(d["id"]), d["platform"], d["token"], d.get("subscription"))
             for d in prepared.user.get("devices", [])

@@ -263,6 +263,15 @@ class StatusStore:
             detail,
         )
 
+    async def device_outcomes(self, notification_id: uuid.UUID) -> dict[str, str]:
+        """Each device's latest result for this notification (push fan-out history)."""
+        rows = await self.db.fetch(
+            "SELECT DISTINCT ON (device) device, status FROM notification_events"
+            " WHERE notification_id = %s AND device IS NOT NULL ORDER BY device, id DESC",
+            notification_id,
+        )
+        return {r["device"]: r["status"] for r in rows}
+
     async def requeue_failed(self, notification_id: uuid.UUID) -> Row | None:
         """A failed notification back to pending, for a manual retry; None if not failed."""
         return await self.db.fetchrow(

@@ -356,3 +356,39 @@ async def test_a_delivery_outliving_its_claim_timeout_is_not_sent_twice(
     metrics = stack.apps["email_worker"][METRICS_KEY]
     assert metrics.reclaimed.labels("email")._value.get() == 0
     assert metrics.deferred_in_progress.labels("email")._value.get() >= 1
+
+
+async def test_gateway_answers_503_within_seconds_when_its_store_is_a_black_hole(
+    stack_factory: Any, base_config: Config
+) -> None:
+    target = urlsplit(base_config.notifications_db_url)
+    link = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    await link.start()
+    stack = await stack_factory(
+        workers=False,
+        db_timeout=2.0,
+        gateway_config={"notifications_db_url": via(base_config.notifications_db_url, link)},
+    )
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+    body = {
+        "notification_type": "email",
+        "user_id": user["id"],
+        "template_code": code,
+        "variables": {"name": "N", "link": "l"},
+    }
+    try:
+        link.freeze()
+        for _ in range(3):
+            started = time.monotonic()
+            status, answer, headers = await stack.send({**body, "request_id": str(uuid.uuid4())})
+            assert status == 503 and answer["error"] == "service_unavailable", answer
+            assert headers["Retry-After"]
+            assert time.monotonic() - started < 6
+        link.thaw()
+        deadline = time.monotonic() + 15
+        while (answer := await stack.send({**body, "request_id": str(uuid.uuid4())}))[0] != 202:
+            assert time.monotonic() < deadline, f"the gateway did not recover: {answer[1]}"
+            await asyncio.sleep(0.2)
+    finally:
+        await link.close()
