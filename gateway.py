@@ -25,6 +25,7 @@ from aiohttp import web
 import topology
 from common import amqp, auth, bounces, db, openapi, resources, templating, unsubscribe
 from common.auth import PRINCIPAL_KEY, require
+from common.batching import Batcher
 from common.cache import CachedLookups
 from common.channels import CHANNELS
 from common.clients import ServiceClient, ServiceUnavailable, outgoing_headers, services
@@ -42,7 +43,7 @@ from common.http import (
 )
 from common.logs import CORRELATION_HEADER, correlation_id_var, log_context, setup_logging
 from common.outbox import Outbox, outbox
-from common.ratelimit import RateLimiter
+from common.ratelimit import RateLimiter, Verdict
 from common.runner import run
 from common.store import STATUSES, NewNotification, StatusStore
 from common.validation import CODE_RE, Fields, parse_uuid
@@ -62,7 +63,11 @@ REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 LIMITER_KEY = web.AppKey("rate_limiter", RateLimiter)
 OPENAPI_KEY = web.AppKey("openapi", tuple)
 LOOKUPS_KEY = web.AppKey("lookups", CachedLookups)
-ACCEPTING_KEY = web.AppKey("accepting", set)
+ACCEPT_BATCH_KEY = web.AppKey("accept_batch", Batcher)
+VERDICT_KEY = web.RequestKey("rate_limit_verdict", Verdict)
+
+ACCEPT_BATCH_SIZE = 64
+ACCEPT_BATCH_DELAY = 0.001
 
 NOTIFICATION_FIELDS = frozenset({
     "notification_type", "user_id", "template_code", "variables", "request_id", "priority", "metadata",
@@ -95,6 +100,16 @@ def _resolve(request: web.Request, presented: str) -> auth.Principal:
 _PUBLIC_PREFIXES = ("/api/v1/auth/login", "/api/v1/webhooks/", "/api/v1/unsubscribe/")
 
 
+def _rate_limited(request: web.Request, verdict: Verdict) -> ApiError:
+    return ApiError(
+        429,
+        "rate_limited",
+        f"Rate limit of {verdict.limit} requests per {request.app[CONFIG_KEY].rate_limit_window:g}s "
+        "exceeded; retry after the time in Retry-After.",
+        headers=verdict.headers(),
+    )
+
+
 @web.middleware
 async def rate_limit_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -102,23 +117,21 @@ async def rate_limit_middleware(
     principal = request.get(PRINCIPAL_KEY)
     if principal is None:
         return await handler(request)
-    verdict = await request.app[LIMITER_KEY].check(f"{principal.kind}:{principal.subject}")
-    if verdict is None:
-        return await handler(request)
-    if not verdict.allowed:
-        raise ApiError(
-            429,
-            "rate_limited",
-            f"Rate limit of {verdict.limit} requests per {request.app[CONFIG_KEY].rate_limit_window:g}s "
-            "exceeded; retry after the time in Retry-After.",
-            headers=verdict.headers(),
-        )
+    if request.match_info.handler is not create_notification:
+        # The accept path counts in its own Redis round trip, with its lookups.
+        verdict = await request.app[LIMITER_KEY].check(f"{principal.kind}:{principal.subject}")
+        if verdict is not None:
+            request[VERDICT_KEY] = verdict
+            if not verdict.allowed:
+                raise _rate_limited(request, verdict)
     try:
         response = await handler(request)
     except ApiError as exc:
-        exc.headers = {**(exc.headers or {}), **verdict.headers()}
+        if (verdict := request.get(VERDICT_KEY)) is not None:
+            exc.headers = {**verdict.headers(), **(exc.headers or {})}
         raise
-    response.headers.update(verdict.headers())
+    if (verdict := request.get(VERDICT_KEY)) is not None:
+        response.headers.update(verdict.headers())
     return response
 
 
@@ -170,17 +183,26 @@ def _accepted_view(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _lookups(request: web.Request, payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The user and the template version to use, asked in parallel; 404 / 422 when either does
-    not fit, including a variable the template needs and the request lacks."""
+async def _lookups(
+    request: web.Request, payload: dict[str, Any], principal: auth.Principal
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The user and the template version to use, with the client's rate limit counted in the same
+    Redis round trip (429 when over it); 404 / 422 when either does not fit, including a
+    variable the template needs and the request lacks."""
+    counter = request.app[LIMITER_KEY].count(f"{principal.kind}:{principal.subject}")
     try:
-        user, template = await request.app[LOOKUPS_KEY].user_and_template(
-            str(payload["user_id"]), payload["template_code"], payload["language"]
+        user, template, count = await request.app[LOOKUPS_KEY].user_and_template(
+            str(payload["user_id"]), payload["template_code"], payload["language"], counter
         )
     except ServiceUnavailable as exc:
         raise ApiError(
             503, "service_unavailable", f"Cannot accept now: {exc}.", headers={"Retry-After": "1"}
         ) from None
+    if counter is not None and count is not None:
+        verdict = counter.verdict(count)
+        request[VERDICT_KEY] = verdict
+        if not verdict.allowed:
+            raise _rate_limited(request, verdict)
     if user.status == 404:
         raise ApiError(404, "user_not_found", f"User {payload['user_id']} does not exist.")
     if template.status == 404:
@@ -213,13 +235,6 @@ async def _replay(
             "idempotency_conflict",
             f"request_id {payload['request_id']!r} was already used with a different body.",
         )
-    if (client_id, payload["request_id"]) in request.app[ACCEPTING_KEY]:
-        raise ApiError(
-            409,
-            "request_in_progress",
-            f"request_id {payload['request_id']!r} is still being accepted; retry in a moment.",
-            headers={"Retry-After": "1"},
-        )
     return json_response(
         _accepted_view(existing),
         "notification already accepted (idempotent replay)",
@@ -234,7 +249,7 @@ async def create_notification(request: web.Request) -> web.Response:
     body_hash = _body_hash(payload)
     store = request.app[STORE_KEY]
     try:
-        user, template = await _lookups(request, payload)
+        user, template = await _lookups(request, payload, principal)
     except ApiError:
         # A replay of an accepted request still gets its original answer.
         if await store.by_request(principal.subject, payload["request_id"]) is not None:
@@ -244,7 +259,7 @@ async def create_notification(request: web.Request) -> web.Response:
     opted_in = bool(user.get("preferences", {}).get(channel, True))
     notification_id = uuid.uuid4()
     with log_context(notification_id=str(notification_id)):
-        row = await store.create(
+        row = await request.app[ACCEPT_BATCH_KEY].submit(
             NewNotification(
                 id=notification_id,
                 client_id=principal.subject,
@@ -272,15 +287,8 @@ async def create_notification(request: web.Request) -> web.Response:
             metrics.skipped.labels(channel).inc()
             log.info("notification skipped: user opted out of %s", channel)
             return json_response(_accepted_view(row), "notification skipped: user opted out", status=202)
-        # A duplicate arriving while this request is between insert and publish gets 409 from
-        # this process; the row is committed, so anywhere else it is already a replay.
-        accepting = request.app[ACCEPTING_KEY]
-        key = (principal.subject, payload["request_id"])
-        accepting.add(key)
-        try:
-            await request.app[OUTBOX_KEY].publish(row)
-        finally:
-            accepting.discard(key)
+        # Committed: the outbox publishes it off this request's path, the relay if that fails.
+        request.app[OUTBOX_KEY].submit(row)
         metrics.accepted.labels(channel).inc()
         log.info("notification accepted")
         return json_response(_accepted_view(row), "notification accepted", status=202)
@@ -337,7 +345,7 @@ async def retry_notification(request: web.Request) -> web.Response:
     notification_id = _notification_id(request)
     row = await store.requeue_failed(notification_id)
     if row is not None:
-        await request.app[OUTBOX_KEY].publish(row)
+        request.app[OUTBOX_KEY].submit(row)
         return json_response(_view(row), "notification requeued", status=202)
     current = await store.get(notification_id)
     if current is None:
@@ -500,8 +508,17 @@ async def clients_ctx(app: web.Application) -> AsyncIterator[None]:
     app[KEY_HASHES_KEY] = tuple(auth.key_id(k) for k in config.gateway_api_keys)
     app[LIMITER_KEY] = RateLimiter(app[REDIS_KEY], config.rate_limit, config.rate_limit_window)
     app[LOOKUPS_KEY] = CachedLookups(app[REDIS_KEY], clients.users, clients.templates)
-    app[ACCEPTING_KEY] = set()
     yield
+
+
+async def accept_batch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Group commit: the accepts of concurrent requests go into one INSERT."""
+    batcher = Batcher(app[STORE_KEY].create_many, size=ACCEPT_BATCH_SIZE, delay=ACCEPT_BATCH_DELAY)
+    app[ACCEPT_BATCH_KEY] = batcher
+    try:
+        yield
+    finally:
+        await batcher.close()
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -526,6 +543,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(resources.http_client(HTTP_KEY))
     app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
     app.cleanup_ctx.append(clients_ctx)
+    app.cleanup_ctx.append(accept_batch_ctx)
     app.cleanup_ctx.append(outbox(OUTBOX_KEY, STORE_KEY, BROKER_KEY))
     r = app.router
     for path in ("/api/v1/notifications", "/api/v1/notifications/"):

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
@@ -133,6 +133,12 @@ class TemplateVersionCache:
         return reply
 
 
+class Extra(Protocol):
+    """Commands another party adds to a lookup's round trip (the rate limit's counter)."""
+
+    def add(self, pipe: Any) -> None: ...
+
+
 class CachedLookups:
     def __init__(self, client: aioredis.Redis, users: ServiceClient, templates: ServiceClient) -> None:
         self.client = client
@@ -143,33 +149,40 @@ class CachedLookups:
         )
         self.outage = RedisOutage("asking the services directly")
 
-    async def _read(self, user_id: str) -> tuple[bytes | None, int | None]:
+    async def _read(self, user_id: str, also: Extra | None = None) -> tuple[bytes | None, int | None, Any]:
+        """One round trip: the profile, the template generation, and `also`'s commands (whose
+        first result is returned; None when Redis is not answering)."""
         if self.outage.skip():
-            return None, None
+            return None, None, None
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.get(user_key(user_id))
                 pipe.get(TEMPLATE_GENERATION_KEY)
-                raw_user, generation = await pipe.execute()
+                if also is not None:
+                    also.add(pipe)
+                raw_user, generation, *more = await pipe.execute()
         except (RedisError, OSError) as exc:
             self.outage.failed(exc)
-            return None, None
+            return None, None, None
         self.outage.succeeded()
-        return raw_user, int(generation or 0)
+        return raw_user, int(generation or 0), more[0] if more else None
 
     async def user(self, user_id: str) -> Reply:
-        raw, _ = await self._read(user_id)
+        raw, _, _ = await self._read(user_id)
         return Reply(200, {"data": orjson.loads(raw)}) if raw else await self.users.get_user(user_id)
 
-    async def user_and_template(self, user_id: str, code: str, language: str | None) -> tuple[Reply, Reply]:
-        raw_user, generation = await self._read(user_id)
+    async def user_and_template(
+        self, user_id: str, code: str, language: str | None, also: Extra | None = None
+    ) -> tuple[Reply, Reply, Any]:
+        """The user and the template, and the first result of `also` (see `_read`)."""
+        raw_user, generation, extra = await self._read(user_id, also)
         key = (code, language)
         cached = self._templates.get(key)
         now = time.monotonic()
         fresh = cached is not None and generation is not None and cached[0] == generation and now < cached[1]
         if raw_user and fresh:
             assert cached is not None
-            return Reply(200, {"data": orjson.loads(raw_user)}), Reply(200, {"data": cached[2]})
+            return Reply(200, {"data": orjson.loads(raw_user)}), Reply(200, {"data": cached[2]}), extra
 
         async def template() -> Reply:
             if fresh:
@@ -191,4 +204,4 @@ class CachedLookups:
             )
 
         found_user, found_template = await asyncio.gather(user(), template())
-        return found_user, found_template
+        return found_user, found_template, extra

@@ -47,7 +47,9 @@ class Config:
     smtp_password: str | None = None
     smtp_tls: str = "none"
     smtp_timeout: float = 10.0
-    smtp_pool_size: int = 8
+    # SMTP connections kept open; 0 sizes the pool to WORKER_PREFETCH, so every message in
+    # flight has a connection and none waits behind another.
+    smtp_pool_size: int = 0
     email_from: str = "notify@localhost"
     email_providers: tuple[str, ...] = ("smtp",)
     sendgrid_api_key: str | None = None
@@ -230,7 +232,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "smtp_port": _port,
     "smtp_tls": _one_of(SMTP_TLS_MODES),
     "smtp_timeout": _positive_float,
-    "smtp_pool_size": _positive_int,
+    "smtp_pool_size": _non_negative_int,
     "email_providers": _providers,
     "sendgrid_base_url": _http,
     "mailgun_base_url": _http,

@@ -32,6 +32,8 @@ psycopg2.extras.register_default_jsonb(loads=orjson.loads, globally=True)
 UniqueViolation = psycopg2.errors.UniqueViolation
 DatabaseError = psycopg2.Error
 OperationalError = psycopg2.OperationalError
+# What bad input causes, as opposed to a server or connection in trouble.
+InputError = (psycopg2.DataError, psycopg2.IntegrityError, psycopg2.ProgrammingError)
 
 Row = dict[str, Any]
 

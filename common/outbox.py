@@ -1,8 +1,8 @@
 """The outbox: a notification is stored first, then published from its stored row.
 
 - `message(row)`: the AMQP body built from a stored row (the gateway and the relay send the same);
-- `Outbox.publish(row)`: publish with a confirm, and mark it published in the store, in batches
-  (one UPDATE every few milliseconds instead of one per request);
+- `Outbox.submit(row)`: a committed row, published off the request's path in batches (their
+  confirms awaited together) and marked published in one UPDATE per batch;
 - `relay`: a loop republishing rows stored but never confirmed by the broker (an outage, a crash
   between commit and publish). Rows are locked with SKIP LOCKED so several gateways relay
   without publishing one row twice; a mark lost in a crash only makes the relay publish that
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -36,7 +35,7 @@ log = logging.getLogger(__name__)
 RELAY_INTERVAL = 1.0
 RELAY_AGE = 5.0
 RELAY_BATCH = 500
-CONFIRM_BATCH_DELAY = 0.02
+PUBLISH_BATCH = 500
 PUBLISH_TIMEOUT = 3.0
 # After a publish failed, requests leave publishing to the relay for this long (or until the
 # relay gets one through): a broker that does not answer must not cost every request a timeout.
@@ -68,7 +67,7 @@ class Outbox:
         self.broker = broker
         self.config = config
         self.metrics = metrics
-        self._marks: list[uuid.UUID] = []
+        self._queue: list[dict[str, Any]] = []
         self._wakeup = asyncio.Event()
         self._suspect_until = 0.0
 
@@ -83,38 +82,46 @@ class Outbox:
             timeout=PUBLISH_TIMEOUT,
         )
 
-    async def publish(self, row: dict[str, Any]) -> bool:
-        """Publish and mark confirmed. When the broker is down the row stays unpublished for the
-        relay and the caller still answers at once: the status store is the record."""
-        if not self.broker.ready or time.monotonic() < self._suspect_until:
-            return False
-        try:
-            await self._send(row)
-        except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row to the relay
+    def submit(self, row: dict[str, Any]) -> None:
+        """Publish a committed row, soon, off the caller's path: the caller has its answer once
+        the row is stored. Published in batches with their confirms awaited together; whatever
+        does not get through stays unpublished in the store for the relay."""
+        if self.broker.ready and time.monotonic() >= self._suspect_until:
+            self._queue.append(row)
+            self._wakeup.set()
+
+    async def publish_pending(self) -> None:
+        batch, self._queue = self._queue[:PUBLISH_BATCH], self._queue[PUBLISH_BATCH:]
+        if not self._queue:
+            self._wakeup.clear()
+        if not batch:
+            return
+        results = await asyncio.gather(*(self._send(row) for row in batch), return_exceptions=True)
+        confirmed = [row["id"] for row, result in zip(batch, results, strict=True) if result is None]
+        failed = [result for result in results if result is not None]
+        if failed:
+            # A broker that does not answer must not cost every request's publish a timeout.
             self._suspect_until = time.monotonic() + BROKER_SUSPECT_FOR
-            log.warning("publish failed, the relay will retry: %s: %s", type(exc).__name__, exc)
-            return False
-        self._marks.append(row["id"])
-        self._wakeup.set()
-        return True
-
-    async def flush_marks(self) -> None:
-        batch, self._marks = self._marks, []
-        self._wakeup.clear()
+            self._queue.clear()
+            log.warning(
+                "%d publish(es) failed, the relay will retry: %s: %s",
+                len(failed),
+                type(failed[0]).__name__,
+                failed[0],
+            )
         try:
-            await self.store.mark_published(batch)
-        except Exception as exc:  # noqa: BLE001 - retried with the next batch
-            log.warning("could not mark %d notification(s) published: %s", len(batch), exc)
-            self._marks[:0] = batch
+            await self.store.mark_published(confirmed)
+        except Exception as exc:  # noqa: BLE001 - unmarked rows are published again by the relay: harmless
+            log.warning("could not mark %d notification(s) published: %s", len(confirmed), exc)
 
-    async def mark_loop(self, stopping: asyncio.Event) -> None:
+    async def publish_loop(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             await self._wakeup.wait()
-            if not stopping.is_set():
-                await asyncio.sleep(CONFIRM_BATCH_DELAY)
-            await self.flush_marks()
+            await self.publish_pending()
+        while self._queue:  # what was accepted before the stop
+            await self.publish_pending()
 
-    def stop_marks(self, stopping: asyncio.Event) -> Callable[[], None]:
+    def stop_publishing(self, stopping: asyncio.Event) -> Callable[[], None]:
         def wake() -> None:
             stopping.set()
             self._wakeup.set()
@@ -128,10 +135,10 @@ class Outbox:
             results = await asyncio.gather(*(self._send(row) for row in rows), return_exceptions=True)
             confirmed = [row["id"] for row, result in zip(rows, results, strict=True) if result is None]
             await self.store.mark_published(confirmed, tx)
-            if rows:
-                log.info(
-                    "relay published %d of %d notification(s) left unpublished", len(confirmed), len(rows)
-                )
+        if confirmed:
+            self._suspect_until = 0.0
+        if rows:
+            log.info("relay published %d of %d notification(s) left unpublished", len(confirmed), len(rows))
 
     async def relay_loop(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -194,8 +201,8 @@ def outbox(
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         box = Outbox(app[store_key], app[broker_key], app[CONFIG_KEY], app[METRICS_KEY])
         app[key] = box
-        marks_stop, relay_stop, reconcile_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
-        marks = asyncio.create_task(box.mark_loop(marks_stop), name="outbox-marks")
+        publish_stop, relay_stop, reconcile_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        publisher = asyncio.create_task(box.publish_loop(publish_stop), name="outbox-publisher")
         relay = asyncio.create_task(box.relay_loop(relay_stop), name="outbox-relay")
         reconcile = asyncio.create_task(box.reconcile_loop(reconcile_stop), name="reconciler")
         try:
@@ -203,7 +210,6 @@ def outbox(
         finally:
             await background.stop(reconcile, reconcile_stop.set)
             await background.stop(relay, relay_stop.set)
-            await background.stop(marks, box.stop_marks(marks_stop))
-            await box.flush_marks()
+            await background.stop(publisher, box.stop_publishing(publish_stop))
 
     return ctx

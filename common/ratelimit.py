@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -37,22 +38,43 @@ class RateLimiter:
         self.window = window
         self.outage = RedisOutage("rate limiting off")
 
-    async def check(self, subject: str) -> Verdict | None:
-        """Count one request; None when limiting is off or Redis is down (fail open, logged once:
-        an outage of the cache must not stop notifications)."""
-        if self.limit <= 0 or self.outage.skip():
+    def count(self, subject: str) -> Count | None:
+        """The counter one request of `subject` increments, for a caller that sends it to Redis
+        in a round trip of its own (the gateway's accept path: one round trip per request)."""
+        if self.limit <= 0:
             return None
         now = time.time()
         window = int(now // self.window)
-        key = f"notify:ratelimit:{subject}:{window}"
+        return Count(self, f"notify:ratelimit:{subject}:{window}", (window + 1) * self.window - now)
+
+    async def check(self, subject: str) -> Verdict | None:
+        """Count one request; None when limiting is off or Redis is down (fail open, logged once:
+        an outage of the cache must not stop notifications)."""
+        counter = self.count(subject)
+        if counter is None or self.outage.skip():
+            return None
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, max(1, math.ceil(self.window * 2)))
-                count, _ = await pipe.execute()
+                counter.add(pipe)
+                results = await pipe.execute()
         except (RedisError, OSError) as exc:
             self.outage.failed(exc)
             return None
         self.outage.succeeded()
-        reset = (window + 1) * self.window - now
-        return Verdict(count <= self.limit, self.limit, max(0, self.limit - count), reset)
+        return counter.verdict(results[0])
+
+
+@dataclass(frozen=True)
+class Count:
+    limiter: RateLimiter
+    key: str
+    reset: float
+
+    def add(self, pipe: Any) -> None:
+        """Two commands; the first one's result is the count."""
+        pipe.incr(self.key)
+        pipe.expire(self.key, max(1, math.ceil(self.limiter.window * 2)))
+
+    def verdict(self, count: int) -> Verdict:
+        limit = self.limiter.limit
+        return Verdict(count <= limit, limit, max(0, limit - count), self.reset)

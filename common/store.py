@@ -11,7 +11,9 @@ import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from common.db import Database, Executor, Row
+import orjson
+
+from common.db import Database, Executor, InputError, Row
 
 FINAL_STATUSES = ("delivered", "failed", "skipped")
 STATUSES = ("pending", "sending", "retrying", "delivered", "failed", "skipped")
@@ -21,6 +23,30 @@ _PUBLIC_COLUMNS = (
     "variables, metadata, priority, status, attempts, error, provider, correlation_id, "
     "publish_pending, created_at, updated_at, delivered_at"
 )
+
+
+_NEW_COLUMNS = (
+    "id, client_id, request_id, body_hash, user_id, notification_type, template_code, language, "
+    "template_version, variables, metadata, priority, status, error, correlation_id, publish_pending"
+)
+_CREATE_MANY = f"""
+    WITH r AS (
+        SELECT * FROM jsonb_to_recordset(%s::jsonb) AS r(
+            id uuid, client_id text, request_id text, body_hash text, user_id uuid,
+            notification_type text, template_code text, language text, template_version integer,
+            variables jsonb, metadata jsonb, priority smallint, status text, error text,
+            correlation_id text, publish_pending boolean)
+    ), n AS (
+        INSERT INTO notifications ({_NEW_COLUMNS})
+        SELECT {_NEW_COLUMNS} FROM r
+        ON CONFLICT (client_id, request_id) DO NOTHING
+        RETURNING {_PUBLIC_COLUMNS}
+    ), e AS (
+        INSERT INTO notification_events (notification_id, status, detail)
+        SELECT id, status, error FROM n
+    )
+    SELECT * FROM n
+"""
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,30 @@ class StatusStore:
             """,
             values,
         )
+
+    async def create_many(self, batch: list[NewNotification]) -> list[Row | BaseException | None]:
+        """`create` for many at once, in one statement (group commit): for each, its row, or None
+        when its (client_id, request_id) already existed (or came twice in this batch: the first
+        wins). If the statement fails on one row's data, each is tried alone, so only the bad one
+        fails."""
+        # Ordered by key: two batches locking the same keys lock them in one order, no deadlock.
+        ordered = sorted(batch, key=lambda n: (n.client_id, n.request_id))
+        rows = [
+            {**{f.name: getattr(n, f.name) for f in fields(n)}, "publish_pending": n.status == "pending"}
+            for n in ordered
+        ]
+        try:
+            found = await self.db.fetch(_CREATE_MANY, orjson.dumps(rows).decode())
+        except InputError:
+            alone: list[Row | BaseException | None] = []
+            for n in batch:
+                try:
+                    alone.append(await self.create(n))
+                except InputError as exc:
+                    alone.append(exc)
+            return alone
+        by_id = {row["id"]: row for row in found}
+        return [by_id.get(n.id) for n in batch]
 
     async def by_request(self, client_id: str, request_id: str) -> Row | None:
         return await self.db.fetchrow(
@@ -164,16 +214,19 @@ class StatusStore:
             {"id": notification_id, "attempt": attempt, "lease": lease, "token": token},
         )
 
-    async def extend(self, notification_id: uuid.UUID, claim: uuid.UUID, lease: float) -> bool:
-        """Keep a claim alive while its delivery runs; False when the claim is no longer ours."""
-        count = await self.db.execute(
-            "UPDATE notifications SET lease_until = now() + make_interval(secs => %s)"
-            " WHERE id = %s AND claim_token = %s AND status = 'sending'",
+    async def extend(self, claims: dict[uuid.UUID, uuid.UUID], lease: float) -> int:
+        """Keep claims alive while their deliveries run, in one statement (notification id ->
+        claim token); a claim no longer ours is left alone. Returns how many were extended."""
+        if not claims:
+            return 0
+        return await self.db.execute(
+            "UPDATE notifications AS n SET lease_until = now() + make_interval(secs => %s)"
+            " FROM unnest(%s::uuid[], %s::uuid[]) AS c(id, token)"
+            " WHERE n.id = c.id AND n.claim_token = c.token AND n.status = 'sending'",
             lease,
-            notification_id,
-            claim,
+            list(claims),
+            list(claims.values()),
         )
-        return count > 0
 
     async def record(
         self,

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -131,6 +131,7 @@ class Worker:
         self.metrics = metrics
         self.delivery = delivery
         self.in_flight: set[asyncio.Task[None]] = set()
+        self.claims: dict[uuid.UUID, uuid.UUID] = {}
 
     async def consume(self) -> None:
         # Declared again with the arguments the topology declared it with: a robust channel
@@ -223,7 +224,7 @@ class Worker:
             self.metrics.reclaimed.labels(self.channel).inc()
             log.warning("taking over an attempt a worker did not finish: it may be sent twice")
         job = replace(job, record=claimed)
-        async with self._lease(job):
+        with self._lease(job):
             started = time.perf_counter()
             outcome = await self._deliver(job)
             self.metrics.delivery_latency.labels(self.channel).observe(time.perf_counter() - started)
@@ -252,30 +253,28 @@ class Worker:
             log.exception("unexpected error in the delivery step")
             return DeliveryError("internal error in worker", transient=False)
 
-    @contextlib.asynccontextmanager
-    async def _lease(self, job: Job) -> AsyncIterator[None]:
-        """Extend the claim while the delivery and its recording run, so a slow provider does
-        not let another worker take the notification over and send it again."""
-        stopping = asyncio.Event()
-        task = asyncio.create_task(self._keep_claim(job, stopping), name="lease")
+    @contextlib.contextmanager
+    def _lease(self, job: Job) -> Iterator[None]:
+        """While the delivery and its recording run, the claim is among those `keep_claims`
+        extends, so a slow provider does not let another worker take it over and send again."""
+        assert job.claim is not None
+        self.claims[job.notification_id] = job.claim
         try:
             yield
         finally:
-            await background.stop(task, stopping.set)
+            self.claims.pop(job.notification_id, None)
 
-    async def _keep_claim(self, job: Job, stopping: asyncio.Event) -> None:
-        assert job.claim is not None
+    async def keep_claims(self, stopping: asyncio.Event) -> None:
+        """Extend every claim in flight, in one statement every third of a lease."""
         lease = self.config.claim_timeout
         while not stopping.is_set():
             await background.sleep(stopping, lease / 3)
             if stopping.is_set():
                 return
             try:
-                if not await self.store.extend(job.notification_id, job.claim, lease):
-                    log.warning("the claim was taken over while delivering")
-                    return
+                await self.store.extend(dict(self.claims), lease)
             except Exception as exc:  # noqa: BLE001 - the next beat tries again
-                log.warning("could not extend the claim: %s: %s", type(exc).__name__, exc)
+                log.warning("could not extend the claims in flight: %s: %s", type(exc).__name__, exc)
 
     async def _write(self, job: Job, status: str, **fields: Any) -> bool:
         """Record this attempt's outcome, as a compare-and-set on its claim."""
@@ -414,6 +413,8 @@ def consumer(channel: str, delivery: DeliveryFactory) -> Callable[[web.Applicati
             channel, app[CONFIG_KEY], app[STORE_KEY], app[BROKER_KEY], app[METRICS_KEY], delivery(app)
         )
         task = asyncio.create_task(worker.consume(), name=f"{channel}-consumer")
+        beating = asyncio.Event()
+        heartbeat = asyncio.create_task(worker.keep_claims(beating), name=f"{channel}-claims")
         try:
             yield
         finally:
@@ -421,6 +422,7 @@ def consumer(channel: str, delivery: DeliveryFactory) -> Callable[[web.Applicati
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await worker.drain(SHUTDOWN_GRACE)
+            await background.stop(heartbeat, beating.set)
 
     return ctx
 

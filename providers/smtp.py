@@ -67,7 +67,7 @@ class SmtpProvider:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._idle: asyncio.LifoQueue[aiosmtplib.SMTP] = asyncio.LifoQueue()
-        self._slots = asyncio.Semaphore(config.smtp_pool_size)
+        self._slots = asyncio.Semaphore(config.smtp_pool_size or config.worker_prefetch)
 
     def _client(self) -> aiosmtplib.SMTP:
         c = self.config

@@ -1,0 +1,200 @@
+"""Group commit on the accept path: one INSERT for many requests, each still answered exactly,
+and nothing lost between the commit and the publish."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from common import db
+from common.batching import Batcher
+from common.config import Config
+from common.store import NewNotification, StatusStore
+from tests.conftest import API_KEY, Stack
+from tests.processes import ServiceProcess
+from tests.tcp_proxy import TcpProxy
+from tests.test_black_holes import all_delivered, exactly_once
+from tests.test_faults import via
+
+
+def _new(client: str, request_id: str, **fields: Any) -> NewNotification:
+    return NewNotification(
+        id=uuid.uuid4(),
+        client_id=client,
+        request_id=request_id,
+        body_hash="h",
+        user_id=uuid.uuid4(),
+        notification_type="email",
+        template_code="t",
+        language="en",
+        template_version=1,
+        priority=0,
+        correlation_id="c",
+        variables={"name": "Ada", "nested": {"list": [1, 2]}},
+        **fields,
+    )
+
+
+async def test_one_insert_answers_each_row_with_duplicates_inside_it(base_config: Config) -> None:
+    database = await db.connect(base_config.notifications_db_url, maxsize=2)
+    store = StatusStore(database)
+    client = f"batch-{uuid.uuid4().hex[:8]}"
+    try:
+        existing = _new(client, "already")
+        assert await store.create(existing) is not None
+        first, second, again, old = (
+            _new(client, "one"),
+            _new(client, "two"),
+            _new(client, "one"),  # the same key twice in one batch: the first wins
+            _new(client, "already"),  # stored before this batch
+        )
+        results = await store.create_many([first, second, again, old])
+        assert [r["id"] if isinstance(r, dict) else r for r in results] == [first.id, second.id, None, None]
+        assert results[0]["variables"] == {"name": "Ada", "nested": {"list": [1, 2]}}  # type: ignore[index]
+        assert (await store.by_request(client, "one"))["id"] == first.id  # type: ignore[index]
+        assert [h["status"] for h in await store.history(first.id)] == ["pending"]
+    finally:
+        await database.close()
+
+
+async def test_a_row_that_breaks_the_batch_fails_alone(base_config: Config) -> None:
+    database = await db.connect(base_config.notifications_db_url, maxsize=2)
+    store = StatusStore(database)
+    client = f"batch-{uuid.uuid4().hex[:8]}"
+    try:
+        good, bad, other = (
+            _new(client, "good"),
+            replace(_new(client, "bad"), notification_type="sms"),  # refused by a CHECK
+            _new(client, "other"),
+        )
+        results = await store.create_many([good, bad, other])
+        assert isinstance(results[1], db.InputError)
+        assert results[0]["id"] == good.id and results[2]["id"] == other.id  # type: ignore[index]
+    finally:
+        await database.close()
+
+
+async def test_the_batcher_groups_calls_and_a_failed_batch_fails_only_its_own() -> None:
+    seen: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int | BaseException]:
+        seen.append(items)
+        if 13 in items:
+            raise RuntimeError("this batch failed")
+        return [i * 10 if i != 7 else ValueError("seven") for i in items]
+
+    batcher: Batcher[int, int] = Batcher(flush, size=4, delay=0.05)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(6)), return_exceptions=True)
+    assert seen == [[0, 1, 2, 3], [4, 5]]  # full at four, the rest after the delay
+    assert results == [0, 10, 20, 30, 40, 50]
+    failing = await asyncio.gather(batcher.submit(13), batcher.submit(1), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in failing)
+    mixed = await asyncio.gather(batcher.submit(7), batcher.submit(2), return_exceptions=True)
+    assert isinstance(mixed[0], ValueError) and mixed[1] == 20
+    assert await batcher.submit(3) == 30  # the next batch starts fresh
+    await batcher.close()
+
+
+async def test_concurrent_accepts_with_duplicates_and_conflicts_each_get_their_answer(stack: Stack) -> None:
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+
+    def body(request_id: str, name: str = "N") -> dict[str, Any]:
+        return {
+            "notification_type": "email",
+            "user_id": user["id"],
+            "template_code": code,
+            "variables": {"name": name, "link": "l"},
+            "request_id": request_id,
+        }
+
+    prefix = uuid.uuid4().hex[:8]
+    fresh = [body(f"{prefix}-{i}") for i in range(30)]
+    duplicates = [body(f"{prefix}-{i}") for i in range(5)]  # the same body again: one notification
+    conflicts = [body(f"{prefix}-{i}", name="other") for i in range(5, 8)]  # same key, other body
+    answers = await asyncio.gather(*(stack.send(b) for b in fresh + duplicates + conflicts))
+    status = [s for s, _, _ in answers]
+    data = [a["data"] for _, a, _ in answers]
+    # Two identical requests: both 202, naming one notification.
+    for i in range(5):
+        assert status[i] == status[30 + i] == 202
+        assert data[i]["notification_id"] == data[30 + i]["notification_id"]
+    # Two bodies under one key: whichever committed first is accepted, the other refused 422.
+    for i in range(3):
+        assert sorted([status[5 + i], status[35 + i]]) == [202, 422]
+    accepted = {d["notification_id"] for s, d in zip(status, data, strict=True) if s == 202}
+    assert len(accepted) == 30 and all(status[i] == 202 for i in range(8, 30))
+    await all_delivered(stack, sorted(accepted), timeout=30)
+    await asyncio.sleep(0.5)
+    assert sorted(stack.smtp.notification_ids(user["email"])) == sorted(accepted)
+
+
+async def test_a_gateway_killed_between_commit_and_publish_loses_nothing(
+    stack_factory: Any, base_config: Config, tmp_path: Path
+) -> None:
+    stack = await stack_factory()  # its gateway's relay sees the other gateway's rows through
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+    target = urlsplit(base_config.rabbitmq_url)
+    link = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await link.start()
+    doomed = ServiceProcess(
+        "gateway.py",
+        replace(stack.config, rabbitmq_url=via(base_config.rabbitmq_url, link)),
+        tmp_path / "g.log",
+    )
+    await doomed.start()
+    try:
+        link.freeze()  # its publishes will never leave
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
+            ids = []
+            for i in range(20):
+                async with session.post(
+                    doomed.url + "/api/v1/notifications/",
+                    json={
+                        "notification_type": "email",
+                        "user_id": user["id"],
+                        "template_code": code,
+                        "variables": {"name": "N", "link": "l"},
+                        "request_id": f"doomed-{uuid.uuid4()}-{i}",
+                    },
+                ) as response:
+                    assert response.status == 202
+                    ids.append((await response.json())["data"]["notification_id"])
+        doomed.signal(signal.SIGKILL)  # committed, never published
+        await doomed.wait(10)
+        await all_delivered(stack, ids, timeout=30)  # by the surviving gateway's relay
+        await asyncio.sleep(0.5)
+        exactly_once(stack, user, ids)
+    finally:
+        doomed.stop()
+        await link.close()
+
+
+async def test_the_accept_path_still_rate_limits_in_its_one_round_trip(stack_factory: Any) -> None:
+    stack = await stack_factory(workers=False, rate_limit=4, rate_limit_window=3600.0)
+    user = await stack.create_user()  # one request of the four
+    code = (await stack.create_template())["code"]  # two
+    statuses = []
+    for _ in range(4):
+        status, answer, headers = await stack.send(
+            {
+                "notification_type": "email",
+                "user_id": user["id"],
+                "template_code": code,
+                "variables": {"name": "N", "link": "l"},
+                "request_id": str(uuid.uuid4()),
+            }
+        )
+        statuses.append(status)
+        assert headers["X-RateLimit-Limit"] == "4"
+        if status == 429:
+            assert answer["error"] == "rate_limited" and int(headers["Retry-After"]) >= 1
+    assert statuses == [202, 202, 429, 429]
