@@ -164,8 +164,12 @@ async def test_messages_the_broker_lost_are_delivered_once_by_the_reconciler(
         exactly_once(stack, user, ids)
         reconciled = stack.apps["gateway"][METRICS_KEY].reconciled.labels("email", "pending")._value.get()
         assert reconciled >= 20
-        record = await stack.notification(ids[-1])
-        assert any("reconciler" in (h["detail"] or "") for h in record["history"])
+        redriven = 0
+        for notification_id in ids:
+            record = await stack.notification(notification_id)
+            redriven += any("reconciler" in (h["detail"] or "") for h in record["history"])
+        # RECONCILE_AFTER is shorter here than the queue's wait, so some went twice: harmless.
+        assert 20 <= redriven <= reconciled
     finally:
         worker.signal(signal.SIGCONT)
         worker.stop()
