@@ -23,6 +23,7 @@ from bench import report
 from bench.load import SEQ, LoadResult, Spec, run_load
 from bench.stack import BenchEnv, CpuMeter, Proc, api, free_port
 from bench.stats import fmt_num
+from common import db
 from common.amqp import work_queue
 
 
@@ -138,6 +139,20 @@ LOAD_HEADERS = [
 ]
 
 
+async def _commits(env: BenchEnv) -> int:
+    """Transactions committed so far in the bench's notifications database."""
+    database = await db.connect(env.config.notifications_db_url, maxsize=1)
+    try:
+        return int(
+            await database.fetchval(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+            )
+            or 0
+        )
+    finally:
+        await database.close()
+
+
 async def measured(procs: dict[str, Proc], run: Any) -> tuple[LoadResult, dict[str, float]]:
     """Run a load and the CPU each service (and each shared server) used meanwhile."""
     meter = CpuMeter(procs)
@@ -168,6 +183,7 @@ async def run_accept(env: BenchEnv, opts: AcceptOptions, record: bool) -> dict[s
         raw = env.log_dir / "gateway.pyspy.raw"
         seconds = min(15.0, max(1.0, opts.duration - 2))
         profile_task = asyncio.create_task(_delayed_profile(gateway.pid, seconds, raw))
+    commits_before = await _commits(env)
     closed, cpu = await measured(
         core,
         run_load(
@@ -175,6 +191,7 @@ async def run_accept(env: BenchEnv, opts: AcceptOptions, record: bool) -> dict[s
             opts.generators,
         ),
     )
+    commits = await _commits(env) - commits_before
     rows.append(load_row("gateway closed loop", closed))
     results["closed"] = closed.to_dict() | {"service_cpu": cpu}
     profile_raw = await profile_task if profile_task else None
@@ -230,11 +247,24 @@ async def run_accept(env: BenchEnv, opts: AcceptOptions, record: bool) -> dict[s
     section.table(
         ["ratio", "gateway 2xx/s", "baseline 2xx/s", "ratio"], ratio_rows, "Ratios (closed loop, same run)"
     )
+    per = (lambda v: fmt_num(v * 1e6 / closed.rate)) if closed.rate else (lambda v: "-")
     section.table(
-        ["process", "CPU during the closed loop"],
-        [[name, fmt_num(100 * v) + " %"] for name, v in cpu.items()],
+        ["process", "CPU during the closed loop", "CPU µs per accepted"],
+        [[name, fmt_num(100 * v) + " %", per(v)] for name, v in cpu.items()],
         "CPU during the closed loop (100 % = one core; the shared servers' figures include any"
         " other work on the machine)",
+    )
+    accepted = closed.rate * opts.duration
+    results["db_transactions_per_accepted"] = commits / accepted if accepted else None
+    section.table(
+        ["round trips to the status store", "per accepted notification"],
+        [
+            [
+                "PostgreSQL transactions (pg_stat_database.xact_commit of its database)",
+                fmt_num(commits / accepted if accepted else 0, 2),
+            ]
+        ],
+        "Status-store round trips during the closed loop (statements run in autocommit: one each)",
     )
     results["ratios"] = {kind: closed.rate / b.rate if b.rate else None for kind, b in baselines.items()}
 
