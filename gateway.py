@@ -5,7 +5,9 @@ the user (preferences) and the template → store it under its idempotency key (
 constraint decides races) → publish it through the outbox (`common/outbox.py`) → 202. The
 outbox's relay republishes anything stored but never confirmed by the broker, so a broker outage
 loses nothing. Provider webhooks and unsubscribe links are verified here and handled in
-`common/bounces.py` and `common/unsubscribe.py`; the user and template APIs are proxied.
+`common/bounces.py` and `common/unsubscribe.py`; the user and template APIs are proxied. Client
+status webhooks (the endpoints API, their relay and their delivery) are `common/webhooks.py` and
+`common/webhook_api.py`, wired below.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 import topology
-from common import amqp, auth, bounces, db, openapi, resources, templating, unsubscribe
+from common import amqp, auth, bounces, db, openapi, resources, templating, unsubscribe, webhook_api, webhooks
 from common.auth import PRINCIPAL_KEY, require
 from common.batching import Batcher
 from common.cache import CachedLookups
@@ -96,8 +98,14 @@ def _resolve(request: web.Request, presented: str) -> auth.Principal:
 
 
 # No API key here: login takes a password; provider webhooks and unsubscribe links cannot
-# carry a key, and authenticate themselves (signature, shared secret, signed token).
-_PUBLIC_PREFIXES = ("/api/v1/auth/login", "/api/v1/webhooks/", "/api/v1/unsubscribe/")
+# carry a key, and authenticate themselves (signature, shared secret, signed token). Clients'
+# own webhook endpoints (/api/v1/webhooks/endpoints) do take a key.
+_PUBLIC_PREFIXES = (
+    "/api/v1/auth/login",
+    "/api/v1/webhooks/sendgrid",
+    "/api/v1/webhooks/mailgun",
+    "/api/v1/unsubscribe/",
+)
 
 
 def _rate_limited(request: web.Request, verdict: Verdict) -> ApiError:
@@ -545,6 +553,8 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(clients_ctx)
     app.cleanup_ctx.append(accept_batch_ctx)
     app.cleanup_ctx.append(outbox(OUTBOX_KEY, STORE_KEY, BROKER_KEY))
+    app.cleanup_ctx.append(webhooks.webhooks(DB_KEY, BROKER_KEY))
+    webhook_api.add_routes(app)
     r = app.router
     for path in ("/api/v1/notifications", "/api/v1/notifications/"):
         r.add_post(path, create_notification)

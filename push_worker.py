@@ -20,6 +20,7 @@ import topology
 from common.clients import ServiceUnavailable
 from common.config import Config, load_config
 from common.delivery import Delivered, DeliveryError, Job
+from common.egress import allow_list, guarded_session
 from common.http import CONFIG_KEY
 from common.logs import setup_logging
 from common.runner import run
@@ -27,7 +28,7 @@ from common.worker import HTTP_KEY, STORE_KEY, Preparer, worker_app
 from providers.fcm import FcmProvider
 from providers.onesignal import OneSignalProvider
 from providers.push import Device, DeviceResult, PushMessage, PushProvider
-from providers.webpush import WebPushProvider, guarded_session
+from providers.webpush import WebPushProvider
 
 log = logging.getLogger("push_worker")
 
@@ -50,7 +51,7 @@ async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
     # User-supplied endpoints get a session of their own, behind the SSRF guard.
     webpush_session = None
     if config.vapid_private_key and config.vapid_subject:
-        allowed = frozenset(h.lower() for h in config.webpush_allowed_hosts)
+        allowed = allow_list(config.webpush_allowed_hosts)
         webpush_session = guarded_session(allowed, config.http_timeout)
         providers["webpush"] = WebPushProvider(
             webpush_session, config.vapid_private_key, config.vapid_subject, allowed

@@ -26,6 +26,9 @@ EXCHANGE = "notifications.direct"
 FAILED_QUEUE = "failed.queue"
 FAILED_ROUTING_KEY = "failed"
 MAX_PRIORITY = 10
+# Client status webhooks: a work queue of their own with its retry queues, and a dead letter.
+WEBHOOKS = "webhooks"
+WEBHOOKS_FAILED_QUEUE = "webhooks.failed"
 
 # Queue name -> the arguments it is declared with.
 QueueArguments = Mapping[str, Mapping[str, Any]]

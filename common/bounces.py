@@ -3,7 +3,7 @@
 The gateway's webhook handlers verify the provider's signature and parse its events into
 `Bounce`s (each provider's format lives with the provider); what a bounce does is decided here,
 from plain data: the notification is marked failed with the provider's reason and, for a hard
-bounce, the user's email is turned off.
+bounce, the user's email is turned off. The client hears of it as `notification.bounced`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,13 @@ async def apply(store: StatusStore, users: ServiceClient, metrics: Metrics, boun
                 await users.turn_off(row["user_id"], "email")
             if row["status"] != "failed":
                 reason = f"bounced ({bounce.provider}): {bounce.reason}"[:2000]
-                await store.record(row["id"], "failed", error=reason, provider=bounce.provider)
+                await store.record(
+                    row["id"],
+                    "failed",
+                    error=reason,
+                    provider=bounce.provider,
+                    webhook_event="notification.bounced",
+                )
             metrics.bounces.labels(bounce.provider).inc()
             log.warning(
                 "%s reported a bounce: %s%s",

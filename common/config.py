@@ -90,6 +90,10 @@ class Config:
     sendgrid_webhook_public_key: str | None = None
     sendgrid_webhook_secret: str | None = None
     mailgun_webhook_signing_key: str | None = None
+    # Client status webhooks: hosts (or host:port) the SSRF guard lets through over http, for
+    # local receivers; seconds of failing deliveries after which an endpoint is disabled.
+    webhook_allowed_hosts: tuple[str, ...] = ()
+    webhook_disable_after: float = 259200.0
 
     @property
     def max_attempts(self) -> int:
@@ -257,6 +261,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "circuit_failure_threshold": _positive_int,
     "circuit_cooldown": _positive_float,
     "sendgrid_webhook_public_key": _ec_public_key,
+    "webhook_allowed_hosts": _csv,
+    "webhook_disable_after": _positive_float,
 }
 
 

@@ -13,6 +13,12 @@ The classification, as docs/architecture.md ("Failure semantics") has it:
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from redis.exceptions import RedisError
 
@@ -33,5 +39,41 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+log = logging.getLogger(__name__)
+
+HOLD_FIRST_DELAY = 0.2
+HOLD_MAX_DELAY = 5.0
+
+T = TypeVar("T")
+
+
 def is_infrastructure(exc: BaseException) -> bool:
     return isinstance(exc, INFRASTRUCTURE_ERRORS)
+
+
+async def hold(
+    what: str, step: Callable[[], Awaitable[T]], on_retry: Callable[[], object] | None = None
+) -> T:
+    """Run a status-store step until it goes through. The store is the record: without it
+    nothing can be decided, so the message is held (not requeued in a loop) meanwhile.
+    `on_retry` is called on each failed try (a metric)."""
+    delay, failing_since = HOLD_FIRST_DELAY, 0.0
+    while True:
+        try:
+            result = await step()
+        except Exception as exc:
+            if not is_infrastructure(exc):
+                raise
+            if on_retry is not None:
+                on_retry()
+            if not failing_since:
+                failing_since = time.monotonic()
+                log.warning(
+                    "%s failed, retrying until it goes through: %s: %s", what, type(exc).__name__, exc
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, HOLD_MAX_DELAY)
+            continue
+        if failing_since:
+            log.info("%s went through after %.1fs of retries", what, time.monotonic() - failing_since)
+        return result

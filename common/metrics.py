@@ -55,6 +55,13 @@ _DEFINITIONS: tuple[tuple[str, type, str, str, str], ...] = (
      "Bounce and drop events received from email providers' webhooks"),
     ("unsubscribes", Counter, "notify_unsubscribes_total", "channel",
      "Users who turned a channel off through an unsubscribe link"),
+    # Client status webhooks.
+    ("webhook_deliveries", Counter, "notify_webhook_deliveries_total", "outcome",
+     "Webhook delivery attempts by outcome (delivered, retried, failed)"),
+    ("webhook_latency", Histogram, "notify_webhook_attempt_duration_seconds", "",
+     "Time a client's endpoint took to answer one webhook attempt"),
+    ("webhooks_disabled", Counter, "notify_webhook_endpoints_disabled_total", "reason",
+     "Client webhook endpoints disabled: answered 410 (gone) or failed for WEBHOOK_DISABLE_AFTER (failing)"),
 )  # fmt: skip
 
 
@@ -79,6 +86,9 @@ class Metrics:
     provider_failures: Counter
     bounces: Counter
     unsubscribes: Counter
+    webhook_deliveries: Counter
+    webhook_latency: Histogram
+    webhooks_disabled: Counter
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()

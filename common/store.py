@@ -2,7 +2,9 @@
 
 The gateway writes a notification before publishing it; workers move it through
 sending → retrying → delivered | failed. Each change also appends a history event, in the same
-statement, so the record and its history cannot disagree.
+statement, so the record and its history cannot disagree; a change to a final status also queues
+the client's webhook deliveries (`webhook_deliveries`, the outbox `common/webhooks.py` relays),
+in that statement too, so an event is never lost between the two.
 """
 
 from __future__ import annotations
@@ -17,6 +19,36 @@ from common.db import Database, Executor, InputError, Row
 
 FINAL_STATUSES = ("delivered", "failed", "skipped")
 STATUSES = ("pending", "sending", "retrying", "delivered", "failed", "skipped")
+
+# Final statuses the client hears about by webhook, as `notification.<status>`.
+WEBHOOK_STATUSES = ("delivered", "failed", "skipped", "cancelled")
+_WEBHOOK_STATUS_LIST = ", ".join(f"'{s}'" for s in WEBHOOK_STATUSES)
+
+
+def _webhook_deliveries(source: str) -> str:
+    """CTEs (`ev`, `wd`) queueing one webhook delivery per endpoint of the notification's client
+    subscribed to its event, for each row of the CTE `source` whose `event_type` is not NULL.
+    One event id per event, shared by its endpoints: the `webhook-id` a receiver dedupes on."""
+    return f"""
+    ev AS MATERIALIZED (
+        SELECT src.*, gen_random_uuid() AS event_id FROM {source} AS src
+        WHERE src.event_type IS NOT NULL
+    ), wd AS (
+        INSERT INTO webhook_deliveries
+            (id, endpoint_id, client_id, event_id, event_type, notification_id, payload)
+        SELECT gen_random_uuid(), ep.id, ep.client_id, ev.event_id, ev.event_type, ev.id,
+            jsonb_build_object(
+                'type', ev.event_type,
+                'timestamp', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                'data', jsonb_build_object(
+                    'notification_id', ev.id, 'request_id', ev.request_id, 'user_id', ev.user_id,
+                    'notification_type', ev.notification_type, 'status', ev.status,
+                    'error', ev.error, 'provider', ev.provider, 'attempts', ev.attempts))
+        FROM ev JOIN webhook_endpoints AS ep
+          ON ep.client_id = ev.client_id AND ep.disabled_at IS NULL
+             AND ev.event_type = ANY(ep.events)
+    )"""
+
 
 _PUBLIC_COLUMNS = (
     "id, request_id, user_id, notification_type, template_code, template_version, language, "
@@ -89,12 +121,14 @@ class StatusStore:
                     %(metadata)s, %(priority)s, %(status)s, %(error)s, %(correlation_id)s,
                     %(publish_pending)s)
                 ON CONFLICT (client_id, request_id) DO NOTHING
-                RETURNING {_PUBLIC_COLUMNS}
+                RETURNING {_PUBLIC_COLUMNS}, client_id,
+                    CASE WHEN status IN ({_WEBHOOK_STATUS_LIST}) THEN 'notification.' || status END
+                        AS event_type
             ), e AS (
                 INSERT INTO notification_events (notification_id, status, detail)
                 SELECT id, status, error FROM n
-            )
-            SELECT * FROM n
+            ), {_webhook_deliveries("n")}
+            SELECT {_PUBLIC_COLUMNS} FROM n
             """,
             values,
         )
@@ -241,6 +275,7 @@ class StatusStore:
         language: str | None = None,
         claim: uuid.UUID | None = None,
         detail: str | None = None,
+        webhook_event: str | None = None,
     ) -> bool:
         """Move to `status`, keeping the reason and provider; appends the history event.
 
@@ -248,14 +283,18 @@ class StatusStore:
         notification's (a worker whose lease was taken over changes nothing). The token stays
         on the row after the write, so writing the same outcome again with the same claim (a
         retry after a timeout whose first try did reach the database) is a success that changes
-        nothing. False when nothing was written."""
+        nothing. False when nothing was written.
+
+        Moving into a final status queues the client's webhook event `notification.<status>`
+        (or `webhook_event`, e.g. `notification.bounced`, which is queued even without a change
+        of status), in this statement: a success that changed nothing queues nothing."""
         row = await self.db.fetchrow(
-            """
+            f"""
             WITH cur AS (
                 SELECT status AS before, claim_token AS token FROM notifications
                 WHERE id = %(id)s FOR UPDATE
             ), n AS (
-                UPDATE notifications SET
+                UPDATE notifications AS t SET
                     status = %(status)s,
                     attempts = coalesce(%(attempt)s, attempts),
                     error = CASE WHEN %(status)s = 'delivered' THEN NULL
@@ -267,15 +306,21 @@ class StatusStore:
                                         ELSE delivered_at END,
                     lease_until = NULL,
                     updated_at = now()
-                WHERE id = %(id)s
-                  AND (%(claim)s::uuid IS NULL OR (claim_token = %(claim)s AND status = 'sending'))
-                RETURNING id, attempts
+                FROM cur
+                WHERE t.id = %(id)s
+                  AND (%(claim)s::uuid IS NULL OR (t.claim_token = %(claim)s AND t.status = 'sending'))
+                RETURNING t.id, t.attempts, t.client_id, t.request_id, t.user_id, t.notification_type,
+                    t.status, t.error, t.provider,
+                    CASE WHEN t.status IN ({_WEBHOOK_STATUS_LIST})
+                          AND (cur.before <> t.status OR %(webhook_event)s::text IS NOT NULL)
+                         THEN coalesce(%(webhook_event)s::text, 'notification.' || t.status) END
+                        AS event_type
             ), e AS (
                 INSERT INTO notification_events
                     (notification_id, status, attempt, provider, device, detail)
                 SELECT id, %(status)s, attempts, %(provider)s, %(device)s,
                        coalesce(%(detail)s, %(error)s) FROM n
-            )
+            ), {_webhook_deliveries("n")}
             SELECT EXISTS (SELECT 1 FROM n)
                 OR EXISTS (SELECT 1 FROM cur WHERE token = %(claim)s AND before = %(status)s) AS done
             """,
@@ -290,6 +335,7 @@ class StatusStore:
                 "language": language,
                 "claim": claim,
                 "detail": detail,
+                "webhook_event": webhook_event,
             },
         )
         return bool(row and row["done"])

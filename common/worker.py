@@ -30,7 +30,7 @@ from common.cache import CachedLookups, TemplateVersionCache
 from common.clients import ServiceUnavailable, services
 from common.config import Config
 from common.delivery import Delivered, Delivery, DeliveryError, Fail, Job, Retry, Skip, decide
-from common.faults import is_infrastructure
+from common.faults import hold, is_infrastructure
 from common.http import CONFIG_KEY, METRICS_KEY, base_app
 from common.logs import log_context
 from common.metrics import Metrics
@@ -46,8 +46,6 @@ HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 
 SHUTDOWN_GRACE = 20.0
-HOLD_FIRST_DELAY = 0.2
-HOLD_MAX_DELAY = 5.0
 RETRY_PUBLISH_TIMEOUT = 5.0
 
 T = TypeVar("T")
@@ -185,27 +183,10 @@ class Worker:
             await self._attempt(message, job)
 
     async def _hold(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
-        """Run a status-store step until it goes through. The store is the record: without it
-        nothing can be decided, so the message is held (not requeued in a loop) meanwhile."""
-        delay, failing_since = HOLD_FIRST_DELAY, 0.0
-        while True:
-            try:
-                result = await step()
-            except Exception as exc:
-                if not is_infrastructure(exc):
-                    raise
-                self.metrics.store_retries.labels(self.channel, what).inc()
-                if not failing_since:
-                    failing_since = time.monotonic()
-                    log.warning(
-                        "%s failed, retrying until it goes through: %s: %s", what, type(exc).__name__, exc
-                    )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, HOLD_MAX_DELAY)
-                continue
-            if failing_since:
-                log.info("%s went through after %.1fs of retries", what, time.monotonic() - failing_since)
-            return result
+        def retried() -> None:
+            self.metrics.store_retries.labels(self.channel, what).inc()
+
+        return await hold(what, step, on_retry=retried)
 
     async def _attempt(self, message: AbstractIncomingMessage, job: Job) -> None:
         # The token is chosen here, before the first try: a claim that reached the database

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from providers.webpush import GuardedResolver, NonPublicAddress, UnsafeEndpoint, check_endpoint
+from common.egress import GuardedResolver, NonPublicAddress, UnsafeEndpoint, check_endpoint
 from tests.conftest import Stack
 from tests.push_servers import (
     FakeFcm,

@@ -3,11 +3,15 @@
     notifications.direct (direct) --email--> email.queue --(reject)--> failed.queue
                                   --push---> push.queue  --(reject)--> failed.queue
                                   --failed-> failed.queue
+                                  --webhooks-> webhooks.queue --(reject)--> webhooks.failed
     email.retry.N  (x-message-ttl = RETRY_DELAYS[N-1]) --expires--> notifications.direct / email
+    webhooks.retry.N (the same TTLs)                    --expires--> notifications.direct / webhooks
 
 A worker moves a message that failed transiently to `<channel>.retry.<attempt>`; when its TTL
 runs out RabbitMQ dead-letters it back to the work queue. Permanent failures and exhausted
-retries are published to failed.queue with the reason in the headers.
+retries are published to failed.queue with the reason in the headers. Client webhook deliveries
+(`common/webhooks.py`) follow the same pattern on queues of their own, dead-lettered to
+webhooks.failed.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from common.amqp import (
     FAILED_QUEUE,
     FAILED_ROUTING_KEY,
     MAX_PRIORITY,
+    WEBHOOKS,
+    WEBHOOKS_FAILED_QUEUE,
     retry_queue,
     work_queue,
 )
@@ -38,36 +44,41 @@ class QueueSpec:
     routing_keys: tuple[str, ...] = ()
 
 
+def _work_queues(config: Config, channel: str, dead_letter: str, priority: bool) -> list[QueueSpec]:
+    """A work queue bound as `channel`, and its retry queues, one per RETRY_DELAYS entry."""
+    work_args: dict[str, Any] = {
+        # A message a worker rejects (unparseable, poison) lands in the dead letter, not the void.
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dead_letter,
+    }
+    if config.queue_type == "quorum":
+        work_args["x-queue-type"] = "quorum"
+    elif priority:
+        # Quorum queues (RabbitMQ 3.x) have no priorities; classic ones do.
+        work_args["x-max-priority"] = MAX_PRIORITY
+    specs = [QueueSpec(work_queue(channel), work_args, (channel,))]
+    for attempt, delay in enumerate(config.retry_delays, start=1):
+        specs.append(
+            QueueSpec(
+                retry_queue(channel, attempt),
+                {
+                    "x-message-ttl": int(delay * 1000),
+                    "x-dead-letter-exchange": EXCHANGE,
+                    "x-dead-letter-routing-key": channel,
+                },
+            )
+        )
+    return specs
+
+
 def table(config: Config) -> list[QueueSpec]:
     """Every queue, its arguments and its bindings to notifications.direct."""
-    quorum = config.queue_type == "quorum"
-    specs = [
-        QueueSpec(
-            FAILED_QUEUE,
-            {"x-queue-type": "quorum"} if quorum else {},
-            (FAILED_ROUTING_KEY,),
-        )
-    ]
+    dead_letter_args = {"x-queue-type": "quorum"} if config.queue_type == "quorum" else {}
+    specs = [QueueSpec(FAILED_QUEUE, dead_letter_args, (FAILED_ROUTING_KEY,))]
     for channel in CHANNELS:
-        work_args: dict[str, Any] = {
-            # A message a worker rejects (unparseable, poison) lands in failed.queue, not the void.
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": FAILED_QUEUE,
-        }
-        # Quorum queues (RabbitMQ 3.x) have no priorities; classic ones do.
-        work_args.update({"x-queue-type": "quorum"} if quorum else {"x-max-priority": MAX_PRIORITY})
-        specs.append(QueueSpec(work_queue(channel), work_args, (channel,)))
-        for attempt, delay in enumerate(config.retry_delays, start=1):
-            specs.append(
-                QueueSpec(
-                    retry_queue(channel, attempt),
-                    {
-                        "x-message-ttl": int(delay * 1000),
-                        "x-dead-letter-exchange": EXCHANGE,
-                        "x-dead-letter-routing-key": channel,
-                    },
-                )
-            )
+        specs.extend(_work_queues(config, channel, FAILED_QUEUE, priority=True))
+    specs.append(QueueSpec(WEBHOOKS_FAILED_QUEUE, dead_letter_args, (WEBHOOKS_FAILED_QUEUE,)))
+    specs.extend(_work_queues(config, WEBHOOKS, WEBHOOKS_FAILED_QUEUE, priority=False))
     return specs
 
 

@@ -1,0 +1,99 @@
+"""Outbound HTTP to URLs that users or clients supply (Web Push subscriptions, client webhook
+endpoints), guarded against server-side request forgery: https only, and no address that is not
+globally routable (private, loopback, link-local, reserved) — checked on the address actually
+connected to, so DNS cannot swap in an internal one after the check. The session follows no
+redirect on its own: callers pass `allow_redirects=False`, and a redirect is an answer like any
+other.
+
+Hosts in an allow-list (WEBPUSH_ALLOWED_HOSTS, WEBHOOK_ALLOWED_HOSTS), each a host or a
+host:port, are exempt and may use http: local receivers in development and tests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+
+class UnsafeEndpoint(ValueError):
+    """The endpoint may not be contacted."""
+
+
+class NonPublicAddress(OSError):
+    """A name resolved only to addresses we may not connect to."""
+
+
+def _address_allowed(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def exempt(host: str, port: int | None, allowed_hosts: frozenset[str]) -> bool:
+    """Whether `host` (on `port`) is allow-listed, by host alone or as host:port."""
+    host = host.lower()
+    if host in allowed_hosts:
+        return True
+    if port is None:
+        return False
+    return f"{host}:{port}" in allowed_hosts or f"[{host}]:{port}" in allowed_hosts
+
+
+def check_endpoint(endpoint: str, allowed_hosts: frozenset[str]) -> None:
+    """Refuse, before any connection, an endpoint that is not https or names a non-public IP."""
+    url = urlsplit(endpoint)
+    host = (url.hostname or "").lower()
+    if not host:
+        raise UnsafeEndpoint("endpoint has no host")
+    try:
+        port = url.port or {"https": 443, "http": 80}.get(url.scheme)
+    except ValueError:
+        raise UnsafeEndpoint("endpoint port is not a number between 0 and 65535") from None
+    if url.scheme in ("http", "https") and exempt(host, port, allowed_hosts):
+        return
+    if url.scheme != "https":
+        raise UnsafeEndpoint(f"endpoint scheme {url.scheme!r} is not https")
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a name: the resolver checks what it resolves to
+    if not _address_allowed(str(literal)):
+        raise UnsafeEndpoint(f"endpoint address {host} is not a public address")
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves like the default resolver, then drops every non-public address."""
+
+    def __init__(self, allowed_hosts: frozenset[str]) -> None:
+        self.allowed_hosts = allowed_hosts
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        if exempt(host, port or None, self.allowed_hosts):
+            return results
+        safe = [r for r in results if _address_allowed(r["host"])]
+        if not safe:
+            raise NonPublicAddress(f"{host} resolves only to non-public addresses")
+        return safe
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def guarded_session(allowed_hosts: frozenset[str], timeout: float) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(resolver=GuardedResolver(allowed_hosts), limit=100),
+        timeout=aiohttp.ClientTimeout(total=timeout),
+    )
+
+
+def allow_list(hosts: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(h.lower() for h in hosts)
