@@ -215,6 +215,13 @@ async def stack_factory(base_config: Config, amqp_channel: Any, smtp_sink: SmtpS
     # Workers first, so nothing is consumed by a half-stopped stack.
     for item in reversed(started):
         await item.close()
+    # The databases live for the whole session: no client webhook endpoint outlives its test
+    # (it would be sent the next tests' events, at a receiver long gone or a made-up host).
+    notifications = await db.connect(base_config.notifications_db_url)
+    try:
+        await notifications.execute("DELETE FROM webhook_endpoints")
+    finally:
+        await notifications.close()
 
 
 @pytest.fixture

@@ -71,19 +71,9 @@ class Receiver:
         return self.at(path)
 
 
-async def _forget_endpoints(config: Any) -> None:
-    """The suite's databases live for the whole session: no endpoint outlives its test (it would
-    receive the next tests' events, at a receiver long gone)."""
-    database = await db.connect(config.notifications_db_url)
-    try:
-        await database.execute("DELETE FROM webhook_endpoints")
-    finally:
-        await database.close()
-
-
 @pytest.fixture
-async def receiver(base_config: Any) -> AsyncIterator[Receiver]:
-    await _forget_endpoints(base_config)
+async def receiver() -> AsyncIterator[Receiver]:
+    # Endpoints of earlier tests are gone: stack_factory deletes them when it stops.
     receiver = Receiver()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", receiver.handle)
@@ -91,7 +81,6 @@ async def receiver(base_config: Any) -> AsyncIterator[Receiver]:
     await receiver.server.start_server()
     yield receiver
     await receiver.server.close()
-    await _forget_endpoints(base_config)
 
 
 def _auth(key: str = API_KEY) -> dict[str, str]:
