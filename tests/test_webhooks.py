@@ -338,6 +338,53 @@ async def test_secret_rotation_overlap_then_only_the_new_secret(
         Webhook(old).verify(after.body, after.headers)
 
 
+async def test_skipped_at_acceptance_is_told_once_and_deliveries_page_by_keyset(
+    stack_factory: Any, receiver: Receiver
+) -> None:
+    stack = await _stack(stack_factory, workers=False)
+    endpoint = await _endpoint(stack, receiver.url("/skips"), ["notification.skipped"])
+    user = await stack.create_user(preferences={"email": False, "push": True})
+    template = await stack.create_template()
+    ids = []
+    for _ in range(3):
+        status, body, _ = await stack.send(
+            {
+                "notification_type": "email",
+                "user_id": user["id"],
+                "template_code": template["code"],
+                "variables": {"name": "Ada", "link": "https://example.com"},
+                "request_id": f"req-{uuid.uuid4()}",
+            }
+        )
+        assert status == 202 and body["data"]["status"] == "skipped", body
+        ids.append(body["data"]["notification_id"])
+    received = await receiver.wait("/skips", 3)
+    hook = Webhook(endpoint["secret"])
+    events = [hook.verify(r.body, r.headers) for r in received]
+    assert sorted(e["data"]["notification_id"] for e in events) == sorted(ids)
+    assert {(e["type"], e["data"]["status"]) for e in events} == {("notification.skipped", "skipped")}
+    assert "opted out" in events[0]["data"]["error"]
+
+    # The same final status reported again is no new event.
+    report = await stack.gateway.post(
+        "/api/v1/email/status/",
+        json={"notification_id": ids[0], "status": "skipped"},
+        headers=_auth(INTERNAL_TOKEN),
+    )
+    assert report.status == 200
+    await _settled(stack, endpoint["id"])
+    status, first = await _deliveries(stack, endpoint["id"], limit="2")
+    assert status == 200 and len(first["data"]) == 2 and first["meta"]["has_next"] is True
+    status, rest = await _deliveries(stack, endpoint["id"], limit="2", after=first["meta"]["next"])
+    assert len(rest["data"]) == 1 and rest["meta"] == {"limit": 2, "next": None, "has_next": False}
+    listed = [d["notification_id"] for d in first["data"] + rest["data"]]
+    assert listed == list(reversed(ids))  # newest first, each once
+    status, bad = await _deliveries(stack, endpoint["id"], after="not-a-cursor")
+    assert status == 400 and "after" in bad["data"]["fields"]
+    await asyncio.sleep(1)
+    assert len(receiver.requests) == 3
+
+
 # --- delivery rules ----------------------------------------------------------------------------
 
 
