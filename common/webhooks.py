@@ -558,7 +558,12 @@ class WebhookDelivery:
                     with contextlib.suppress(Exception):
                         await message.nack(requeue=True)
                     raise
-        except Exception:  # noqa: BLE001 - logged where it happened; the message is settled
+                except Exception:
+                    # Rejected to webhooks.failed; the delivery, left `sending`, is picked up
+                    # again by the reconciler once its lease has run out.
+                    log.exception("unexpected error handling a webhook delivery")
+                    raise
+        except Exception:  # noqa: BLE001 - logged above; the message was settled by process()
             pass
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
@@ -584,7 +589,8 @@ class WebhookDelivery:
         body_bytes = orjson.dumps(claimed["payload"])
         headers = signed_headers(webhook_id(claimed["event_id"]), body_bytes, keys, at)
         answer = await self.sender.post(claimed["url"], body_bytes, headers)
-        self.metrics.webhook_latency.observe(answer.latency_ms / 1000)
+        if not answer.refused:
+            self.metrics.webhook_latency.observe(answer.latency_ms / 1000)
         await self._settle(message, claimed, attempt, answer)
 
     async def _settle(
