@@ -292,23 +292,29 @@ class WebhookStore:
 
     # the consumer
 
-    async def claim(self, delivery_id: uuid.UUID, attempt: int, lease: float) -> db.Row | None:
-        """Start an attempt under a lease (as `StatusStore.claim`), with what sending needs:
-        the payload, the endpoint's URL and the secrets that sign now. None when final,
-        unknown, or held by another consumer right now."""
+    async def claim(
+        self, delivery_id: uuid.UUID, attempt: int, lease: float, token: uuid.UUID
+    ) -> db.Row | None:
+        """Start an attempt under a lease held by the caller's `token` (as `StatusStore.claim`:
+        claiming again with the same token, after a timeout whose first try did reach the
+        database, finds the claim its own), with what sending needs: the payload, the endpoint's
+        URL and the secrets that sign now. None when final, unknown, or held by another consumer
+        right now."""
         return await self.db.fetchrow(
             """
             WITH old AS (
-                SELECT id, status AS previous FROM webhook_deliveries WHERE id = %(id)s FOR UPDATE
+                SELECT id, status AS previous, claim_token AS previous_token
+                FROM webhook_deliveries WHERE id = %(id)s FOR UPDATE
             ), d AS (
                 UPDATE webhook_deliveries AS t
                 SET status = 'sending', attempts = %(attempt)s, updated_at = now(),
-                    claim_token = gen_random_uuid(),
+                    claim_token = %(token)s,
                     lease_until = now() + make_interval(secs => %(lease)s)
                 FROM old
                 WHERE t.id = old.id AND (
                     old.previous IN ('pending', 'retrying')
-                    OR (old.previous = 'sending' AND coalesce(t.lease_until, t.updated_at) < now())
+                    OR (old.previous = 'sending' AND (
+                        coalesce(t.lease_until, t.updated_at) < now() OR old.previous_token = %(token)s))
                 )
                 RETURNING t.id, t.endpoint_id, t.event_id, t.event_type, t.payload, t.claim_token
             )
@@ -317,7 +323,7 @@ class WebhookStore:
                        AS previous_secret
             FROM d JOIN webhook_endpoints AS e ON e.id = d.endpoint_id
             """,
-            {"id": delivery_id, "attempt": attempt, "lease": lease},
+            {"id": delivery_id, "attempt": attempt, "lease": lease, "token": token},
         )
 
     async def status(self, delivery_id: uuid.UUID) -> str | None:
@@ -339,14 +345,19 @@ class WebhookStore:
         """Record an attempt and its delivery's new status (a compare-and-set on the claim) and,
         when the attempt `counts` for the endpoint's health, its failing streak: cleared by a
         success; a 410, or failing for `disable_after` seconds, disables the endpoint. Returns
-        `disabled_reason` when this attempt disabled it; None when the claim was lost."""
+        `disabled_reason` when this attempt disabled it; None when the claim was lost. The token
+        stays on the row: recording the same outcome again with it (a retry after a timeout whose
+        first try did reach the database) is a success that writes nothing twice."""
         return await self.db.fetchrow(
             """
-            WITH d AS (
+            WITH cur AS (
+                SELECT status AS before, claim_token AS token FROM webhook_deliveries
+                WHERE id = %(id)s FOR UPDATE
+            ), d AS (
                 UPDATE webhook_deliveries SET
                     status = %(status)s, last_status_code = %(code)s, last_error = %(error)s,
                     delivered_at = CASE WHEN %(status)s = 'delivered' THEN now() ELSE delivered_at END,
-                    claim_token = NULL, lease_until = NULL, updated_at = now()
+                    lease_until = NULL, updated_at = now()
                 WHERE id = %(id)s AND claim_token = %(claim)s AND status = 'sending'
                 RETURNING id, endpoint_id
             ), a AS (
@@ -371,6 +382,9 @@ class WebhookStore:
                 RETURNING ep.disabled_at = now() AS disabled_now, ep.disabled_reason
             )
             SELECT d.id, e.disabled_now, e.disabled_reason FROM d LEFT JOIN e ON true
+            UNION ALL
+            SELECT %(id)s, false, NULL FROM cur
+            WHERE NOT EXISTS (SELECT 1 FROM d) AND token = %(claim)s AND before = %(status)s
             """,
             {
                 "id": delivery_id,
@@ -573,8 +587,10 @@ class WebhookDelivery:
         except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
             await self._dead_letter(message, f"unparseable message: {type(exc).__name__}: {exc}")
             return
+        # Chosen before the first try: a claim whose answer timed out is found again as ours.
+        token = uuid.uuid4()
         claimed = await hold(
-            "claiming a webhook delivery", lambda: self.store.claim(delivery_id, attempt, LEASE)
+            "claiming a webhook delivery", lambda: self.store.claim(delivery_id, attempt, LEASE, token)
         )
         if claimed is None:
             await self._not_claimed(delivery_id, attempt)
