@@ -72,12 +72,13 @@ _CREATE_MANY = f"""
         INSERT INTO notifications ({_NEW_COLUMNS})
         SELECT {_NEW_COLUMNS} FROM r
         ON CONFLICT (client_id, request_id) DO NOTHING
-        RETURNING {_PUBLIC_COLUMNS}
+        RETURNING {_PUBLIC_COLUMNS}, client_id,
+            CASE WHEN status IN ({_WEBHOOK_STATUS_LIST}) THEN 'notification.' || status END AS event_type
     ), e AS (
         INSERT INTO notification_events (notification_id, status, detail)
         SELECT id, status, error FROM n
-    )
-    SELECT * FROM n
+    ), {_webhook_deliveries("n")}
+    SELECT {_PUBLIC_COLUMNS} FROM n
 """
 
 

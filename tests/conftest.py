@@ -166,10 +166,11 @@ async def stack_factory(base_config: Config, amqp_channel: Any, smtp_sink: SmtpS
     started: list[Any] = []
 
     # The gateway's reconciler republishes whatever is not final in the store: work an earlier
-    # test left unfinished on purpose must not reach this test's SMTP server.
+    # test left unfinished on purpose must not reach this test's SMTP server. Nor may an earlier
+    # test's client webhook endpoint be sent this test's events.
     database = await db.connect(base_config.notifications_db_url, maxsize=1)
     try:
-        await database.execute("TRUNCATE notifications CASCADE")
+        await database.execute("TRUNCATE notifications, webhook_endpoints CASCADE")
     finally:
         await database.close()
 
@@ -215,13 +216,6 @@ async def stack_factory(base_config: Config, amqp_channel: Any, smtp_sink: SmtpS
     # Workers first, so nothing is consumed by a half-stopped stack.
     for item in reversed(started):
         await item.close()
-    # The databases live for the whole session: no client webhook endpoint outlives its test
-    # (it would be sent the next tests' events, at a receiver long gone or a made-up host).
-    notifications = await db.connect(base_config.notifications_db_url)
-    try:
-        await notifications.execute("DELETE FROM webhook_endpoints")
-    finally:
-        await notifications.close()
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ class Receiver:
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    # Endpoints of earlier tests are gone: stack_factory deletes them when it stops.
+    # Endpoints of earlier tests are gone: stack_factory empties the store when it starts.
     receiver = Receiver()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", receiver.handle)
