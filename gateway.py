@@ -1,12 +1,15 @@
 """Gateway (:8000): the one public entry point.
 
 A notification's way in, top to bottom: authenticate the client → validate the body → look up
-the user (preferences) and the template → store it under its idempotency key (the unique
-constraint decides races) → publish it through the outbox (`common/outbox.py`) → 202. The
-outbox's relay republishes anything stored but never confirmed by the broker, so a broker outage
-loses nothing. Provider webhooks and unsubscribe links are verified here and handled in
-`common/bounces.py` and `common/unsubscribe.py`; the user and template APIs are proxied. Client
-status webhooks (the endpoints API, their relay and their delivery) are `common/webhooks.py` and
+the user (preferences) and the template → decide when it goes (`common/schedule.py`: now, or
+`scheduled` for `send_at`, `send_at_local` or the user's quiet hours) → store it under its
+idempotency key (the unique constraint decides races) → publish it through the outbox
+(`common/outbox.py`) unless it is scheduled → 202. The outbox's relay republishes anything stored
+but never confirmed by the broker, so a broker outage loses nothing; the dispatcher
+(`common/dispatcher.py`) releases scheduled ones when they are due. Provider webhooks and
+unsubscribe links are verified here and handled in `common/bounces.py` and
+`common/unsubscribe.py`; the user and template APIs are proxied. Client status webhooks (the
+endpoints API, their relay and their delivery) are `common/webhooks.py` and
 `common/webhook_api.py`, wired below.
 """
 
@@ -17,6 +20,7 @@ import hmac
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -25,13 +29,26 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 import topology
-from common import amqp, auth, bounces, db, openapi, resources, templating, unsubscribe, webhook_api, webhooks
+from common import (
+    amqp,
+    auth,
+    bounces,
+    db,
+    openapi,
+    resources,
+    schedule,
+    templating,
+    unsubscribe,
+    webhook_api,
+    webhooks,
+)
 from common.auth import PRINCIPAL_KEY, require
 from common.batching import Batcher
 from common.cache import CachedLookups
 from common.channels import CHANNELS
 from common.clients import ServiceClient, ServiceUnavailable, outgoing_headers, services
 from common.config import Config, load_config
+from common.dispatcher import dispatcher
 from common.http import (
     CONFIG_KEY,
     METRICS_KEY,
@@ -73,7 +90,7 @@ ACCEPT_BATCH_DELAY = 0.001
 
 NOTIFICATION_FIELDS = frozenset({
     "notification_type", "user_id", "template_code", "variables", "request_id", "priority", "metadata",
-    "language",
+    "language", "send_at", "send_at_local",
 })  # fmt: skip
 
 
@@ -146,7 +163,7 @@ async def rate_limit_middleware(
 # --- accepting a notification --------------------------------------------------------------
 
 
-def _validate(body: dict[str, Any]) -> dict[str, Any]:
+def _validate(body: dict[str, Any]) -> tuple[dict[str, Any], schedule.When]:
     fields = Fields(body)
     fields.unknown(NOTIFICATION_FIELDS)
     channel = fields.string("notification_type", max_len=10)
@@ -161,8 +178,9 @@ def _validate(body: dict[str, Any]) -> dict[str, Any]:
     metadata = fields.object("metadata")
     priority = fields.integer("priority", default=0, low=0, high=9)
     language = fields.language()
+    when = schedule.when_fields(fields, datetime.now(UTC))
     fields.check()
-    return {
+    payload = {
         "notification_type": channel,
         "user_id": user_id,
         "template_code": code,
@@ -172,6 +190,9 @@ def _validate(body: dict[str, Any]) -> dict[str, Any]:
         "priority": priority,
         "language": language,
     }
+    # Only when given, so the idempotency hash of a request without them is what it was.
+    payload.update({k: body[k] for k in ("send_at", "send_at_local") if k in body})
+    return payload, when
 
 
 def _body_hash(payload: dict[str, Any]) -> str:
@@ -179,14 +200,19 @@ def _body_hash(payload: dict[str, Any]) -> str:
 
 
 def _accepted_view(row: dict[str, Any]) -> dict[str, Any]:
+    if row["status"] == "skipped":
+        status = "skipped"
+    else:  # the answer it was accepted with, whatever happened since
+        status = "scheduled" if row["send_at"] is not None else "pending"
     return {
         "notification_id": row["id"],
         "request_id": row["request_id"],
         "user_id": row["user_id"],
         "notification_type": row["notification_type"],
         "template_code": row["template_code"],
-        "status": "skipped" if row["status"] == "skipped" else "pending",
+        "status": status,
         "error": row["error"] if row["status"] == "skipped" else None,
+        "send_at": row["send_at"],
         "created_at": row["created_at"],
     }
 
@@ -253,7 +279,7 @@ async def _replay(
 
 async def create_notification(request: web.Request) -> web.Response:
     principal = require(request, "client")
-    payload = _validate(await read_json(request))
+    payload, when = _validate(await read_json(request))
     body_hash = _body_hash(payload)
     store = request.app[STORE_KEY]
     try:
@@ -265,6 +291,14 @@ async def create_notification(request: web.Request) -> web.Response:
         raise
     channel = payload["notification_type"]
     opted_in = bool(user.get("preferences", {}).get(channel, True))
+    later = schedule.plan(
+        datetime.now(UTC),
+        when,
+        schedule.zone(user.get("timezone")),
+        schedule.QuietHours.of(user.get("preferences", {}).get("quiet_hours")),
+        urgent=payload["priority"] >= schedule.URGENT_PRIORITY,
+    )
+    status = "skipped" if not opted_in else "scheduled" if later.send_at else "pending"
     notification_id = uuid.uuid4()
     with log_context(notification_id=str(notification_id)):
         row = await request.app[ACCEPT_BATCH_KEY].submit(
@@ -282,10 +316,12 @@ async def create_notification(request: web.Request) -> web.Response:
                 template_version=template["version"],
                 priority=payload["priority"],
                 correlation_id=correlation_id_var.get() or uuid.uuid4().hex,
-                status="pending" if opted_in else "skipped",
+                status=status,
                 error=None if opted_in else f"user opted out of {channel} notifications",
                 variables=payload["variables"],
                 metadata=payload["metadata"],
+                send_at=later.send_at if opted_in else None,
+                detail=later.reason if opted_in else None,
             )
         )
         if row is None:
@@ -295,6 +331,10 @@ async def create_notification(request: web.Request) -> web.Response:
             metrics.skipped.labels(channel).inc()
             log.info("notification skipped: user opted out of %s", channel)
             return json_response(_accepted_view(row), "notification skipped: user opted out", status=202)
+        if status == "scheduled":
+            metrics.accepted.labels(channel).inc()
+            log.info("notification scheduled: %s", later.reason)
+            return json_response(_accepted_view(row), "notification scheduled", status=202)
         # Committed: the outbox publishes it off this request's path, the relay if that fails.
         request.app[OUTBOX_KEY].submit(row)
         metrics.accepted.labels(channel).inc()
@@ -358,12 +398,29 @@ async def retry_notification(request: web.Request) -> web.Response:
     current = await store.get(notification_id)
     if current is None:
         raise not_found("Notification")
-    if current["status"] in ("delivered", "skipped"):
+    if current["status"] in ("delivered", "skipped", "cancelled"):
         raise ApiError(
             409, "not_retryable", f"Notification is {current['status']}; only failed ones can be retried."
         )
     # Already requeued (or still in progress): retrying again changes nothing.
     return json_response(_view(current), f"notification is already {current['status']}", status=202)
+
+
+async def cancel_notification(request: web.Request) -> web.Response:
+    require(request, "client", "internal")
+    store = request.app[STORE_KEY]
+    notification_id = _notification_id(request)
+    row = await store.cancel(notification_id)
+    if row is not None:
+        request.app[METRICS_KEY].cancelled.labels(row["notification_type"]).inc()
+        log.info("notification %s cancelled", notification_id)
+        return json_response(_view(row), "notification cancelled")
+    current = await store.get(notification_id)
+    if current is None:
+        raise not_found("Notification")
+    if current["status"] == "cancelled":
+        return json_response(_view(current), "notification already cancelled")
+    raise ApiError(409, "not_cancellable", schedule.not_cancellable(current["status"]))
 
 
 async def report_status(request: web.Request) -> web.Response:
@@ -553,6 +610,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(clients_ctx)
     app.cleanup_ctx.append(accept_batch_ctx)
     app.cleanup_ctx.append(outbox(OUTBOX_KEY, STORE_KEY, BROKER_KEY))
+    app.cleanup_ctx.append(dispatcher(STORE_KEY, OUTBOX_KEY, LOOKUPS_KEY))
     app.cleanup_ctx.append(webhooks.webhooks(DB_KEY, BROKER_KEY))
     webhook_api.add_routes(app)
     r = app.router
@@ -563,6 +621,7 @@ def create_app(config: Config) -> web.Application:
     r.add_get("/docs", openapi_page)
     r.add_get("/api/v1/notifications/{notification_id}", get_notification)
     r.add_post("/api/v1/notifications/{notification_id}/retry", retry_notification)
+    r.add_post("/api/v1/notifications/{notification_id}/cancel", cancel_notification)
     r.add_post("/api/v1/{channel:email|push}/status/", report_status)
     r.add_post("/api/v1/{channel:email|push}/status", report_status)
     r.add_post("/api/v1/webhooks/sendgrid", sendgrid_webhook)

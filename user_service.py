@@ -39,6 +39,7 @@ from common.http import (
 )
 from common.logs import setup_logging
 from common.runner import run
+from common.schedule import quiet_hours_field
 from common.validation import (
     Fields,
     b64url_decode,
@@ -119,17 +120,24 @@ def _user_id(request: web.Request) -> uuid.UUID:
     return user_id
 
 
-def _preferences(fields: Fields, name: str, *, partial: bool) -> dict[str, bool] | None:
+def _preferences(fields: Fields, name: str, *, partial: bool) -> dict[str, Any] | None:
     value = fields.body.get(name)
     if value is None:
         return None
     if not isinstance(value, dict):
         fields.error(name, 'must be an object like {"email": true, "push": false}')
         return None
-    prefs: dict[str, bool] = {}
+    prefs: dict[str, Any] = {}
     for channel, enabled in value.items():
-        if channel not in CHANNELS:
-            fields.error(f"{name}.{channel}", f"is not a channel; use {' or '.join(CHANNELS)}")
+        if channel == "quiet_hours":
+            # In the user's time zone; null turns them off (stored as null, so a merge clears them).
+            inner = Fields(value)
+            prefs[channel] = quiet_hours_field(inner)
+            for field, message in inner.errors.items():
+                fields.error(f"{name}.{field}", message)
+        elif channel not in CHANNELS:
+            known = ", ".join([*CHANNELS, "quiet_hours"])
+            fields.error(f"{name}.{channel}", f"is not a preference; use one of {known}")
         elif not isinstance(enabled, bool):
             fields.error(f"{name}.{channel}", "must be true or false")
         else:

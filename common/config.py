@@ -73,6 +73,9 @@ class Config:
     # Seconds a non-final notification may sit unmoved beyond its expected time before the
     # reconciler republishes it from the status store.
     reconcile_after: float = 300.0
+    # Seconds between the dispatcher's looks for scheduled notifications that are due: how
+    # close to its send_at one is released.
+    dispatch_interval: float = 0.5
     # Bound on every PostgreSQL call (connect, query, waiting for a pooled connection).
     db_timeout: float = 5.0
     rate_limit: int = 1000
@@ -249,6 +252,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "worker_prefetch": _positive_int,
     "claim_timeout": _positive_float,
     "reconcile_after": _positive_float,
+    "dispatch_interval": _positive_float,
     "db_timeout": _positive_float,
     "rate_limit": _non_negative_int,
     "rate_limit_window": _positive_float,

@@ -46,6 +46,13 @@ _DEFINITIONS: tuple[tuple[str, type, str, str, str], ...] = (
      "Status-store steps retried after an infrastructure error, the message held meanwhile"),
     ("in_flight", Gauge, "notify_worker_in_flight", "channel",
      "Messages being processed now"),
+    # Send later: what waits, how late the dispatcher released it, what was cancelled.
+    ("scheduled", Gauge, "notify_scheduled_notifications", "channel",
+     "Notifications scheduled to be sent later (send_at, send_at_local or quiet hours), now"),
+    ("dispatch_lag", Histogram, "notify_dispatch_lag_seconds", "channel",
+     "From a scheduled notification's send_at to its release by the dispatcher"),
+    ("cancelled", Counter, "notify_notifications_cancelled_total", "channel",
+     "Notifications cancelled by a client before they were sent"),
     # Email delivery: provider health, bounces and unsubscribes.
     ("circuit_state", Gauge, "notify_circuit_state", "provider",
      "Circuit breaker per provider: 0 closed, 1 open, 2 half-open"),
@@ -82,6 +89,9 @@ class Metrics:
     reconciled: Counter
     store_retries: Counter
     in_flight: Gauge
+    scheduled: Gauge
+    dispatch_lag: Histogram
+    cancelled: Counter
     circuit_state: Gauge
     provider_failures: Counter
     bounces: Counter

@@ -11,7 +11,9 @@
   not final that has not moved for longer than it should have (`pending` though published,
   `retrying` past its retry delay, `sending` past its lease), beyond RECONCILE_AFTER, had its
   message lost (a purged or deleted queue, a broker node gone, a worker gone): it is published
-  again from its row. Redelivery is harmless: the claim step dedupes.
+  again from its row. Redelivery is harmless: the claim step dedupes. It also guards the
+  scheduled ones: one due for longer than RECONCILE_AFTER had no dispatcher to release it
+  (`common/dispatcher.py`), and is released and published here.
 """
 
 from __future__ import annotations
@@ -178,7 +180,21 @@ class Outbox:
                 )
             else:
                 log.warning("reconciler: could not publish %s again: %s", row["id"], result)
-        return len(sent)
+        return len(sent) + await self._release_overdue()
+
+    async def _release_overdue(self) -> int:
+        """Scheduled ones due for longer than RECONCILE_AFTER: no dispatcher released them."""
+        async with self.store.db.transaction() as tx:
+            rows = await self.store.due(tx, RECONCILE_BATCH, late_by=self.config.reconcile_after)
+            released = await self.store.release(
+                tx, [r["id"] for r in rows], "released by the reconciler: no dispatcher released it when due"
+            )
+        for row in released:
+            self.metrics.reconciled.labels(row["notification_type"], "scheduled").inc()
+            log.warning("reconciler: notification %s was scheduled and overdue; released", row["id"])
+        for row in released:
+            self.submit(row)
+        return len(released)
 
     async def reconcile_loop(self, stopping: asyncio.Event) -> None:
         interval = min(max(self.config.reconcile_after / 4, 0.5), 30.0)

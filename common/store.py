@@ -1,24 +1,27 @@
 """The shared status store (notifications_db): every notification's state and its history.
 
-The gateway writes a notification before publishing it; workers move it through
-sending → retrying → delivered | failed. Each change also appends a history event, in the same
-statement, so the record and its history cannot disagree; a change to a final status also queues
-the client's webhook deliveries (`webhook_deliveries`, the outbox `common/webhooks.py` relays),
-in that statement too, so an event is never lost between the two.
+The gateway writes a notification before publishing it (or, to be sent later, as `scheduled`
+until the dispatcher releases it to `pending`); workers move it through
+sending → retrying → delivered | failed; a client may cancel one no worker has claimed yet.
+Each change also appends a history event, in the same statement, so the record and its history
+cannot disagree; a change to a final status also queues the client's webhook deliveries
+(`webhook_deliveries`, the outbox `common/webhooks.py` relays), in that statement too, so an event
+is never lost between the two.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from typing import Any
 
 import orjson
 
 from common.db import Database, Executor, InputError, Row
 
-FINAL_STATUSES = ("delivered", "failed", "skipped")
-STATUSES = ("pending", "sending", "retrying", "delivered", "failed", "skipped")
+FINAL_STATUSES = ("delivered", "failed", "skipped", "cancelled")
+STATUSES = ("scheduled", "pending", "sending", "retrying", "delivered", "failed", "skipped", "cancelled")
 
 # Final statuses the client hears about by webhook, as `notification.<status>`.
 WEBHOOK_STATUSES = ("delivered", "failed", "skipped", "cancelled")
@@ -53,13 +56,14 @@ def _webhook_deliveries(source: str) -> str:
 _PUBLIC_COLUMNS = (
     "id, request_id, user_id, notification_type, template_code, template_version, language, "
     "variables, metadata, priority, status, attempts, error, provider, correlation_id, "
-    "publish_pending, created_at, updated_at, delivered_at"
+    "publish_pending, created_at, updated_at, delivered_at, send_at"
 )
 
 
 _NEW_COLUMNS = (
     "id, client_id, request_id, body_hash, user_id, notification_type, template_code, language, "
-    "template_version, variables, metadata, priority, status, error, correlation_id, publish_pending"
+    "template_version, variables, metadata, priority, status, error, correlation_id, publish_pending, "
+    "send_at"
 )
 _CREATE_MANY = f"""
     WITH r AS (
@@ -67,7 +71,7 @@ _CREATE_MANY = f"""
             id uuid, client_id text, request_id text, body_hash text, user_id uuid,
             notification_type text, template_code text, language text, template_version integer,
             variables jsonb, metadata jsonb, priority smallint, status text, error text,
-            correlation_id text, publish_pending boolean)
+            correlation_id text, publish_pending boolean, send_at timestamptz, detail text)
     ), n AS (
         INSERT INTO notifications ({_NEW_COLUMNS})
         SELECT {_NEW_COLUMNS} FROM r
@@ -76,7 +80,7 @@ _CREATE_MANY = f"""
             CASE WHEN status IN ({_WEBHOOK_STATUS_LIST}) THEN 'notification.' || status END AS event_type
     ), e AS (
         INSERT INTO notification_events (notification_id, status, detail)
-        SELECT id, status, error FROM n
+        SELECT n.id, n.status, coalesce(r.detail, n.error) FROM n JOIN r ON r.id = n.id
     ), {_webhook_deliveries("n")}
     SELECT {_PUBLIC_COLUMNS} FROM n
 """
@@ -99,6 +103,9 @@ class NewNotification:
     error: str | None = None
     variables: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    send_at: datetime | None = None
+    # The first history entry's detail when it is not the error (why it is scheduled).
+    detail: str | None = None
 
 
 class StatusStore:
@@ -115,19 +122,19 @@ class StatusStore:
             WITH n AS (
                 INSERT INTO notifications (id, client_id, request_id, body_hash, user_id,
                     notification_type, template_code, language, template_version, variables,
-                    metadata, priority, status, error, correlation_id, publish_pending)
+                    metadata, priority, status, error, correlation_id, publish_pending, send_at)
                 VALUES (%(id)s, %(client_id)s, %(request_id)s, %(body_hash)s, %(user_id)s,
                     %(notification_type)s, %(template_code)s, %(language)s, %(template_version)s,
                     %(variables)s,
                     %(metadata)s, %(priority)s, %(status)s, %(error)s, %(correlation_id)s,
-                    %(publish_pending)s)
+                    %(publish_pending)s, %(send_at)s)
                 ON CONFLICT (client_id, request_id) DO NOTHING
                 RETURNING {_PUBLIC_COLUMNS}, client_id,
                     CASE WHEN status IN ({_WEBHOOK_STATUS_LIST}) THEN 'notification.' || status END
                         AS event_type
             ), e AS (
                 INSERT INTO notification_events (notification_id, status, detail)
-                SELECT id, status, error FROM n
+                SELECT id, status, coalesce(%(detail)s, error) FROM n
             ), {_webhook_deliveries("n")}
             SELECT {_PUBLIC_COLUMNS} FROM n
             """,
@@ -438,3 +445,106 @@ class StatusStore:
             """,
             {"ids": [r["id"] for r in rows]},
         )
+
+    # --- send later: the dispatcher, the reconciler and cancel ---------------------------------
+
+    async def due(self, db: Executor, limit: int, late_by: float = 0.0) -> list[Row]:
+        """Scheduled notifications due (by `late_by` seconds or more), soonest first; locked for
+        this dispatcher (SKIP LOCKED: several run at once, each row goes to one of them)."""
+        return await db.fetch(
+            f"SELECT {_PUBLIC_COLUMNS} FROM notifications"
+            " WHERE status = 'scheduled' AND send_at <= now() - make_interval(secs => %s)"
+            " ORDER BY send_at LIMIT %s FOR UPDATE SKIP LOCKED",
+            late_by,
+            limit,
+        )
+
+    async def release(self, db: Executor, ids: list[uuid.UUID], detail: str | None = None) -> list[Row]:
+        """Scheduled → pending, left to publish (the relay publishes it if this process does not)."""
+        if not ids:
+            return []
+        return await db.fetch(
+            f"""
+            WITH n AS (
+                UPDATE notifications SET status = 'pending', publish_pending = true, updated_at = now()
+                WHERE id = ANY(%(ids)s::uuid[]) AND status = 'scheduled'
+                RETURNING {_PUBLIC_COLUMNS}
+            ), e AS (
+                INSERT INTO notification_events (notification_id, status, attempt, detail)
+                SELECT id, 'pending', attempts, %(detail)s FROM n
+            )
+            SELECT * FROM n
+            """,
+            {"ids": ids, "detail": detail},
+        )
+
+    async def hold(self, db: Executor, held: list[tuple[uuid.UUID, datetime, str | None]]) -> None:
+        """Scheduled ones found due that must wait again (quiet hours changed): a new send_at."""
+        if not held:
+            return
+        await db.execute(
+            """
+            WITH v AS (
+                SELECT * FROM unnest(%(ids)s::uuid[], %(times)s::timestamptz[], %(details)s::text[])
+                    AS v(id, send_at, detail)
+            ), n AS (
+                UPDATE notifications AS t SET send_at = v.send_at, updated_at = now()
+                FROM v WHERE t.id = v.id AND t.status = 'scheduled'
+                RETURNING t.id, t.attempts, v.detail
+            )
+            INSERT INTO notification_events (notification_id, status, attempt, detail)
+            SELECT id, 'scheduled', attempts, detail FROM n
+            """,
+            {"ids": [h[0] for h in held], "times": [h[1] for h in held], "details": [h[2] for h in held]},
+        )
+
+    async def skip_scheduled(self, db: Executor, skipped: list[tuple[uuid.UUID, str]]) -> None:
+        """Scheduled ones whose user opted out while they waited: skipped, with the reason (and
+        the client's `notification.skipped` webhook queued in the same statement)."""
+        if not skipped:
+            return
+        await db.execute(
+            f"""
+            WITH v AS (
+                SELECT * FROM unnest(%(ids)s::uuid[], %(reasons)s::text[]) AS v(id, reason)
+            ), n AS (
+                UPDATE notifications AS t SET status = 'skipped', error = v.reason, updated_at = now()
+                FROM v WHERE t.id = v.id AND t.status = 'scheduled'
+                RETURNING t.id, t.attempts, t.client_id, t.request_id, t.user_id, t.notification_type,
+                    t.status, t.error, t.provider, 'notification.skipped' AS event_type
+            ), e AS (
+                INSERT INTO notification_events (notification_id, status, attempt, detail)
+                SELECT id, 'skipped', attempts, error FROM n
+            ), {_webhook_deliveries("n")}
+            SELECT count(*) FROM n
+            """,
+            {"ids": [s[0] for s in skipped], "reasons": [s[1] for s in skipped]},
+        )
+
+    async def cancel(self, notification_id: uuid.UUID) -> Row | None:
+        """A compare-and-set: `scheduled`, or `pending` not yet claimed by a worker, becomes
+        `cancelled` (final); None when it was in any other state. A message already published
+        finds it cancelled at the claim, and is not sent. The client's `notification.cancelled`
+        webhook is queued in the same statement."""
+        return await self.db.fetchrow(
+            f"""
+            WITH n AS (
+                UPDATE notifications SET status = 'cancelled', publish_pending = false, updated_at = now()
+                WHERE id = %s AND status IN ('scheduled', 'pending')
+                RETURNING {_PUBLIC_COLUMNS}, client_id, 'notification.cancelled' AS event_type
+            ), e AS (
+                INSERT INTO notification_events (notification_id, status, attempt, detail)
+                SELECT id, 'cancelled', attempts, 'cancelled by the client before it was sent' FROM n
+            ), {_webhook_deliveries("n")}
+            SELECT {_PUBLIC_COLUMNS} FROM n
+            """,
+            notification_id,
+        )
+
+    async def scheduled_counts(self) -> dict[str, int]:
+        """How many wait, per channel (for the gauge)."""
+        rows = await self.db.fetch(
+            "SELECT notification_type, count(*) AS n FROM notifications"
+            " WHERE status = 'scheduled' GROUP BY notification_type"
+        )
+        return {r["notification_type"]: int(r["n"]) for r in rows}

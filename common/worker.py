@@ -295,6 +295,9 @@ class Worker:
             # take it, this copy goes: the holder, or the reconciler, sees it through.
             self.metrics.deferred_in_progress.labels(self.channel).inc()
             await self._to_retry_queue(job, 1, job.attempt, "in progress elsewhere")
+        elif existing["status"] == "cancelled":
+            # Cancelled after it was published: the claim refused it, and that is the point.
+            log.info("cancelled before it was sent: acknowledged without sending")
         else:
             self.metrics.duplicates.labels(self.channel).inc()
             log.info("already %s: acknowledged without sending again", existing["status"])

@@ -1,0 +1,141 @@
+"""The dispatcher: releases scheduled notifications when they are due.
+
+One loop per gateway, one indexed query per round (`StatusStore.due`: `status = 'scheduled' AND
+send_at <= now()`, soonest first, `FOR UPDATE SKIP LOCKED`, in batches), so several gateways
+share the work and each notification is released by one of them. A round, in one transaction:
+the user's preference and quiet hours are looked at again (they may have changed while it
+waited) → each due row is released to `pending` (publish_pending), held again until its quiet
+hours end, or skipped → commit → publish through the outbox.
+
+What a crash loses is repaired elsewhere: killed before the commit, the rows are still
+`scheduled` and the next round (of any gateway) takes them; killed after it, they are
+`pending` and unpublished, and the outbox relay publishes them; published twice, the workers'
+claim sends them once. A dispatcher that does not run at all is covered by the reconciler,
+which releases what is overdue by RECONCILE_AFTER (`common/outbox.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from common import background, schedule
+from common.cache import CachedLookups
+from common.channels import CHANNELS
+from common.clients import ServiceUnavailable
+from common.http import CONFIG_KEY, METRICS_KEY
+from common.metrics import Metrics
+from common.outbox import Outbox
+from common.store import StatusStore
+
+log = logging.getLogger(__name__)
+
+DISPATCH_BATCH = 500
+GAUGE_INTERVAL = 5.0
+LOOKUP_CONCURRENCY = 32
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: StatusStore,
+        outbox: Outbox,
+        lookups: CachedLookups,
+        metrics: Metrics,
+        interval: float,
+        batch: int = DISPATCH_BATCH,
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.lookups = lookups
+        self.metrics = metrics
+        self.interval = interval
+        self.batch = batch
+        self._lookup_slots = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+
+    async def _user(self, user_id: uuid.UUID) -> dict[str, Any] | None:
+        async with self._lookup_slots:
+            try:
+                reply = await self.lookups.user(str(user_id))
+            except ServiceUnavailable as exc:
+                log.warning("dispatch without re-checking user %s: %s", user_id, exc)
+                return None
+        return reply.data if reply.status == 200 else None
+
+    async def _users(self, rows: list[dict[str, Any]]) -> dict[uuid.UUID, dict[str, Any] | None]:
+        ids = list({row["user_id"] for row in rows})
+        found = await asyncio.gather(*(self._user(i) for i in ids))
+        return dict(zip(ids, found, strict=True))
+
+    async def dispatch_once(self) -> int:
+        """One round; returns how many due rows it handled (a full batch: more may be due)."""
+        async with self.store.db.transaction() as tx:
+            rows = await self.store.due(tx, self.batch)
+            if not rows:
+                return 0
+            users = await self._users(rows)
+            now = datetime.now(UTC)
+            send: list[uuid.UUID] = []
+            held: list[tuple[uuid.UUID, datetime, str | None]] = []
+            skipped: list[tuple[uuid.UUID, str]] = []
+            for row in rows:
+                verdict = schedule.recheck(row, users.get(row["user_id"]), now)
+                if verdict.skip is not None:
+                    skipped.append((row["id"], verdict.skip))
+                elif verdict.hold_until is not None:
+                    held.append((row["id"], verdict.hold_until, verdict.detail))
+                else:
+                    send.append(row["id"])
+            released = await self.store.release(tx, send)
+            await self.store.hold(tx, held)
+            await self.store.skip_scheduled(tx, skipped)
+        for row in released:
+            lag = (now - row["send_at"]).total_seconds() if row["send_at"] is not None else 0.0
+            self.metrics.dispatch_lag.labels(row["notification_type"]).observe(max(0.0, lag))
+        for row_id, _ in skipped:
+            log.info("scheduled notification %s skipped at dispatch: user opted out", row_id)
+        for row in released:
+            self.outbox.submit(row)
+        return len(rows)
+
+    async def update_gauge(self) -> None:
+        counts = await self.store.scheduled_counts()
+        for channel in CHANNELS:
+            self.metrics.scheduled.labels(channel).set(counts.get(channel, 0))
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        gauge_due = 0.0
+        while not stopping.is_set():
+            handled = 0
+            try:
+                handled = await self.dispatch_once()
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("dispatch round failed: %s: %s", type(exc).__name__, exc)
+            if time.monotonic() >= gauge_due:
+                gauge_due = time.monotonic() + GAUGE_INTERVAL
+                try:
+                    await self.update_gauge()
+                except Exception as exc:  # noqa: BLE001 - a gauge is not worth a failure
+                    log.debug("scheduled gauge not updated: %s", exc)
+            if handled < self.batch:
+                await background.sleep(stopping, self.interval)
+
+
+def dispatcher(
+    store_key: web.AppKey[StatusStore], outbox_key: web.AppKey[Outbox], lookups_key: web.AppKey[CachedLookups]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context running the dispatcher; put it after the outbox's, so it stops first."""
+
+    async def body(app: web.Application, stopping: asyncio.Event) -> None:
+        interval = app[CONFIG_KEY].dispatch_interval
+        box = Dispatcher(app[store_key], app[outbox_key], app[lookups_key], app[METRICS_KEY], interval)
+        await box.run(stopping)
+
+    return background.loop("dispatcher", body)
