@@ -14,8 +14,8 @@ LISBON = ZoneInfo("Europe/Lisbon")
 KATHMANDU = ZoneInfo("Asia/Kathmandu")
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(

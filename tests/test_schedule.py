@@ -1,0 +1,295 @@
+"""Send later, respect the night: send_at, send_at_local, quiet hours, cancel, the dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aio_pika
+from aiohttp.test_utils import TestServer
+
+import email_worker
+from common.amqp import work_queue
+from common.http import METRICS_KEY
+from tests.conftest import Stack
+
+PASSWORD = "correct horse battery"
+
+
+def parse(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def request(user: dict[str, Any], code: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "notification_type": "email",
+        "user_id": user["id"],
+        "template_code": code,
+        "variables": {"name": "Ada", "link": "https://example.com"},
+        "request_id": str(uuid.uuid4()),
+        **extra,
+    }
+
+
+async def cancel(stack: Stack, notification_id: Any) -> tuple[int, dict[str, Any]]:
+    path = f"/api/v1/notifications/{notification_id}/cancel"
+    response = await stack.gateway.post(path, headers=stack.headers())
+    return response.status, await response.json()
+
+
+async def sleep_until(moment: datetime) -> None:
+    await asyncio.sleep(max(0.0, (moment - datetime.now(UTC)).total_seconds()))
+
+
+async def held_until(stack: Stack, moment: datetime, *pairs: tuple[str, str]) -> None:
+    """Each (notification_id, email) stays scheduled and unsent until just before `moment`."""
+    while datetime.now(UTC) < moment - timedelta(milliseconds=300):
+        for notification_id, email in pairs:
+            record = await stack.notification(notification_id)
+            assert record["status"] == "scheduled", record
+            assert stack.smtp.notification_ids(email) == []
+        await asyncio.sleep(0.2)
+
+
+def delivered_in_time(record: dict[str, Any], due: datetime) -> None:
+    delivered = parse(record["delivered_at"])
+    assert due <= delivered <= due + timedelta(seconds=2), (due, delivered)
+
+
+async def test_send_at_waits_then_delivers_within_two_seconds(stack: Stack) -> None:
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+    due = (datetime.now(UTC) + timedelta(seconds=5)).replace(microsecond=0)
+    # Any offset will do; the answer is in UTC.
+    send_at = due.astimezone(timezone(timedelta(hours=2))).isoformat()
+    status, body, _ = await stack.send(request(user, code, send_at=send_at))
+    assert status == 202, body
+    assert body["data"]["status"] == "scheduled" and parse(body["data"]["send_at"]) == due
+    assert body["data"]["send_at"].endswith("+00:00")
+    notification_id = str(body["data"]["notification_id"])
+
+    await held_until(stack, due, (notification_id, user["email"]))
+    record = await stack.wait_for(notification_id, "delivered", timeout=10)
+    delivered_in_time(record, due)
+    assert [h["status"] for h in record["history"]] == ["scheduled", "pending", "sending", "delivered"]
+    assert "send_at" in record["history"][0]["detail"]
+    assert stack.smtp.notification_ids(user["email"]) == [notification_id]
+
+    metrics = await (await stack.gateway.get("/metrics")).text()
+    assert 'notify_dispatch_lag_seconds_count{channel="email"}' in metrics
+    assert 'notify_scheduled_notifications{channel="email"}' in metrics
+
+
+async def test_send_at_local_and_quiet_hours_in_the_users_time_zone(stack: Stack) -> None:
+    # Both are minutes on a wall clock: the next minute boundary is "a minute away".
+    now = datetime.now(UTC)
+    boundary = (now + timedelta(minutes=1)).replace(second=0, microsecond=0)
+    if boundary - now < timedelta(seconds=4):
+        boundary += timedelta(minutes=1)
+    code = (await stack.create_template())["code"]
+
+    # Kathmandu is UTC+05:45: a window computed in UTC, or in whole hours, would not end there.
+    kathmandu = ZoneInfo("Asia/Kathmandu")
+    sleeper = await stack.create_user(timezone="Asia/Kathmandu")
+    quiet = {
+        "start": f"{(boundary - timedelta(hours=3)).astimezone(kathmandu):%H:%M}",
+        "end": f"{boundary.astimezone(kathmandu):%H:%M}",
+    }
+    response = await stack.gateway.put(
+        f"/api/v1/users/{sleeper['id']}/preferences", json={"quiet_hours": quiet}, headers=stack.headers()
+    )
+    assert response.status == 200, await response.text()
+    # St John's is UTC-03:30 (-02:30 in summer).
+    st_johns = ZoneInfo("America/St_Johns")
+    planner = await stack.create_user(timezone="America/St_Johns")
+
+    status, held, _ = await stack.send(request(sleeper, code))
+    assert status == 202 and held["data"]["status"] == "scheduled", held
+    assert parse(held["data"]["send_at"]) == boundary
+    status, urgent, _ = await stack.send(request(sleeper, code, priority=9))
+    assert status == 202 and urgent["data"]["status"] == "pending", urgent
+    local = f"{boundary.astimezone(st_johns):%H:%M}"
+    status, timed, _ = await stack.send(request(planner, code, send_at_local=local))
+    assert status == 202 and timed["data"]["status"] == "scheduled", timed
+    assert parse(timed["data"]["send_at"]) == boundary
+
+    urgent_record = await stack.wait_for(str(urgent["data"]["notification_id"]), "delivered")
+    assert parse(urgent_record["delivered_at"]) < boundary  # at once, quiet hours or not
+    held_id, timed_id = str(held["data"]["notification_id"]), str(timed["data"]["notification_id"])
+    record = await stack.notification(held_id)
+    assert "quiet hours" in record["history"][0]["detail"]
+    assert "Asia/Kathmandu" in record["history"][0]["detail"]
+
+    await held_until(stack, boundary, (timed_id, planner["email"]))
+    assert (await stack.notification(held_id))["status"] == "scheduled"
+    assert stack.smtp.notification_ids(sleeper["email"]) == [str(urgent["data"]["notification_id"])]
+    for notification_id in (held_id, timed_id):
+        delivered_in_time(await stack.wait_for(notification_id, "delivered", timeout=10), boundary)
+    assert stack.smtp.notification_ids(planner["email"]) == [timed_id]
+
+
+async def test_cancel_before_send_at_and_409_once_delivered(stack: Stack) -> None:
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+    due = datetime.now(UTC) + timedelta(seconds=2)
+    status, body, _ = await stack.send(request(user, code, send_at=due.isoformat()))
+    assert status == 202, body
+    notification_id = str(body["data"]["notification_id"])
+
+    status, cancelled = await cancel(stack, notification_id)
+    assert status == 200 and cancelled["data"]["status"] == "cancelled", cancelled
+    status, again = await cancel(stack, notification_id)
+    assert status == 200 and again["data"]["status"] == "cancelled"  # idempotent
+
+    await sleep_until(due + timedelta(seconds=1.5))
+    record = await stack.notification(notification_id)
+    assert record["status"] == "cancelled"
+    assert [h["status"] for h in record["history"]] == ["scheduled", "cancelled"]
+    assert stack.smtp.notification_ids(user["email"]) == []
+    listed = await stack.gateway.get(
+        f"/api/v1/notifications/?user_id={user['id']}&status=cancelled", headers=stack.headers()
+    )
+    assert [n["notification_id"] for n in (await listed.json())["data"]] == [notification_id]
+
+    status, body, _ = await stack.send(request(user, code))
+    sent_id = str(body["data"]["notification_id"])
+    await stack.wait_for(sent_id, "delivered")
+    status, refused = await cancel(stack, sent_id)
+    assert status == 409 and refused["error"] == "not_cancellable", refused
+    assert "already delivered" in refused["message"]
+    assert (await cancel(stack, uuid.uuid4()))[0] == 404
+
+
+async def test_a_pending_notification_cancelled_before_a_worker_claims_it_is_not_sent(
+    stack_factory: Any, amqp_channel: aio_pika.abc.AbstractChannel
+) -> None:
+    stack = await stack_factory(workers=False)
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+    status, body, _ = await stack.send(request(user, code))
+    assert status == 202 and body["data"]["status"] == "pending"
+    notification_id = str(body["data"]["notification_id"])
+    status, cancelled = await cancel(stack, notification_id)
+    assert status == 200 and cancelled["data"]["status"] == "cancelled"
+
+    # Its message is in the queue: the worker that takes it must not send it.
+    queue = await amqp_channel.declare_queue(work_queue("email"), passive=True)
+    assert queue.declaration_result.message_count == 1
+    worker = TestServer(email_worker.create_app(stack.config), host="127.0.0.1")
+    await worker.start_server()
+    try:
+        registry = worker.app[METRICS_KEY].registry
+        deadline = time.monotonic() + 10
+        while True:
+            queue = await amqp_channel.declare_queue(work_queue("email"), passive=True)
+            busy = registry.get_sample_value("notify_worker_in_flight", {"channel": "email"}) or 0
+            if queue.declaration_result.message_count == 0 and busy == 0:
+                break
+            assert time.monotonic() < deadline, "the worker did not take the message"
+            await asyncio.sleep(0.05)
+        record = await stack.notification(notification_id)
+        assert record["status"] == "cancelled" and record["attempts"] == 0
+        assert [h["status"] for h in record["history"]] == ["pending", "cancelled"]
+        assert stack.smtp.notification_ids(user["email"]) == []
+    finally:
+        await worker.close()
+
+
+async def test_send_at_validation(stack: Stack) -> None:
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+    now = datetime.now(UTC)
+    cases = [
+        ({"send_at": (now + timedelta(hours=1)).isoformat(), "send_at_local": "09:00"}, "send_at_local"),
+        ({"send_at": (now + timedelta(days=366)).isoformat()}, "send_at"),
+        ({"send_at": "2030-01-31T09:00:00"}, "send_at"),  # no offset
+        ({"send_at": "2030-01-31"}, "send_at"),
+        ({"send_at": "tomorrow"}, "send_at"),
+        ({"send_at_local": "24:00"}, "send_at_local"),
+        ({"send_at_local": "9:00"}, "send_at_local"),
+    ]
+    for extra, field in cases:
+        status, body, _ = await stack.send(request(user, code, **extra))
+        assert status == 400 and field in body["data"]["fields"], (extra, body)
+    # In the past means now; 365 days ahead is allowed.
+    status, body, _ = await stack.send(request(user, code, send_at=(now - timedelta(hours=1)).isoformat()))
+    assert status == 202 and body["data"]["status"] == "pending" and body["data"]["send_at"] is None
+    await stack.wait_for(str(body["data"]["notification_id"]), "delivered")
+    far = request(user, code, send_at=(now + timedelta(days=364)).isoformat().replace("+00:00", "Z"))
+    status, body, _ = await stack.send(far)
+    assert status == 202 and body["data"]["status"] == "scheduled"
+    # A replay answers as it did: scheduled, the same send_at; another send_at is another body.
+    again_status, again, headers = await stack.send(far)
+    assert again_status == 202 and headers["Idempotent-Replayed"] == "true"
+    assert again["data"]["send_at"] == body["data"]["send_at"] and again["data"]["status"] == "scheduled"
+    status, conflict, _ = await stack.send({**far, "send_at": (now + timedelta(days=2)).isoformat()})
+    assert status == 422 and conflict["error"] == "idempotency_conflict"
+    assert (await cancel(stack, body["data"]["notification_id"]))[0] == 200
+
+
+async def test_quiet_hours_preference_self_service_and_validation(stack: Stack) -> None:
+    user = await stack.create_user(timezone="Europe/Lisbon")
+    response = await stack.gateway.post(
+        "/api/v1/auth/login", json={"email": user["email"], "password": PASSWORD}
+    )
+    token = (await response.json())["data"]["access_token"]
+    path = f"/api/v1/users/{user['id']}/preferences"
+    mine = {"Authorization": f"Bearer {token}"}
+
+    response = await stack.gateway.put(
+        path, json={"quiet_hours": {"start": "22:00", "end": "07:00"}}, headers=mine
+    )
+    body = await response.json()
+    assert response.status == 200, body
+    assert body["data"] == {"email": True, "push": True, "quiet_hours": {"start": "22:00", "end": "07:00"}}
+    response = await stack.gateway.get(path, headers=mine)
+    assert (await response.json())["data"]["quiet_hours"] == {"start": "22:00", "end": "07:00"}
+    for bad, field in (
+        ({"quiet_hours": {"start": "25:00", "end": "07:00"}}, "quiet_hours.start"),
+        ({"quiet_hours": {"start": "22:00"}}, "quiet_hours"),
+        ({"quiet_hours": {"start": "07:00", "end": "07:00"}}, "quiet_hours"),
+        ({"quiet_hours": "22:00-07:00"}, "quiet_hours"),
+    ):
+        response = await stack.gateway.put(path, json=bad, headers=mine)
+        body = await response.json()
+        assert response.status == 400 and field in body["data"]["fields"], (bad, body)
+    response = await stack.gateway.put(path, json={"quiet_hours": None}, headers=mine)
+    assert response.status == 200 and (await response.json())["data"]["quiet_hours"] is None
+
+
+async def test_preference_and_quiet_hours_are_checked_again_at_dispatch(stack: Stack) -> None:
+    code = (await stack.create_template())["code"]
+    leaver = await stack.create_user()
+    sleeper = await stack.create_user(timezone="Europe/Lisbon")
+    due = datetime.now(UTC) + timedelta(seconds=2)
+    ids = []
+    for user in (leaver, sleeper):
+        status, body, _ = await stack.send(request(user, code, send_at=due.isoformat()))
+        assert status == 202 and body["data"]["status"] == "scheduled"
+        ids.append(str(body["data"]["notification_id"]))
+    lisbon = ZoneInfo("Europe/Lisbon")
+    now = datetime.now(UTC)
+    window = {
+        "start": f"{(now - timedelta(hours=1)).astimezone(lisbon):%H:%M}",
+        "end": f"{(now + timedelta(hours=2)).astimezone(lisbon):%H:%M}",
+    }
+    for user, change in ((leaver, {"email": False}), (sleeper, {"quiet_hours": window})):
+        response = await stack.gateway.put(
+            f"/api/v1/users/{user['id']}/preferences", json=change, headers=stack.headers()
+        )
+        assert response.status == 200
+
+    skipped = await stack.wait_for(ids[0], "skipped", timeout=10)
+    assert skipped["error"] == "user opted out of email notifications"
+    deadline = time.monotonic() + 10
+    while len((record := await stack.notification(ids[1]))["history"]) < 2:
+        assert time.monotonic() < deadline, record
+        await asyncio.sleep(0.1)
+    assert record["status"] == "scheduled" and parse(record["send_at"]) > now + timedelta(hours=1)
+    assert "quiet hours" in record["history"][1]["detail"]
+    assert stack.smtp.notification_ids(leaver["email"]) == stack.smtp.notification_ids(sleeper["email"]) == []
+    assert (await cancel(stack, ids[1]))[0] == 200
