@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -13,6 +14,7 @@ import aio_pika
 from aiohttp.test_utils import TestServer
 
 import email_worker
+import gateway
 from common.amqp import work_queue
 from common.http import METRICS_KEY
 from tests.conftest import Stack
@@ -293,3 +295,141 @@ async def test_preference_and_quiet_hours_are_checked_again_at_dispatch(stack: S
     assert "quiet hours" in record["history"][1]["detail"]
     assert stack.smtp.notification_ids(leaver["email"]) == stack.smtp.notification_ids(sleeper["email"]) == []
     assert (await cancel(stack, ids[1]))[0] == 200
+
+
+async def test_ten_thousand_due_at_once_are_each_published_once_by_two_dispatchers(
+    stack_factory: Any, amqp_channel: aio_pika.abc.AbstractChannel
+) -> None:
+    count = 10_000
+    stack = await stack_factory(workers=False)
+    second = TestServer(gateway.create_app(stack.config), host="127.0.0.1")
+    await second.start_server()
+    user = await stack.create_user()
+    database = stack.apps["gateway"][gateway.DB_KEY]
+    tag = uuid.uuid4().hex
+    # Stored as the gateway stores a scheduled notification, all due in the same second.
+    rows = await database.fetch(
+        """
+        INSERT INTO notifications (id, client_id, request_id, body_hash, user_id, notification_type,
+            template_code, language, template_version, priority, status, correlation_id, send_at)
+        SELECT gen_random_uuid(), 'bulk', %s || '-' || g, 'x', %s, 'email', 'welcome', 'en', 1, 0,
+            'scheduled', %s, date_trunc('second', now()) + interval '2 seconds'
+        FROM generate_series(1, %s) AS g
+        RETURNING id, send_at
+        """,
+        tag,
+        user["id"],
+        tag,
+        count,
+    )
+    ids = [r["id"] for r in rows]
+    due = rows[0]["send_at"]
+    try:
+        # A liveness bound, not a benchmark (about 7 s on a busy 2-core machine, both gateways
+        # and this test sharing one event loop).
+        deadline = due + timedelta(seconds=30)
+        while True:
+            left = await database.fetchval(
+                "SELECT count(*) FROM notifications"
+                " WHERE id = ANY(%s::uuid[]) AND (status = 'scheduled' OR publish_pending)",
+                ids,
+            )
+            if left == 0:
+                break
+            assert datetime.now(UTC) < deadline, f"{left} of {count} not published 30 s after they were due"
+            await asyncio.sleep(0.2)
+
+        released = await database.fetch(
+            "SELECT notification_id, count(*) AS n FROM notification_events"
+            " WHERE notification_id = ANY(%s::uuid[]) AND status = 'pending' GROUP BY notification_id",
+            ids,
+        )
+        assert len(released) == count and {r["n"] for r in released} == {1}
+        # Each released by one of the two, and both took part.
+        lags = [
+            app[METRICS_KEY].registry.get_sample_value(
+                "notify_dispatch_lag_seconds_count", {"channel": "email"}
+            )
+            for app in (stack.apps["gateway"], second.app)
+        ]
+        assert sum(lag or 0 for lag in lags) == count and all(lags), lags
+
+        # One message each in the queue: confirmed before being marked, so all are there now.
+        queue = await amqp_channel.declare_queue(work_queue("email"), passive=True)
+        assert queue.declaration_result.message_count == count
+        seen: list[str] = []
+        await amqp_channel.set_qos(prefetch_count=1000)
+        async with queue.iterator(no_ack=True) as messages:
+            async for message in messages:
+                seen.append(str(message.message_id))
+                if len(seen) == count:
+                    break
+        assert sorted(seen) == sorted(str(i) for i in ids)
+    finally:
+        await second.close()
+        await database.execute("DELETE FROM notifications WHERE id = ANY(%s::uuid[])", ids)
+
+
+class Died(Exception):
+    """A dispatcher's process ending in the middle of its work."""
+
+
+async def test_a_dispatch_lost_mid_batch_is_still_sent_once(stack: Stack) -> None:
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+    due = datetime.now(UTC) + timedelta(seconds=2)
+    ids = []
+    for _ in range(2):
+        status, body, _ = await stack.send(request(user, code, send_at=due.isoformat()))
+        assert status == 202 and body["data"]["status"] == "scheduled"
+        ids.append(uuid.UUID(body["data"]["notification_id"]))
+    after_commit, before_commit = ids
+    database = stack.apps["gateway"][gateway.DB_KEY]
+    store = stack.apps["gateway"][gateway.STORE_KEY]
+    lock = "SELECT id FROM notifications WHERE id = %s FOR UPDATE"
+
+    # Another dispatcher holds both when they fall due (the gateway's own skips them), then dies:
+    # one batch after its commit and before publishing, the other before its commit.
+    with contextlib.suppress(Died):
+        async with database.transaction() as doomed:
+            async with database.transaction() as committed:
+                await committed.fetch(lock, after_commit)
+                await doomed.fetch(lock, before_commit)
+                await sleep_until(due + timedelta(seconds=1))
+                for notification_id in ids:
+                    assert (await stack.notification(notification_id))["status"] == "scheduled"
+                assert [r["id"] for r in await store.release(committed, [after_commit])] == [after_commit]
+                assert len(await store.release(doomed, [before_commit])) == 1
+            raise Died
+
+    # Rolled back: still scheduled, so the next round takes it. Committed but never
+    # published: the outbox relay publishes it.
+    for notification_id in ids:
+        record = await stack.wait_for(str(notification_id), "delivered", timeout=15)
+        assert [h["status"] for h in record["history"]] == ["scheduled", "pending", "sending", "delivered"]
+    await asyncio.sleep(0.5)  # time for a duplicate to arrive, were there one
+    assert sorted(stack.smtp.notification_ids(user["email"])) == sorted(str(i) for i in ids)
+
+
+async def test_the_reconciler_releases_what_no_dispatcher_released(stack_factory: Any) -> None:
+    # A gateway whose dispatcher does not come round again, as if it had died.
+    stack = await stack_factory(gateway_config={"dispatch_interval": 3600.0, "reconcile_after": 1.0})
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+    due = datetime.now(UTC) + timedelta(seconds=1)
+    status, body, _ = await stack.send(request(user, code, send_at=due.isoformat()))
+    assert status == 202 and body["data"]["status"] == "scheduled"
+    notification_id = str(body["data"]["notification_id"])
+    await sleep_until(due + timedelta(seconds=0.5))
+    assert (await stack.notification(notification_id))["status"] == "scheduled"
+
+    record = await stack.wait_for(notification_id, "delivered", timeout=10)
+    assert [h["status"] for h in record["history"]] == ["scheduled", "pending", "sending", "delivered"]
+    assert "reconciler" in record["history"][1]["detail"]
+    await asyncio.sleep(0.5)
+    assert stack.smtp.notification_ids(user["email"]) == [notification_id]
+    registry = stack.apps["gateway"][METRICS_KEY].registry
+    assert (
+        registry.get_sample_value("notify_reconciled_total", {"channel": "email", "from_status": "scheduled"})
+        == 1
+    )
