@@ -397,7 +397,7 @@ async def test_a_dispatch_lost_mid_batch_is_still_sent_once(stack: Stack) -> Non
                 await doomed.fetch(lock, before_commit)
                 await sleep_until(due + timedelta(seconds=1))
                 for notification_id in ids:
-                    assert (await stack.notification(notification_id))["status"] == "scheduled"
+                    assert (await stack.notification(str(notification_id)))["status"] == "scheduled"
                 assert [r["id"] for r in await store.release(committed, [after_commit])] == [after_commit]
                 assert len(await store.release(doomed, [before_commit])) == 1
             raise Died
