@@ -140,8 +140,8 @@ def when_fields(fields: Fields, now: datetime) -> When:
     send_at = None
     if raw is not None:
         try:
-            send_at = datetime.fromisoformat(raw) if _RFC3339_RE.match(raw) else None
-        except ValueError:
+            send_at = datetime.fromisoformat(raw).astimezone(UTC) if _RFC3339_RE.match(raw) else None
+        except (ValueError, OverflowError):  # e.g. 24:00, or year 1 with a positive offset
             send_at = None
         if send_at is None:
             fields.error("send_at", "must be an RFC 3339 timestamp with an offset, e.g. 2030-01-31T09:00:00Z")
@@ -153,7 +153,7 @@ def when_fields(fields: Fields, now: datetime) -> When:
     )
     if raw is not None and local_raw is not None:
         fields.error("send_at_local", "give send_at or send_at_local, not both")
-    return When(send_at.astimezone(UTC) if send_at else None, parse_hhmm(local_raw) if local_raw else None)
+    return When(send_at, parse_hhmm(local_raw) if local_raw else None)
 
 
 @dataclass(frozen=True)

@@ -211,6 +211,8 @@ async def test_send_at_validation(stack: Stack) -> None:
         ({"send_at": "2030-01-31T09:00:00"}, "send_at"),  # no offset
         ({"send_at": "2030-01-31"}, "send_at"),
         ({"send_at": "tomorrow"}, "send_at"),
+        ({"send_at": "0001-01-01T00:00:00+05:00"}, "send_at"),  # before the first instant there is
+        ({"send_at": "2030-01-31T24:00:00Z"}, "send_at"),
         ({"send_at_local": "24:00"}, "send_at_local"),
         ({"send_at_local": "9:00"}, "send_at_local"),
     ]
