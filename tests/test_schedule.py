@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -18,6 +20,7 @@ import gateway
 from common.amqp import work_queue
 from common.http import METRICS_KEY
 from tests.conftest import Stack
+from tests.processes import ServiceProcess
 
 PASSWORD = "correct horse battery"
 
@@ -435,3 +438,70 @@ async def test_the_reconciler_releases_what_no_dispatcher_released(stack_factory
         registry.get_sample_value("notify_reconciled_total", {"channel": "email", "from_status": "scheduled"})
         == 1
     )
+
+
+async def test_a_gateway_killed_while_dispatching_loses_nothing_and_sends_each_once(
+    stack_factory: Any, tmp_path: Path
+) -> None:
+    count = 1000  # two dispatcher batches
+    # The in-process gateway's dispatcher stays out of it (its relay and reconciler do not).
+    stack = await stack_factory(gateway_config={"dispatch_interval": 3600.0, "reconcile_after": 2.0})
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+    dispatching = ServiceProcess("gateway.py", stack.config, tmp_path / "gateway.log")
+    await dispatching.start()
+    database = stack.apps["gateway"][gateway.DB_KEY]
+    tag = uuid.uuid4().hex
+    try:
+        rows = await database.fetch(
+            """
+            INSERT INTO notifications (id, client_id, request_id, body_hash, user_id,
+                notification_type, template_code, language, template_version, variables, priority,
+                status, correlation_id, send_at)
+            SELECT gen_random_uuid(), 'killed', %s || '-' || g, 'x', %s, 'email', %s, 'en', 1,
+                '{"name": "N", "link": "l"}', 0, 'scheduled', %s, now() + interval '2 seconds'
+            FROM generate_series(1, %s) AS g
+            RETURNING id
+            """,
+            tag,
+            user["id"],
+            code,
+            tag,
+            count,
+        )
+        ids = [r["id"] for r in rows]
+        # Killed as soon as its first batch is committed: publishing it, with the next to come.
+        deadline = time.monotonic() + 15
+        while not await database.fetchval(
+            "SELECT count(*) FROM notifications WHERE id = ANY(%s::uuid[]) AND status <> 'scheduled'", ids
+        ):
+            assert time.monotonic() < deadline, "the dispatching gateway released nothing"
+            await asyncio.sleep(0.01)
+        dispatching.signal(signal.SIGKILL)
+        await dispatching.wait(10)
+        left = await database.fetchval(
+            "SELECT count(*) FROM notifications WHERE id = ANY(%s::uuid[]) AND status = 'scheduled'", ids
+        )
+        # It died with work half done: a batch released (and being published: the relay sees to
+        # what it did not get confirmed) and one still scheduled (the reconciler releases it).
+        assert 0 < left < count, left
+
+        await wait_all_delivered(stack, ids, timeout=90)
+        await asyncio.sleep(1)  # time for a duplicate to arrive, were there one
+        received = stack.smtp.notification_ids(user["email"])
+        assert len(received) == count and set(received) == {str(i) for i in ids}
+    finally:
+        dispatching.stop()
+
+
+async def wait_all_delivered(stack: Stack, ids: list[uuid.UUID], timeout: float) -> None:
+    database = stack.apps["gateway"][gateway.DB_KEY]
+    deadline = time.monotonic() + timeout
+    while True:
+        done = await database.fetchval(
+            "SELECT count(*) FROM notifications WHERE id = ANY(%s::uuid[]) AND status = 'delivered'", ids
+        )
+        if done == len(ids):
+            return
+        assert time.monotonic() < deadline, f"{done} of {len(ids)} delivered"
+        await asyncio.sleep(0.2)
