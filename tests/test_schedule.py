@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 import aio_pika
 from aiohttp.test_utils import TestServer
+from standardwebhooks import Webhook
 
 import email_worker
 import gateway
@@ -21,6 +22,9 @@ from common.amqp import work_queue
 from common.http import METRICS_KEY
 from tests.conftest import Stack
 from tests.processes import ServiceProcess
+from tests.test_webhooks import Receiver, receiver  # noqa: F401 - the receiver fixture
+from tests.test_webhooks import _endpoint as webhook_endpoint
+from tests.test_webhooks import _stack as webhook_stack
 
 PASSWORD = "correct horse battery"
 
@@ -505,3 +509,36 @@ async def wait_all_delivered(stack: Stack, ids: list[uuid.UUID], timeout: float)
             return
         assert time.monotonic() < deadline, f"{done} of {len(ids)} delivered"
         await asyncio.sleep(0.2)
+
+
+async def test_a_cancel_and_a_skip_at_dispatch_reach_the_clients_status_webhook(
+    stack_factory: Any,
+    receiver: Receiver,  # noqa: F811 - the fixture imported above
+) -> None:
+    stack = await webhook_stack(stack_factory)
+    endpoint = await webhook_endpoint(
+        stack, receiver.url("/events"), ["notification.cancelled", "notification.skipped"]
+    )
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+    due = datetime.now(UTC) + timedelta(seconds=2)
+    ids = []
+    for _ in range(2):
+        status, body, _ = await stack.send(request(user, code, send_at=due.isoformat()))
+        assert status == 202 and body["data"]["status"] == "scheduled"
+        ids.append(str(body["data"]["notification_id"]))
+    cancelled, opted_out = ids
+    assert (await cancel(stack, cancelled))[0] == 200
+    response = await stack.gateway.put(
+        f"/api/v1/users/{user['id']}/preferences", json={"email": False}, headers=stack.headers()
+    )
+    assert response.status == 200
+
+    received = await receiver.wait("/events", 2)
+    hook = Webhook(endpoint["secret"])
+    events = [hook.verify(r.body, r.headers) for r in received]
+    assert sorted((e["data"]["notification_id"], e["type"]) for e in events) == sorted(
+        [(cancelled, "notification.cancelled"), (opted_out, "notification.skipped")]
+    )
+    await asyncio.sleep(0.5)
+    assert len(receiver.requests) == 2
