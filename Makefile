@@ -6,11 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
 
-.PHONY: help venv run test lint format migrate topology bench clean
+.PHONY: help venv browser run test screenshots lint format migrate topology bench clean
 
 help:
 	@echo "make run       install, create databases, migrate, declare topology, start all services"
 	@echo "make test      run the test suite against the local PostgreSQL, Redis and RabbitMQ"
+	@echo "make screenshots  run the console's browser tests, keeping their pictures in docs/console/"
 	@echo "make lint      ruff, mypy, hadolint and actionlint"
 	@echo "make migrate   create missing databases and apply migrations"
 	@echo "make topology  declare the RabbitMQ exchange and queues"
@@ -26,8 +27,19 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/python -m scripts.run_local
 
-test: venv
+# The console's browser tests drive Debian's Chromium through Playwright (which then downloads
+# no browser of its own); installed here when missing, so a clean machine (CI) gets it too.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+
+test: venv browser
 	$(BIN)/python -m pytest
+
+# The console's browser tests, keeping their pictures of each page in docs/console/.
+screenshots: venv browser
+	CONSOLE_SCREENSHOTS=docs/console $(BIN)/python -m pytest tests/test_console.py
 
 lint: venv
 	$(BIN)/ruff check .
