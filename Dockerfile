@@ -34,6 +34,7 @@ COPY --from=build /opt/venv /opt/venv
 COPY common/ common/
 COPY providers/ providers/
 COPY topology/ topology/
+COPY console/ console/
 COPY migrations/ migrations/
 COPY scripts/ scripts/
 COPY *.py ./

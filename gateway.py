@@ -28,6 +28,7 @@ import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
 
+import console
 import topology
 from common import (
     amqp,
@@ -633,6 +634,20 @@ def create_app(config: Config) -> web.Application:
     r.add_route("*", "/api/v1/users{tail:(/.*)?}", users)
     r.add_post("/api/v1/auth/login", users)
     r.add_route("*", "/api/v1/templates{tail:(/.*)?}", templates)
+    app.add_subapp(
+        "/console",
+        console.create_app(
+            console.Wiring(
+                store=STORE_KEY,
+                outbox=OUTBOX_KEY,
+                broker=BROKER_KEY,
+                users=USERS_KEY,
+                templates=TEMPLATES_KEY,
+                redis=REDIS_KEY,
+                key_hashes=KEY_HASHES_KEY,
+            )
+        ),
+    )
     return app
 
 

@@ -97,6 +97,11 @@ class Config:
     # local receivers; seconds of failing deliveries after which an endpoint is disabled.
     webhook_allowed_hosts: tuple[str, ...] = ()
     webhook_disable_after: float = 259200.0
+    # The operator console (/console): keys that may sign in besides GATEWAY_API_KEYS, how long
+    # a session lasts, and the key its cookies are signed with (JWT_SECRET when not set).
+    console_keys: tuple[str, ...] = ()
+    console_session_ttl: int = 8 * 3600
+    console_secret: str = ""
 
     @property
     def max_attempts(self) -> int:
@@ -106,6 +111,11 @@ class Config:
     def unsubscribe_key(self) -> str:
         """Signs unsubscribe links; JWT_SECRET when UNSUBSCRIBE_SECRET is not set."""
         return self.unsubscribe_secret or self.jwt_secret
+
+    @property
+    def console_key(self) -> str:
+        """Signs console session cookies; JWT_SECRET when CONSOLE_SECRET is not set."""
+        return self.console_secret or self.jwt_secret
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -267,6 +277,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "sendgrid_webhook_public_key": _ec_public_key,
     "webhook_allowed_hosts": _csv,
     "webhook_disable_after": _positive_float,
+    "console_keys": _csv,
+    "console_session_ttl": _positive_int,
 }
 
 

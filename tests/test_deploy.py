@@ -286,12 +286,12 @@ def test_dockerfile_command_and_copied_code_exist() -> None:
     assert cmd == ["python", "gateway.py"]
     assert _module_file(cmd).is_file()
     copied = " ".join(_instructions(final, "COPY"))
-    for package in ("common", "providers", "topology", "migrations", "scripts"):
+    for package in ("common", "providers", "topology", "console", "migrations", "scripts"):
         assert f"{package}/" in copied, f"the image lacks {package}/"
     assert "*.py" in copied  # the service modules
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".env" in ignored and ".git" in ignored
-    for source in ("common", "providers", "topology", "migrations", "scripts"):
+    for source in ("common", "providers", "topology", "console", "migrations", "scripts"):
         assert source not in ignored
 
 

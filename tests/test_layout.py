@@ -49,6 +49,13 @@ def test_no_service_imports_another(service: str) -> None:
     assert not others, f"{service}.py imports {others}: what two services share lives in common/"
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "console").glob("*.py")), ids=lambda p: p.name)
+def test_the_console_imports_no_service_nor_the_broker_topology(path: Path) -> None:
+    """The gateway mounts the console and hands it what it uses (`console.Wiring`)."""
+    bad = sorted(m for m in imported_modules(path) if top(m) in UPPER_FLOORS)
+    assert not bad, f"console/{path.name} imports {bad}: it is given the gateway's keys instead"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "providers").glob("*.py")), ids=lambda p: p.name)
 def test_providers_do_not_import_the_worker_loop_or_a_service(path: Path) -> None:
     bad = sorted(m for m in imported_modules(path) if m.startswith("common.worker") or top(m) in SERVICES)
