@@ -415,6 +415,7 @@ async def notification(request: web.Request) -> web.Response:
         n=row,
         fields=[(f, row[f]) for f in _SHOWN_FIELDS if f in row],
         history=history,
+        webhooks=await Queries(store.db).webhook_deliveries(notification_id),
         variables=orjson.dumps(row.get("variables") or {}, option=orjson.OPT_INDENT_2).decode(),
         metadata=orjson.dumps(row.get("metadata") or {}, option=orjson.OPT_INDENT_2).decode(),
     )

@@ -115,6 +115,16 @@ class Queries:
             limit,
         )
 
+    async def webhook_deliveries(self, notification_id: uuid.UUID) -> list[Row]:
+        """The status webhooks sent about one notification: to which endpoint, and how it went."""
+        return await self.db.fetch(
+            "SELECT d.event_type, d.status, d.attempts, d.last_status_code, d.last_error,"
+            " d.created_at, d.delivered_at, e.url"
+            " FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id"
+            " WHERE d.notification_id = %s ORDER BY d.seq",
+            notification_id,
+        )
+
     async def failed_total(self) -> int:
         return int(await self.db.fetchval("SELECT count(*) FROM notifications WHERE status = 'failed'") or 0)
 

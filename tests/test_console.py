@@ -16,6 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 from console.session import SIGNIN_FAILURES_ALLOWED
@@ -274,7 +276,7 @@ async def test_overview_counts_chart_and_queue_depths(
     # The outbox publishes off the request path: wait for the queue rather than assume.
     for _ in range(50):
         await page.reload()
-        if await page.locator('tr[data-queue="email.queue"] td').first.text_content() == "3":
+        if await page.locator('tr[data-queue="email.queue"] td.num').all_text_contents() == ["3", "0"]:
             break
         await page.wait_for_timeout(100)
     await expect(page.locator('tr[data-queue="email.queue"] td').first).to_have_text("3")
@@ -292,7 +294,23 @@ async def test_overview_counts_chart_and_queue_depths(
 async def test_find_a_notification_by_request_id_and_see_its_timeline(
     stack_factory: Any, browser: Browser, screenshots: Path
 ) -> None:
-    stack = await stack_factory()
+    stack = await stack_factory(webhook_allowed_hosts=("127.0.0.1",))
+    received: list[bytes] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        return web.Response(text="ok")
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", hook)
+    server = TestServer(receiver, host="127.0.0.1")
+    await server.start_server()
+    response = await stack.gateway.post(
+        "/api/v1/webhooks/endpoints",
+        json={"url": str(server.make_url("/hook")), "events": ["notification.delivered"]},
+        headers=stack.headers(),
+    )
+    assert response.status == 201, await response.text()
     user = await stack.create_user()
     template = await stack.create_template()
     wanted = f"password-reset-{time.time_ns()}"
@@ -325,8 +343,23 @@ async def test_find_a_notification_by_request_id_and_see_its_timeline(
     await expect(timeline.nth(1)).to_contain_text("attempt 1")
     await expect(timeline.nth(2)).to_contain_text("delivered")
     await expect(timeline.nth(2)).to_contain_text("via smtp")
+    # The status webhook told about it, once delivered to the receiver.
+    for _ in range(100):
+        if any(notification_id.encode() in body for body in received):
+            break
+        await page.wait_for_timeout(100)
+    webhook = page.locator("li.webhook")
+    for _ in range(50):
+        await page.reload()
+        if any("delivered after" in text for text in await webhook.all_text_contents()):
+            break
+        await page.wait_for_timeout(100)
+    await expect(webhook).to_have_count(1)
+    await expect(webhook).to_contain_text("notification.delivered")
+    await expect(webhook).to_contain_text("delivered after 1 attempt(s), last answer HTTP 200")
     await console.check()
     await console.shot("notification")
+    await server.close()
 
     # A user id finds that user's notifications; a status narrows them.
     await console.goto(f"/console/notifications?q={user['id']}&status=delivered")
