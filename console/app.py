@@ -367,7 +367,8 @@ async def overview(request: web.Request) -> web.Response:
 
 
 async def notifications(request: web.Request) -> web.Response:
-    q = request.query.get("q", "").strip()[:255]
+    # No NUL: PostgreSQL text cannot hold one, and no id or request_id contains one.
+    q = request.query.get("q", "").replace("\x00", "").strip()[:255]
     status = request.query.get("status", "")
     if status and status not in STATUSES:
         raise Refused(400, "Unknown status", f"{status!r} is not a status; use one of {', '.join(STATUSES)}.")
