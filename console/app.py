@@ -28,7 +28,7 @@ from aiohttp import web
 from common import amqp, auth
 from common.clients import ServiceClient, ServiceUnavailable
 from common.db import OperationalError
-from common.http import CONFIG_KEY, ApiError
+from common.http import CONFIG_KEY, METRICS_KEY, ApiError
 from common.outbox import Outbox
 from common.store import STATUSES, StatusStore
 from common.templating import required_variables
@@ -67,6 +67,8 @@ _PUBLIC = ("/console/sign-in", "/console/static/")
 NOTICES = {
     "retried": "{n} notification(s) requeued for delivery.",
     "not_retried": "Nothing was requeued: only failed notifications can be retried.",
+    "cancelled": "The notification is cancelled; it will not be sent.",
+    "not_cancelled": "Not cancelled: a worker has it already, or it is final.",
     "activated": "Version {n} is now the active version.",
     "device_removed": "The device was removed.",
     "preferences_saved": "Preferences saved.",
@@ -441,6 +443,19 @@ async def retry_one(request: web.Request) -> web.Response:
     return _redirect(_with_notice(path, "retried", 1) if done else _with_notice(path, "not_retried"))
 
 
+async def cancel_one(request: web.Request) -> web.Response:
+    """Cancel a scheduled notification, or a pending one no worker has claimed, as the API does."""
+    notification_id = _uuid(request.match_info["notification_id"], "Notification")
+    store: StatusStore = _dep(request, lambda w: w.store)
+    row = await store.cancel(notification_id)
+    path = f"/console/notifications/{notification_id}"
+    if row is None:
+        return _redirect(_with_notice(path, "not_cancelled"))
+    request.config_dict[METRICS_KEY].cancelled.labels(row["notification_type"]).inc()
+    log.info("console: notification %s cancelled by key %s", notification_id, request[SESSION_KEY].subject)
+    return _redirect(_with_notice(path, "cancelled"))
+
+
 async def failures(request: web.Request) -> web.Response:
     store: StatusStore = _dep(request, lambda w: w.store)
     queries = Queries(store.db)
@@ -719,6 +734,7 @@ def create_app(wiring: Wiring) -> web.Application:
     r.add_get("/notifications", notifications)
     r.add_get("/notifications/{notification_id}", notification)
     r.add_post("/notifications/{notification_id}/retry", retry_one)
+    r.add_post("/notifications/{notification_id}/cancel", cancel_one)
     r.add_get("/failures", failures)
     r.add_post("/failures/retry", retry_selected)
     r.add_get("/templates", templates)

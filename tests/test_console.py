@@ -10,6 +10,7 @@ import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -631,3 +632,46 @@ async def test_every_page_fits_a_phone(stack_factory: Any, browser: Browser, scr
     # Keyboard: the first Tab reaches the skip link, which moves focus to the content.
     await console.page.keyboard.press("Tab")
     await expect(console.page.get_by_role("link", name="Skip to content")).to_be_focused()
+
+
+# --- send later --------------------------------------------------------------------------------------
+
+
+async def test_cancel_a_scheduled_notification_and_see_quiet_hours(
+    stack_factory: Any, browser: Browser, screenshots: Path
+) -> None:
+    stack = await stack_factory()
+    user = await stack.create_user()
+    template = await stack.create_template()
+    response = await stack.gateway.put(
+        f"/api/v1/users/{user['id']}/preferences",
+        json={"quiet_hours": {"start": "22:00", "end": "07:00"}},
+        headers=stack.headers(),
+    )
+    assert response.status == 200, await response.text()
+    body = email_body(stack, user, template, f"later-{time.time_ns()}")
+    # Noon in the user's zone (UTC): outside the quiet hours, so it is kept as asked.
+    send_at = (datetime.now(UTC) + timedelta(days=30)).replace(hour=12, minute=0, second=0, microsecond=0)
+    body["send_at"] = send_at.isoformat()
+    status, answer, _ = await stack.send(body)
+    assert status == 202, answer
+    notification_id = answer["data"]["notification_id"]
+    assert (await stack.notification(notification_id))["status"] == "scheduled"
+
+    console = await open_console(browser, stack, screenshots)
+    await console.sign_in()
+    page = console.page
+    await console.goto(f"/console/notifications/{notification_id}")
+    await expect(page.locator('dd[data-field="send_at"]')).to_contain_text(
+        send_at.strftime("%Y-%m-%d %H:%M:%S")
+    )
+    await page.get_by_role("button", name="Cancel this notification").click()
+    await expect(page.get_by_role("status")).to_have_text(
+        "The notification is cancelled; it will not be sent."
+    )
+    await expect(page.locator("p.lead .status")).to_have_text("cancelled")
+    await expect(page.get_by_role("button", name="Cancel this notification")).to_have_count(0)
+    assert (await stack.notification(notification_id))["status"] == "cancelled"
+
+    await console.goto(f"/console/users/{user['id']}")
+    await expect(page.locator('[data-field="quiet_hours"]')).to_contain_text("22:00 to 07:00")
