@@ -28,6 +28,7 @@ from common.http import (
     read_json,
 )
 from common.logs import setup_logging
+from common.renderer import RenderPool
 from common.runner import run
 from common.templating import PARTS, REQUIRED_PARTS, SINGLE_LINE_PARTS
 from common.validation import CODE_RE, Fields, normalize_language
@@ -36,6 +37,7 @@ log = logging.getLogger("template_service")
 
 DB_KEY = web.AppKey("templates_db", db.Database)
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
+RENDER_KEY = web.AppKey("render_pool", RenderPool)
 
 MAX_SOURCE = 100_000
 _VERSION_COLUMNS = (
@@ -149,6 +151,8 @@ async def create_template(request: web.Request) -> web.Response:
     parts = _parts_from(fields, channel, required=True)
     for part, problem in templating.syntax_errors(channel, parts).items():
         fields.error(part, problem)
+    for part, problem in templating.budget_errors(channel, parts).items():
+        fields.error(part, problem)
     fields.check()
     database = request.app[DB_KEY]
     async with database.transaction() as tx:
@@ -212,6 +216,8 @@ async def update_template(request: web.Request) -> web.Response:
     if not any(v is not None for v in parts.values()):
         fields.error("body", "send at least one part to change")
     for part, problem in templating.syntax_errors(channel, parts).items():
+        fields.error(part, problem)
+    for part, problem in templating.budget_errors(channel, parts).items():
         fields.error(part, problem)
     fields.check()
     async with database.transaction() as tx:
@@ -377,7 +383,7 @@ async def render(request: web.Request) -> web.Response:
     row = await resolve(request.app[DB_KEY], code, language, version)
     channel = row["notification_type"]
     try:
-        rendered: dict[str, Any] = await templating.render(channel, row, variables)
+        rendered: dict[str, Any] = await request.app[RENDER_KEY].render(channel, row, variables)
     except templating.RenderError as exc:
         raise ApiError(
             422, exc.code, exc.message, data={"fields": exc.fields} if exc.fields else None
@@ -397,6 +403,7 @@ def create_app(config: Config) -> web.Application:
     app.middlewares.append(auth.middleware(_resolve))
     app.cleanup_ctx.append(resources.database(DB_KEY, lambda c: c.templates_db_url, "postgres"))
     app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
+    app.cleanup_ctx.append(resources.render_pool(RENDER_KEY))
     r = app.router
     for path in ("/api/v1/templates", "/api/v1/templates/"):
         r.add_post(path, create_template)

@@ -18,6 +18,7 @@ from aiohttp import web
 from common import db
 from common.config import Config
 from common.http import CONFIG_KEY, HEALTH_KEY, Check
+from common.renderer import RenderPool
 from common.store import StatusStore
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
@@ -75,5 +76,19 @@ def status_store(db_key: web.AppKey[db.Database], key: web.AppKey[StatusStore]) 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         app[key] = StatusStore(app[db_key])
         yield
+
+    return ctx
+
+
+def render_pool(key: web.AppKey[RenderPool], size: int = 2) -> CleanupCtx:
+    """Child processes that render templates under the time and memory budgets."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        pool = RenderPool(size)
+        app[key] = pool
+        try:
+            yield
+        finally:
+            await pool.close()
 
     return ctx

@@ -1,27 +1,35 @@
-"""Template rendering, shared by the template service (preview, /render) and the workers.
+"""Template rendering rules, shared by the template service (preview, /render) and the workers.
 
-Jinja2 runs in a sandbox with StrictUndefined: a missing variable is an error naming it, never
-an empty string. HTML email bodies are autoescaped; subjects, text parts and push fields are not.
-Each render has a time and an output-size budget, so a hostile template cannot hang or bloat a
-worker. Compiled templates are cached by source: versions are immutable, so never stale.
+Jinja2 runs in an immutable sandbox with StrictUndefined: a missing variable is an error naming
+it, never an empty string. HTML email bodies are autoescaped; subjects, text parts and push
+fields are not.
+
+Budgets. A template is client text, so its cost is bounded three ways:
+- at creation, what can be known from the source is refused (`budget_errors`): a literal width,
+  count or repetition beyond the output budget, an exponent above 100;
+- at render, inside the sandbox, every operator, filter, global and string method that can
+  allocate more than its input (`*`, `**`, `+`, `%`, `format`, `center`, `ljust`, `indent`,
+  `wordwrap`, `join`, `replace`, `lipsum`, `range`, …) checks the size it would produce first,
+  and each part's output is counted as it is generated (`OUTPUT_BUDGET`);
+- the render itself runs in a child process (`common/renderer.py`) with an address-space limit
+  and a deadline after which it is killed, which bounds whatever the checks above do not foresee.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import re
-import threading
 import time
-from collections.abc import Mapping
-from functools import lru_cache
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from functools import wraps
 from html.parser import HTMLParser
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import jinja2
 import jinja2.meta
-import jinja2.nodes
-from jinja2.sandbox import SandboxedEnvironment, SecurityError
+import jinja2.nodes as nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.utils import generate_lorem_ipsum
 
 PARTS = {
     "email": ("subject", "body", "text_body"),
@@ -30,9 +38,23 @@ PARTS = {
 REQUIRED_PARTS = {"email": ("subject", "body"), "push": ("title", "body")}
 HTML_PARTS = {("email", "body")}
 SINGLE_LINE_PARTS = ("subject", "title", "image_url", "link")
-MAX_RANGE = 10_000
-MAX_OUTPUT = 1_000_000
-RENDER_TIMEOUT = 2.0
+
+OUTPUT_BUDGET = 1_000_000  # characters per rendered part, and per value a template may build
+TIME_BUDGET = 2.0  # seconds per render, all parts
+MEMORY_BUDGET = 256 * 1024**2  # bytes of address space of a render process
+MAX_RANGE = 10_000  # items of one range()
+MAX_EXPONENT = 100
+MAX_INT_BITS = 100_000  # an integer a template builds (a 30,000-digit number)
+MAX_LIPSUM_WORDS = 5_000
+CACHE_BYTES = 64 * 1024**2  # compiled templates kept, by estimated size
+
+_FORMAT_NUMBER = re.compile(r"\d+")
+# Filters and string methods whose number arguments are sizes of what they make.
+_WIDTH_TAKERS = frozenset(
+    {"center", "ljust", "rjust", "zfill", "expandtabs", "indent", "wordwrap", "batch", "slice"}
+)
+_NESTED_SPEC = re.compile(r"\{[^{}]*:[^{}]*\{")
+_PRINTF_STAR = re.compile(r"%(?:\([^)]*\))?[-#0 +]*\*|%(?:\([^)]*\))?[-#0 +]*\d*\.\*")
 
 
 class RenderError(Exception):
@@ -43,52 +65,257 @@ class RenderError(Exception):
         self.fields = dict(fields or {})
 
 
-class _RenderTimeout(BaseException):
-    """Raised inside a render thread that ran past its budget (BaseException: not caught by
-    anything a template can reach)."""
+def _over_budget(what: str, size: int) -> SecurityError:
+    return SecurityError(
+        f"{what} would make {size:,} characters, beyond the output budget of {OUTPUT_BUDGET:,}"
+    )
 
 
-class _Environment(SandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+def _check_size(what: str, size: int) -> None:
+    if size > OUTPUT_BUDGET:
+        raise _over_budget(what, size)
+
+
+def _check_width(what: str, width: Any) -> None:
+    if isinstance(width, int) and not isinstance(width, bool) and abs(width) > OUTPUT_BUDGET:
+        raise _over_budget(what, abs(width))
+
+
+def _check_format_string(what: str, fmt: Any) -> None:
+    """Widths and precisions in a format string (`%200000000s`, `{:>200000000}`) allocate."""
+    if not isinstance(fmt, str):
+        return
+    for number in _FORMAT_NUMBER.findall(fmt):
+        if len(number) > 7 or int(number) > OUTPUT_BUDGET:
+            raise _over_budget(f"the format {what}", int(number[:18]))
+    if "%" in fmt and _PRINTF_STAR.search(fmt):
+        raise SecurityError("'*' widths are not allowed in template formats; write the width")
+
+
+def _len(value: Any) -> int:
+    return len(value) if isinstance(value, str | bytes | list | tuple | dict) else 0
+
+
+def _replace_size(s: Any, old: Any, new: Any, count: Any = -1) -> int:
+    length, old_len, new_len = _len(s), _len(old), _len(new)
+    occurrences = length + 1 if old_len == 0 else length // old_len
+    if isinstance(count, int) and count >= 0:
+        occurrences = min(occurrences, count)
+    return length + occurrences * new_len
+
+
+def _join_size(sep: Any, items: Any) -> int:
+    if not isinstance(items, list | tuple):
+        return 0
+    return _len(sep) * max(len(items) - 1, 0) + sum(_len(item) for item in items)
+
+
+def _check_str_method(name: str, owner: str | bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """String methods reachable from a template that can grow their input."""
+    if name in ("center", "ljust", "rjust", "zfill"):
+        _check_width(f"{name}()", args[0] if args else kwargs.get("width"))
+    elif name == "expandtabs":
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        tabs = owner.count("\t") if isinstance(owner, str) else owner.count(b"\t")
+        if isinstance(size, int):
+            _check_size("expandtabs()", len(owner) + tabs * size)
+    elif name == "replace" and len(args) >= 2:
+        _check_size("replace()", _replace_size(owner, args[0], args[1], args[2] if len(args) > 2 else -1))
+    elif name == "join" and args:
+        _check_size("join()", _join_size(owner, args[0]))
+
+
+def _capped_range(*args: int) -> range:
+    result = range(*args)
+    if len(result) > MAX_RANGE:
+        raise SecurityError(f"range() is limited to {MAX_RANGE:,} items in templates")
+    return result
+
+
+def _capped_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:
+    if n * max > MAX_LIPSUM_WORDS:
+        raise SecurityError(f"lipsum() is limited to {MAX_LIPSUM_WORDS:,} words in templates")
+    return generate_lorem_ipsum(n, html, min, max)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _guarded(original: F, check: Callable[..., None], skip: int = 0) -> F:
+    """A filter that checks its arguments first; `skip` leaves out a context Jinja passes."""
+
+    @wraps(original)  # keeps jinja_pass_arg, so Jinja still passes the context
+    def filter_(*args: Any, **kwargs: Any) -> Any:
+        check(*args[skip:], **kwargs)
+        return original(*args, **kwargs)
+
+    return filter_  # type: ignore[return-value]
+
+
+def _indent_check(s: Any, width: Any = 4, first: bool = False, blank: bool = False) -> None:
+    lines = str(s).count("\n") + 1
+    per_line = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+    _check_size("indent", _len(s) + lines * per_line)
+
+
+def _wordwrap_check(s: Any, width: Any = 79, *args: Any, **kwargs: Any) -> None:
+    wrapstring = kwargs.get("wrapstring", args[1] if len(args) > 1 else None)
+    if isinstance(width, int) and isinstance(wrapstring, str):
+        _check_size("wordwrap", _len(s) + (_len(s) // max(width, 1) + 1) * len(wrapstring))
+
+
+def _join_check(value: Any, d: Any = "", attribute: Any = None) -> None:
+    _check_size("join", _join_size(d, value))
+
+
+def _replace_check(s: Any, old: Any, new: Any, count: Any = None) -> None:
+    _check_size("replace", _replace_size(s, old, new, -1 if count is None else count))
+
+
+def _format_check(value: Any, *args: Any, **kwargs: Any) -> None:
+    _check_format_string("filter", value)
+
+
+def _center_check(value: Any, width: Any = 80) -> None:
+    _check_width("center", width)
+
+
+def _count_check(value: Any, count: Any = None, *args: Any) -> None:
+    _check_width("that count", count)
+
+
+class _Environment(ImmutableSandboxedEnvironment):
+    """The sandbox with every allocating operation checked before it allocates."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(undefined=jinja2.StrictUndefined, **kwargs)
+        self.globals["range"] = _capped_range
+        self.globals["lipsum"] = _capped_lipsum
+        f = self.filters
+        f["center"] = _guarded(f["center"], _center_check)
+        f["format"] = _guarded(f["format"], _format_check)
+        f["indent"] = _guarded(f["indent"], _indent_check)
+        f["wordwrap"] = _guarded(f["wordwrap"], _wordwrap_check, skip=1)
+        f["join"] = _guarded(f["join"], _join_check, skip=1)
+        f["replace"] = _guarded(f["replace"], _replace_check, skip=1)
+        f["batch"] = _guarded(f["batch"], _count_check)
+        f["slice"] = _guarded(f["slice"], _count_check)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        # "x" * 10**9 or 10**10**10 would stop a worker inside C code, beyond any time budget.
-        if operator == "**" and isinstance(right, int) and abs(right) > 100:
-            raise SecurityError("exponents above 100 are not allowed in templates")
-        if operator == "*":
+        if operator == "**" and isinstance(right, int):
+            if abs(right) > MAX_EXPONENT:
+                raise SecurityError(f"exponents above {MAX_EXPONENT} are not allowed in templates")
+            if isinstance(left, int) and left.bit_length() * right > MAX_INT_BITS:
+                raise SecurityError("that power would be a number too large for a template")
+        elif operator == "*":
             for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > MAX_OUTPUT:
-                    raise SecurityError("that repetition would exceed the output budget")
+                if isinstance(seq, str | bytes | list | tuple) and isinstance(n, int):
+                    _check_size("that repetition", len(seq) * n)
+            if (
+                isinstance(left, int)
+                and isinstance(right, int)
+                and left.bit_length() + right.bit_length() > MAX_INT_BITS
+            ):
+                raise SecurityError("that product would be a number too large for a template")
+        elif operator == "+":
+            if isinstance(left, str | bytes | list | tuple) and isinstance(right, str | bytes | list | tuple):
+                _check_size("that concatenation", len(left) + len(right))
+        elif operator == "%" and isinstance(left, str):
+            _check_format_string("string", left)
         return super().call_binop(context, operator, left, right)
 
-    def call(self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        # The sandbox stops attribute escapes; this stops range() from making huge loops.
-        if __obj is range and any(isinstance(a, int) and abs(a) > MAX_RANGE for a in args):
-            raise SecurityError(f"range() is limited to {MAX_RANGE} items in templates")
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str | bytes):
+            _check_str_method(getattr(__obj, "__name__", ""), owner, args, kwargs)
         return super().call(__context, __obj, *args, **kwargs)
 
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        fmt: str = value.__self__
+        _check_format_string("string", fmt)
+        if not _NESTED_SPEC.search(fmt):
+            return wrapped
 
-_ENVS = {
-    True: _Environment(autoescape=True, undefined=jinja2.StrictUndefined),
-    False: _Environment(autoescape=False, undefined=jinja2.StrictUndefined),
-}
+        def checked(*args: Any, **kwargs: Any) -> str:
+            # `{:{w}}` takes its width from an argument.
+            for arg in (*args, *kwargs.values()):
+                _check_width("that width", arg)
+            return wrapped(*args, **kwargs)
+
+        return checked
 
 
-@lru_cache(maxsize=4096)
-def compile_source(source: str, html: bool) -> tuple[jinja2.Template, frozenset[str]]:
-    """The compiled template and the variables it needs; raises TemplateSyntaxError."""
-    env = _ENVS[html]
-    ast = env.parse(source)
-    return env.from_string(ast), frozenset(jinja2.meta.find_undeclared_variables(ast))
+_ENVS = {True: _Environment(autoescape=True), False: _Environment(autoescape=False)}
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
-@lru_cache(maxsize=4096)
-def _may_run_long(source: str) -> bool:
-    """Whether a template can loop (for, macros that may recurse, call blocks). Without these its
-    running time is bounded by its own size, so it is rendered on the event loop, which saves a
-    thread hand-off per notification."""
-    ast = _ENVS[False].parse(source)
-    return any(True for _ in ast.find_all((jinja2.nodes.For, jinja2.nodes.Macro, jinja2.nodes.CallBlock)))
+class SizedCache(Generic[K, V]):
+    """A least-recently-used cache bounded by the estimated bytes of what it holds, so a few
+    100 KB templates cannot hold as much memory as thousands of small ones."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: K, value: V, size: int) -> None:
+        if size > self.max_bytes:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1]
+        self._items[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self.bytes -= dropped
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# Estimated from measurements: a compiled template holds about 20 bytes per source character
+# (AST-generated code object, constants), a parsed one about 12.
+_COMPILED: SizedCache[tuple[str, bool], jinja2.Template] = SizedCache(CACHE_BYTES)
+_PARSED: SizedCache[str, tuple[nodes.Template, frozenset[str]]] = SizedCache(CACHE_BYTES // 2)
+
+
+def parse_source(source: str) -> tuple[nodes.Template, frozenset[str]]:
+    """The syntax tree and the variables the template needs; raises TemplateSyntaxError."""
+    cached = _PARSED.get(source)
+    if cached is None:
+        try:
+            ast = _ENVS[False].parse(source)
+        except RecursionError:
+            raise jinja2.TemplateSyntaxError("the template is nested too deeply", 1) from None
+        cached = ast, frozenset(jinja2.meta.find_undeclared_variables(ast))
+        _PARSED.put(source, cached, 12 * len(source) + 1024)
+    return cached
+
+
+def compile_source(source: str, html: bool) -> jinja2.Template:
+    template = _COMPILED.get((source, html))
+    if template is None:
+        try:
+            template = _ENVS[html].from_string(parse_source(source)[0])
+        except RecursionError:
+            raise jinja2.TemplateSyntaxError("the template is nested too deeply", 1) from None
+        _COMPILED.put((source, html), template, 20 * len(source) + 4096)
+    return template
 
 
 def syntax_errors(channel: str, parts: Mapping[str, str | None]) -> dict[str, str]:
@@ -97,10 +324,104 @@ def syntax_errors(channel: str, parts: Mapping[str, str | None]) -> dict[str, st
         if source is None:
             continue
         try:
-            compile_source(source, (channel, part) in HTML_PARTS)
+            parse_source(source)
         except jinja2.TemplateSyntaxError as exc:
             errors[part] = f"template syntax error on line {exc.lineno}: {exc.message}"
     return errors
+
+
+# --- what can be refused at creation ------------------------------------------------------------
+
+
+def _const(node: nodes.Node | None) -> Any:
+    return node.value if isinstance(node, nodes.Const) else None
+
+
+def _int_const(node: nodes.Node | None) -> int | None:
+    value = _const(node)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _static_problem(node: nodes.Node) -> str | None:
+    """What a literal in the template says it would do beyond a budget, if anything."""
+    if isinstance(node, nodes.Call | nodes.Filter):
+        arguments = [*node.args, *(k.value for k in node.kwargs)]
+        name = node.name if isinstance(node, nodes.Filter) else getattr(node.node, "name", None)
+        if isinstance(node, nodes.Call) and name == "range":
+            ints = [v for v in map(_int_const, arguments) if v is not None]
+            if len(ints) == len(arguments) and ints and len(range(*ints[:3])) > MAX_RANGE:
+                return f"range() is limited to {MAX_RANGE:,} items (the output budget)"
+        elif isinstance(node, nodes.Call) and name == "lipsum":
+            values = [_int_const(a) for a in node.args]
+            n = values[0] if values and values[0] is not None else 5
+            most = values[3] if len(values) > 3 and values[3] is not None else 100
+            if n * most > MAX_LIPSUM_WORDS:
+                return f"lipsum() is limited to {MAX_LIPSUM_WORDS:,} words (the output budget)"
+        elif name in _WIDTH_TAKERS or (
+            isinstance(node, nodes.Call)
+            and isinstance(node.node, nodes.Getattr)
+            and node.node.attr in _WIDTH_TAKERS
+        ):
+            for value in map(_int_const, arguments):
+                if value is not None and abs(value) > OUTPUT_BUDGET:
+                    return f"{value:,} exceeds the output budget of {OUTPUT_BUDGET:,} characters"
+        formats = []
+        if isinstance(node, nodes.Filter) and node.name == "format":
+            formats.append(_const(node.node))
+        if (
+            isinstance(node, nodes.Call)
+            and isinstance(node.node, nodes.Getattr)
+            and node.node.attr in ("format", "format_map")
+        ):
+            formats.append(_const(node.node.node))
+        for fmt in formats:
+            try:
+                _check_format_string("string", fmt)
+            except SecurityError as exc:
+                return str(exc)
+    elif isinstance(node, nodes.Mod):
+        try:
+            _check_format_string("string", _const(node.left))
+        except SecurityError as exc:
+            return str(exc)
+    elif isinstance(node, nodes.Pow):
+        exponent = _int_const(node.right)
+        if exponent is not None and abs(exponent) > MAX_EXPONENT:
+            return f"exponents above {MAX_EXPONENT} are not allowed"
+    elif isinstance(node, nodes.Mul):
+        for seq_node, n_node in ((node.left, node.right), (node.right, node.left)):
+            count = _int_const(n_node)
+            seq = _const(seq_node)
+            if isinstance(seq_node, nodes.List | nodes.Tuple):
+                length = len(seq_node.items)
+            elif isinstance(seq, str | list | tuple):
+                length = len(seq)
+            else:
+                continue  # a number times a number, or a variable: judged at render
+            if count is not None and length * abs(count) > OUTPUT_BUDGET:
+                return f"that repetition exceeds the output budget of {OUTPUT_BUDGET:,} characters"
+    return None
+
+
+def budget_errors(channel: str, parts: Mapping[str, str | None]) -> dict[str, str]:
+    """Parts whose source alone shows they would go beyond a render budget."""
+    errors: dict[str, str] = {}
+    for part, source in parts.items():
+        if source is None:
+            continue
+        try:
+            ast, _ = parse_source(source)
+        except jinja2.TemplateSyntaxError:
+            continue  # reported by syntax_errors
+        for node in ast.find_all((nodes.Call, nodes.Filter, nodes.Mod, nodes.Pow, nodes.Mul)):
+            problem = _static_problem(node)
+            if problem is not None:
+                errors[part] = f"refused: {problem}"
+                break
+    return errors
+
+
+# --- variables --------------------------------------------------------------------------------
 
 
 def required_variables(channel: str, version: Mapping[str, Any]) -> frozenset[str]:
@@ -108,7 +429,7 @@ def required_variables(channel: str, version: Mapping[str, Any]) -> frozenset[st
     for part in PARTS[channel]:
         source = version.get(part)
         if source is not None:
-            needed |= compile_source(source, (channel, part) in HTML_PARTS)[1]
+            needed |= parse_source(source)[1]
     return frozenset(needed)
 
 
@@ -156,35 +477,55 @@ def html_to_text(html: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-def _render_sync(
+def time_budget_error() -> RenderError:
+    return RenderError("render_timeout", f"Rendering took longer than the time budget of {TIME_BUDGET:g} s.")
+
+
+def memory_budget_error() -> RenderError:
+    return RenderError(
+        "render_too_large",
+        f"Rendering needed more than the memory budget of {MEMORY_BUDGET // 1024**2} MB.",
+    )
+
+
+def render_sync(
     channel: str, version: Mapping[str, Any], variables: Mapping[str, Any], deadline: float
 ) -> dict[str, str]:
+    """Every part of a template version, within the output budget; the caller bounds time and
+    memory (see common/renderer.py), this stops early when it sees the deadline pass."""
+    problem = missing_variables(channel, version, variables)
+    if problem is not None:
+        raise problem
     rendered: dict[str, str] = {}
     for part in PARTS[channel]:
         source = version.get(part)
         if source is None:
             continue
-        template, _ = compile_source(source, (channel, part) in HTML_PARTS)
         size = 0
         chunks = []
         try:
+            template = compile_source(source, (channel, part) in HTML_PARTS)
             for chunk in template.generate(dict(variables)):
                 size += len(chunk)
-                if size > MAX_OUTPUT:
+                if size > OUTPUT_BUDGET:
                     raise RenderError(
-                        "render_too_large", f"The rendered {part} exceeds {MAX_OUTPUT} characters."
+                        "render_too_large",
+                        f"The rendered {part} exceeds the output budget of {OUTPUT_BUDGET:,} characters.",
                     )
                 if time.monotonic() > deadline:
-                    raise RenderError("render_timeout", f"Rendering took longer than {RENDER_TIMEOUT:g}s.")
+                    raise time_budget_error()
                 chunks.append(chunk)
         except jinja2.UndefinedError as exc:
             raise RenderError(
                 "missing_variable", f"Template variable error in {part}: {exc.message}."
             ) from None
         except SecurityError as exc:
-            raise RenderError(
-                "template_refused", f"The template did something unsafe in {part}: {exc}."
-            ) from None
+            code = "render_too_large" if "budget" in str(exc) else "template_refused"
+            raise RenderError(code, f"The {part} was refused: {str(exc).rstrip('.')}.") from None
+        except MemoryError:
+            raise memory_budget_error() from None
+        except RecursionError:
+            raise RenderError("render_error", f"The {part} recursed too deeply.") from None
         except (
             jinja2.TemplateError,
             TypeError,
@@ -202,63 +543,3 @@ def _render_sync(
     if channel == "email" and not rendered.get("text_body"):
         rendered["text_body"] = html_to_text(rendered["body"])
     return rendered
-
-
-def _interrupt(thread_id: int) -> None:
-    # Raises _RenderTimeout inside the render thread at its next bytecode: the only way to stop
-    # a runaway loop in pure Python without a process per render.
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(_RenderTimeout))
-
-
-def _resolve(
-    future: asyncio.Future[dict[str, str]], result: dict[str, str] | None, error: BaseException | None
-) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result or {})
-
-
-async def render(channel: str, version: Mapping[str, Any], variables: Mapping[str, Any]) -> dict[str, str]:
-    """Render every part of a template version within the time and size budget."""
-    problem = missing_variables(channel, version, variables)
-    if problem is not None:
-        raise problem
-    deadline = time.monotonic() + RENDER_TIMEOUT
-    if not any(_may_run_long(version[p]) for p in PARTS[channel] if version.get(p) is not None):
-        return _render_sync(channel, version, variables, deadline)
-
-    # A template that can loop runs in a thread of its own, which can be interrupted; one per
-    # render rather than a pool, so an interruption landing late can only end that thread.
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[dict[str, str]] = loop.create_future()
-    timeout = RenderError("render_timeout", f"Rendering took longer than {RENDER_TIMEOUT:g}s.")
-
-    def run() -> None:
-        try:
-            try:
-                result = _render_sync(channel, version, variables, deadline)
-            except RenderError as exc:
-                loop.call_soon_threadsafe(_resolve, future, None, exc)
-            except _RenderTimeout:
-                loop.call_soon_threadsafe(_resolve, future, None, timeout)
-            except Exception as exc:  # noqa: BLE001 - reported to the caller as a render error
-                loop.call_soon_threadsafe(_resolve, future, None, RenderError("render_error", str(exc)))
-            else:
-                loop.call_soon_threadsafe(_resolve, future, result, None)
-        except _RenderTimeout:
-            pass  # the interruption arrived after the result: nothing left to stop
-
-    thread = threading.Thread(target=run, name="render", daemon=True)
-    thread.start()
-    try:
-        return await asyncio.wait_for(asyncio.shield(future), timeout=RENDER_TIMEOUT)
-    except TimeoutError:
-        if thread.is_alive() and thread.ident is not None:
-            _interrupt(thread.ident)
-        try:
-            return await asyncio.wait_for(future, timeout=1.0)
-        except TimeoutError:
-            raise timeout from None

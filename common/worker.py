@@ -34,6 +34,7 @@ from common.faults import hold, is_infrastructure
 from common.http import CONFIG_KEY, METRICS_KEY, base_app
 from common.logs import log_context
 from common.metrics import Metrics
+from common.renderer import RenderPool
 from common.store import StatusStore
 
 log = logging.getLogger("worker")
@@ -44,6 +45,7 @@ STORE_KEY = web.AppKey("status_store", StatusStore)
 BROKER_KEY = web.AppKey("broker", amqp.Broker)
 HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
+RENDER_KEY = web.AppKey("render_pool", RenderPool)
 
 SHUTDOWN_GRACE = 20.0
 RETRY_PUBLISH_TIMEOUT = 5.0
@@ -66,6 +68,7 @@ class Preparer:
     def __init__(self, app: web.Application, channel: str) -> None:
         clients = services(app[CONFIG_KEY], app[HTTP_KEY])
         self.channel = channel
+        self.renderer = app[RENDER_KEY]
         self.users = clients.users
         self.templates = TemplateVersionCache(clients.templates)
         self.lookups = CachedLookups(app[REDIS_KEY], clients.users, clients.templates)
@@ -90,7 +93,7 @@ class Preparer:
             # Checked again at sending time: an opt-out or a bounce since acceptance wins.
             raise Skip(f"user opted out of {self.channel} notifications")
         try:
-            parts = await templating.render(self.channel, template.data, body.get("variables") or {})
+            parts = await self.renderer.render(self.channel, template.data, body.get("variables") or {})
         except templating.RenderError as exc:
             raise DeliveryError(f"template: {exc.message}", transient=False) from exc
         return Prepared(user.data, template.data, parts)
@@ -427,6 +430,7 @@ def worker_app(
     app.cleanup_ctx.append(amqp.broker(BROKER_KEY, declare, prefetch=config.worker_prefetch))
     app.cleanup_ctx.append(resources.http_client(HTTP_KEY))
     app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
+    app.cleanup_ctx.append(resources.render_pool(RENDER_KEY))
     app.cleanup_ctx.append(providers)
     app.cleanup_ctx.append(consumer(channel, delivery))
     return app

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
 
+import aiohttp
 import pytest
 
+from common.templating import _COMPILED, SizedCache, compile_source
 from tests.conftest import Stack
 
 
@@ -120,32 +123,146 @@ async def test_language_falls_back_pt_br_to_pt_to_default(stack: Stack) -> None:
         "{{ ''.__class__.__mro__[1].__subclasses__() }}",
         "{{ ''|attr('__class__')|attr('__mro__') }}",
         "{{ name.__init__.__globals__ }}",
-        "{{ range(1000000000)|list }}",
-        "{{ 'a' * 100000000 }}",
-        "{{ 2 ** 100000000 }}",
+        "{{ name.center(n) }}",
+        "{{ name|center(n) }}",
+        "{{ name|indent(n) }}",
+        "{{ ('ab' * 400000)|replace('', name) }}",
+        "{{ name * n }}",
+        "{{ 2 ** (n // 1000) }}",
+        "{{ '{:>{w}}'.format(name, w=n) }}",
+        "{% set a = [name] * 1000 %}{% set b = [a] * 1000 %}{% set c = [b] * 1000 %}{{ c }}",
+        "{% set ns = namespace(s=name * 900000) %}{% for i in range(12) %}{% set ns.s = ns.s ~ ns.s %}"
+        "{% endfor %}{{ ns.s }}",
         "{% for i in range(10000) %}{% for j in range(10000) %}{{ i }}{% endfor %}{% endfor %}",
         "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}x",
     ],
 )
 async def test_template_injection_neither_executes_nor_hangs(stack_factory: Any, hostile: str) -> None:
+    """What only the variables make hostile is refused at render: a 422 naming the budget."""
     stack = await stack_factory(workers=False)
     code = _code("evil")
     await stack.create_template(code, subject="s", body=hostile)
     started = time.monotonic()
-    status, body = await call(stack, "POST", f"/api/v1/templates/{code}/render", {"variables": {"name": "x"}})
+    status, body = await call(
+        stack, "POST", f"/api/v1/templates/{code}/render", {"variables": {"name": "x", "n": 200_000_000}}
+    )
     assert time.monotonic() - started < 6
     assert status == 422, body
     assert body["error"] in {
         "template_refused",
         "render_timeout",
         "render_too_large",
-        "missing_variable",
         "render_error",
+        "missing_variable",
     }
-    assert ("<class" not in str(body) and "subclasses" not in body["message"].lower()) or body[
-        "error"
-    ] != "rendered"
-    assert body["message"]
+    assert "<class" not in str(body) and "subclasses" not in body["message"].lower()
+    if body["error"] in {"render_timeout", "render_too_large"}:
+        assert "budget" in body["message"]
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "{{ lipsum(100000, False, 200, 201) }}",
+        "{{ 'x'|center(200000000) }}",
+        "{{ '%200000000s' % 'x' }}",
+        "{{ 'x' * 100000000 }}",
+        "{{ '{:>200000000}'.format('x') }}",
+        "{{ range(1000000000)|list }}",
+        "{{ 2 ** 100000000 }}",
+        "{{ 'x'.ljust(5000000) }}",
+    ],
+)
+async def test_templates_beyond_a_budget_are_refused_at_creation(stack_factory: Any, hostile: str) -> None:
+    stack = await stack_factory(workers=False)
+    request = {"code": _code("big"), "notification_type": "email", "subject": "s", "body": hostile}
+    status, body = await call(stack, "POST", "/api/v1/templates/", request)
+    assert status == 400, body
+    assert "budget" in body["data"]["fields"]["body"] or "exponent" in body["data"]["fields"]["body"]
+    code = _code("bigput")
+    await stack.create_template(code, subject="s", body="fine")
+    status, body = await call(stack, "PUT", f"/api/v1/templates/{code}", {"body": hostile})
+    assert status == 400 and "body" in body["data"]["fields"]
+
+
+async def test_an_ordinary_template_with_big_numbers_still_renders(stack_factory: Any) -> None:
+    stack = await stack_factory(workers=False)
+    code = _code("nums")
+    await stack.create_template(
+        code,
+        subject="{{ '%05d' % 42 }}",
+        body="<p>{{ '{:,}'.format(amount) }} {{ name|center(9) }} {{ [name, name]|join(', ') }}</p>",
+    )
+    variables = {"name": "Ada", "amount": 1234567890}
+    status, body = await call(stack, "POST", f"/api/v1/templates/{code}/render", {"variables": variables})
+    assert status == 200, body
+    assert body["data"]["subject"] == "00042"
+    assert body["data"]["body"] == "<p>1,234,567,890    Ada    Ada, Ada</p>"
+
+
+async def test_health_answers_within_a_second_while_a_hostile_render_is_refused(
+    stack_factory: Any,
+) -> None:
+    """Renders run in child processes: the template service's event loop stays free."""
+    stack = await stack_factory(workers=False)
+    slow, hungry = _code("slow"), _code("hungry")
+    loops = "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}"
+    await stack.create_template(slow, subject="s", body=loops)
+    await stack.create_template(
+        hungry, subject="s", body="{% set a = [n] * 1000 %}{% set b = [a] * 1000 %}{{ [b] * 1000 }}"
+    )
+    session = stack.gateway.session
+    live = stack.urls["template_service"] + "/health/live"
+
+    async def render(code: str) -> tuple[int, dict[str, Any]]:
+        return await call(stack, "POST", f"/api/v1/templates/{code}/render", {"variables": {"n": 1}})
+
+    renders = [asyncio.create_task(render(slow)), asyncio.create_task(render(hungry))]
+    await asyncio.sleep(0.3)  # both renders under way
+    slowest = 0.0
+    while not all(task.done() for task in renders):
+        started = time.monotonic()
+        async with session.get(live, timeout=aiohttp.ClientTimeout(total=5)) as response:
+            assert response.status == 200
+        slowest = max(slowest, time.monotonic() - started)
+        await asyncio.sleep(0.05)
+    assert slowest < 1.0
+    (status_slow, body_slow), (status_hungry, body_hungry) = [task.result() for task in renders]
+    assert status_slow == 422 and body_slow["error"] == "render_timeout", body_slow
+    assert "time budget" in body_slow["message"]
+    # Past the memory budget, or on a busy machine past the time budget first.
+    assert status_hungry == 422 and body_hungry["error"] in {"render_too_large", "render_timeout"}
+    assert "budget" in body_hungry["message"], body_hungry
+    # The pool replaced what it killed: the next render works.
+    ok = _code("ok")
+    await stack.create_template(ok, subject="s {{ n }}", body="b")
+    status, body = await render(ok)
+    assert status == 200 and body["data"]["subject"] == "s 1"
+
+
+async def test_a_worker_fails_a_hostile_notification_and_carries_on(stack: Stack) -> None:
+    code = _code("wevil")
+    await stack.create_template(code, subject="s", body="{{ name * 100000 }}{{ name|center(n) }}")
+    user = await stack.create_user()
+    hostile = await _send(stack, user["id"], code, variables={"name": "Ada", "n": 10**9})
+    record = await stack.wait_for(hostile["notification_id"], "failed")
+    assert "output budget" in record["error"]
+    fine = _code("wfine")
+    await stack.create_template(fine, subject="s", body="<p>{{ name }}</p>")
+    accepted = await _send(stack, user["id"], fine)
+    await stack.wait_for(accepted["notification_id"], "delivered")
+
+
+def test_the_compiled_template_cache_is_bounded_by_bytes() -> None:
+    cache: SizedCache[str, str] = SizedCache(1_000_000)
+    for n in range(50):
+        cache.put(f"k{n}", "v", 100_000)
+    assert cache.bytes <= 1_000_000 and len(cache) == 10
+    assert cache.get("k49") == "v" and cache.get("k0") is None
+    for n in range(200):
+        source = f"{{{{ name }}}} {n} " + "x" * 90_000
+        compile_source(source, True)
+    assert _COMPILED.bytes <= _COMPILED.max_bytes
 
 
 async def test_script_is_escaped_in_html_and_intact_in_text(stack: Stack) -> None:
