@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -51,6 +52,11 @@ log = logging.getLogger("user_service")
 DB_KEY = web.AppKey("users_db", db.Database)
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 PLATFORMS = ("fcm", "onesignal", "webpush")
+# Printable ASCII, and short enough that (user, platform, token) fits a unique-index entry
+# (PostgreSQL refuses entries above ~2,700 bytes). Real tokens are ASCII: FCM ~160 characters,
+# OneSignal a UUID, a Web Push endpoint a URL.
+TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
+MAX_TOKEN = 2048
 _USER_COLUMNS = "id, name, email, preferences, language, timezone, created_at, updated_at"
 
 
@@ -176,8 +182,10 @@ def _device(body: dict[str, Any], allowed_hosts: tuple[str, ...]) -> tuple[str, 
         url = urlsplit(endpoint)
         # Plain http only for hosts the operator allow-listed (a local push service in tests).
         allowed = url.scheme == "https" or (url.scheme == "http" and (url.hostname or "") in allowed_hosts)
-        if not allowed or not url.hostname or len(endpoint) > 2048:
+        if not allowed or not url.hostname:
             fields.error("subscription.endpoint", "must be an https URL")
+        elif len(endpoint) > MAX_TOKEN or not TOKEN_RE.match(endpoint):
+            fields.error("subscription.endpoint", f"must be at most {MAX_TOKEN} ASCII characters")
         keys = sub.get("keys")
         keys = {k: v for k, v in keys.items() if isinstance(v, str)} if isinstance(keys, dict) else {}
         p256dh = b64url_decode(keys.get("p256dh", ""))
@@ -189,7 +197,7 @@ def _device(body: dict[str, Any], allowed_hosts: tuple[str, ...]) -> tuple[str, 
         fields.check()
         subscription = {"endpoint": endpoint, "keys": {"p256dh": keys["p256dh"], "auth": keys["auth"]}}
         return "webpush", endpoint, subscription
-    token = fields.string("token", max_len=4096)
+    token = fields.string("token", max_len=MAX_TOKEN, pattern=TOKEN_RE, hint="must be printable ASCII")
     fields.check()
     assert platform is not None and token is not None
     return platform, token, None
@@ -249,7 +257,9 @@ async def create_user(request: web.Request) -> web.Response:
     name = fields.string("name", max_len=200)
     email = fields.email("email")
     password = fields.string("password", min_len=8, max_len=256)
-    push_token = fields.string("push_token", required=False, max_len=4096)
+    push_token = fields.string(
+        "push_token", required=False, max_len=MAX_TOKEN, pattern=TOKEN_RE, hint="must be printable ASCII"
+    )
     prefs = _preferences(fields, "preferences", partial=False) or dict.fromkeys(CHANNELS, True)
     language = fields.language() or "en"
     timezone = _timezone(fields) or "UTC"
@@ -379,10 +389,26 @@ async def add_device(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     config = request.app[CONFIG_KEY]
     platform, token, subscription = _device(await read_json(request), config.webpush_allowed_hosts)
-    database = request.app[DB_KEY]
-    if await database.fetchval("SELECT 1 FROM users WHERE id = %s", user_id) is None:
-        raise not_found("User")
-    device = await _add_device(database, user_id, platform, token, subscription)
+    async with request.app[DB_KEY].transaction() as tx:
+        # The user's row is locked so two registrations at once cannot both pass the cap.
+        if await tx.fetchval("SELECT 1 FROM users WHERE id = %s FOR UPDATE", user_id) is None:
+            raise not_found("User")
+        count = await tx.fetchval(
+            "SELECT count(*) FILTER (WHERE NOT (platform = %s AND token = %s)) FROM devices"
+            " WHERE user_id = %s",
+            platform,
+            token,
+            user_id,
+        )
+        if count >= config.max_devices_per_user:
+            raise ApiError(
+                409,
+                "too_many_devices",
+                f"A user may register at most {config.max_devices_per_user} push devices"
+                " (MAX_DEVICES_PER_USER); remove one first.",
+                data={"limit": config.max_devices_per_user},
+            )
+        device = await _add_device(tx, user_id, platform, token, subscription)
     await request.app[CACHE_KEY].invalidate(user_id)
     return json_response(device, "device registered", status=201)
 

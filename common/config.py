@@ -66,6 +66,7 @@ class Config:
     vapid_private_key: str | None = None
     vapid_subject: str | None = None
     webpush_allowed_hosts: tuple[str, ...] = ()
+    max_devices_per_user: int = 20
     push_ttl: int = 86400
     retry_delays: tuple[float, ...] = (1.0, 5.0, 25.0, 125.0, 625.0)
     worker_prefetch: int = 32
@@ -258,6 +259,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "onesignal_base_url": _http,
     "retry_delays": _delays,
     "webpush_allowed_hosts": _csv,
+    "max_devices_per_user": _positive_int,
     "push_ttl": _positive_int,
     "worker_prefetch": _positive_int,
     "claim_timeout": _positive_float,

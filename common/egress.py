@@ -7,6 +7,10 @@ other.
 
 Hosts in an allow-list (WEBPUSH_ALLOWED_HOSTS, WEBHOOK_ALLOWED_HOSTS), each a host or a
 host:port, are exempt and may use http: local receivers in development and tests.
+
+The server at the other end is chosen by someone else too, so its reply is read with care: at
+most REPLY_CAP bytes, never decompressed (a few hundred KB of gzip inflate to gigabytes), and at
+most PER_HOST_CONNECTIONS connections to one host, so one slow host cannot take the whole pool.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+
+REPLY_CAP = 64 * 1024
+PER_HOST_CONNECTIONS = 8
+POOL_CONNECTIONS = 100
 
 
 class UnsafeEndpoint(ValueError):
@@ -90,9 +98,30 @@ class GuardedResolver(AbstractResolver):
 
 def guarded_session(allowed_hosts: frozenset[str], timeout: float) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(resolver=GuardedResolver(allowed_hosts), limit=100),
+        connector=aiohttp.TCPConnector(
+            resolver=GuardedResolver(allowed_hosts),
+            limit=POOL_CONNECTIONS,
+            limit_per_host=PER_HOST_CONNECTIONS,
+        ),
         timeout=aiohttp.ClientTimeout(total=timeout),
+        auto_decompress=False,
     )
+
+
+async def read_capped(response: aiohttp.ClientResponse, cap: int = REPLY_CAP) -> str:
+    """The start of a reply, for the record: never more than `cap` bytes, never inflated."""
+    encoding = response.headers.get("Content-Encoding", "identity").lower()
+    if encoding not in ("", "identity"):
+        return f"({encoding} reply not read)"
+    chunks: list[bytes] = []
+    size = 0
+    while size < cap:
+        chunk = await response.content.read(cap - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def allow_list(hosts: tuple[str, ...]) -> frozenset[str]:

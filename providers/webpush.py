@@ -3,6 +3,8 @@
 Subscription endpoints are URLs supplied by users, so every request goes through the SSRF guard
 of `common/egress.py` (https to a public address, no redirects); hosts in WEBPUSH_ALLOWED_HOSTS
 are exempt (local tests).
+The push service's reply is read as `common/egress.py` reads any: at most 64 KiB, never
+decompressed, and at most a few connections to one host.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import orjson
 from py_vapid import Vapid
 from pywebpush import WebPusher
 
-from common.egress import NonPublicAddress, UnsafeEndpoint, check_endpoint
+from common.egress import NonPublicAddress, UnsafeEndpoint, check_endpoint, read_capped
 from providers.push import Device, DeviceResult, PushMessage, http_outcome, retry_after_seconds
 
 
@@ -68,7 +70,7 @@ class WebPushProvider:
                 endpoint, data=encrypted["body"], headers=headers, allow_redirects=False
             ) as response:
                 status = response.status
-                text = (await response.text(errors="replace"))[:300]
+                text = (await read_capped(response))[:300]
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             cause = getattr(exc, "os_error", exc)

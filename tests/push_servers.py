@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,3 +233,43 @@ async def serve(make_app: Callable[[], web.Application], host: str = "127.0.0.1"
     server = TestServer(make_app(), host=host)
     await server.start_server()
     return server
+
+
+def gzip_bomb(inflated: int) -> bytes:
+    """`inflated` zero bytes as gzip (about 1/1000 of that), made without holding them."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    block = bytes(1024 * 1024)
+    out = [packer.compress(block) for _ in range(inflated // len(block))]
+    out.append(packer.flush())
+    return b"".join(out)
+
+
+@dataclass
+class BombPushService:
+    """A Web Push endpoint run by someone hostile: it accepts every push and answers with a body
+    that is small on the wire and huge once inflated."""
+
+    inflated: int = 256 * 1024 * 1024
+    pushes: int = 0
+    server: TestServer | None = None
+    _bomb: bytes = b""
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("")).rstrip("/")
+
+    def app(self) -> web.Application:
+        self._bomb = gzip_bomb(self.inflated)
+        app = web.Application()
+        app.router.add_post("/push/{id}", self._push)
+        return app
+
+    async def _push(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.pushes += 1
+        return web.Response(
+            status=201,
+            body=self._bomb,
+            headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"},
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,13 +12,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
-from common.egress import GuardedResolver, NonPublicAddress, UnsafeEndpoint, check_endpoint
+from common.egress import (
+    REPLY_CAP,
+    GuardedResolver,
+    NonPublicAddress,
+    UnsafeEndpoint,
+    check_endpoint,
+    guarded_session,
+    read_capped,
+)
 from tests.conftest import Stack
+from tests.processes import ServiceProcess
 from tests.push_servers import (
+    BombPushService,
     FakeFcm,
     FakeOneSignal,
     FakePushService,
+    Subscriber,
+    gzip_bomb,
     serve,
     unavailable,
     unregistered,
@@ -284,3 +298,112 @@ async def test_the_resolver_drops_names_that_resolve_to_loopback() -> None:
     assert await allowed.resolve("localhost", 443)
     await resolver.close()
     await allowed.close()
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's high-water mark of resident memory, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_a_gzip_bomb_endpoint_does_not_grow_the_push_worker(stack_factory: Any, tmp_path: Path) -> None:
+    """Three pushes to an endpoint answering 256 MB of zeros as ~250 KB of gzip: the worker
+    reads at most 64 KiB of a reply and never inflates it."""
+    bomb, honest = BombPushService(), FakePushService(VAPID_SUBJECT)
+    bomb.server = await serve(bomb.app)
+    honest.server = await serve(honest.app)
+    stack = await stack_factory(
+        workers=False,
+        vapid_private_key=vapid_key(),
+        vapid_subject=VAPID_SUBJECT,
+        webpush_allowed_hosts=("127.0.0.1",),
+    )
+    worker = ServiceProcess("push_worker.py", stack.config, tmp_path / "push_worker.log")
+    await worker.start()
+    try:
+        push = Push(stack, None, None, honest)  # type: ignore[arg-type]
+        code = await push.template()
+        warm = await push.user_with(
+            {"platform": "webpush", "subscription": honest.subscribe().subscription(honest.url)}
+        )
+        await stack.wait_for(await push.send(warm["id"], code), "delivered")
+        assert worker.process is not None
+        baseline = _peak_rss(worker.process.pid)
+
+        victim = await push.user_with(
+            {"platform": "webpush", "subscription": Subscriber.new().subscription(bomb.url)}
+        )
+        for _ in range(3):
+            record = await stack.wait_for(await push.send(victim["id"], code), "delivered", "failed")
+            assert record["status"] == "delivered", record["error"]
+        assert bomb.pushes == 3
+        grown = _peak_rss(worker.process.pid) - baseline
+        assert grown < 64 * 1024 * 1024, f"peak RSS grew by {grown / 1024**2:.0f} MiB"
+    finally:
+        worker.stop()
+        await bomb.server.close()
+        await honest.server.close()
+
+
+async def test_a_reply_is_read_up_to_the_cap_and_never_inflated() -> None:
+    big = b"x" * (5 * 1024 * 1024)
+    bomb = gzip_bomb(64 * 1024 * 1024)
+
+    async def plain(request: web.Request) -> web.Response:
+        return web.Response(status=400, body=big)
+
+    async def gzipped(request: web.Request) -> web.Response:
+        return web.Response(status=400, body=bomb, headers={"Content-Encoding": "gzip"})
+
+    def make_app() -> web.Application:
+        app = web.Application()
+        app.router.add_post("/plain", plain)
+        app.router.add_post("/gzip", gzipped)
+        return app
+
+    server = await serve(make_app)
+    session = guarded_session(frozenset({"127.0.0.1"}), 10)
+    try:
+        base = str(server.make_url("")).rstrip("/")
+        async with session.post(base + "/plain") as response:
+            assert len(await read_capped(response)) == REPLY_CAP
+        async with session.post(base + "/gzip") as response:
+            assert await read_capped(response) == "(gzip reply not read)"
+    finally:
+        await session.close()
+        await server.close()
+
+
+async def test_devices_per_user_are_capped_and_tokens_fit_the_index(stack_factory: Any) -> None:
+    stack = await stack_factory(workers=False, max_devices_per_user=3)
+    user = await stack.create_user()
+
+    async def register(token: str) -> tuple[int, dict[str, Any]]:
+        response = await stack.gateway.post(
+            f"/api/v1/users/{user['id']}/devices",
+            json={"platform": "fcm", "token": token},
+            headers=stack.headers(),
+        )
+        return response.status, await response.json()
+
+    for n in range(3):
+        status, body = await register(f"token-{n}")
+        assert status == 201, body
+    status, body = await register("token-3")
+    assert status == 409 and body["error"] == "too_many_devices"
+    assert "MAX_DEVICES_PER_USER" in body["message"] and "3" in body["message"]
+    status, _ = await register("token-1")  # the same token again is the same device: allowed
+    assert status == 201
+
+    other = await stack.create_user()
+    # A token that does not compress and would not fit the unique index: 400, not 503.
+    for token in (os.urandom(1800).hex(), "tökén-ünïcode", "has space"):
+        response = await stack.gateway.post(
+            f"/api/v1/users/{other['id']}/devices",
+            json={"platform": "fcm", "token": token},
+            headers=stack.headers(),
+        )
+        body = await response.json()
+        assert response.status == 400 and "token" in body["data"]["fields"], body
