@@ -114,14 +114,64 @@ def paging(request: web.Request, max_limit: int = 100) -> tuple[int, int]:
     return values["page"], values["limit"]
 
 
+MAX_JSON_DEPTH = 32  # levels of nesting inside one field of a request body
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether a decoded JSON value nests more than `limit` levels (iteratively: a deep value
+    must not exhaust the interpreter's stack while we measure it)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _deep_field(raw: bytes) -> str:
+    """The top-level field of a body too deep for the parser to decode. Only on that refusal:
+    one pass over at most the body size (client_max_size)."""
+    depth, last_string, field = 0, b"", "body"
+    for match in _JSON_TOKENS.finditer(raw):
+        token = match.group()
+        if token.startswith(b'"'):
+            if depth == 1:
+                last_string = token
+        elif token in (b"{", b"["):
+            if depth == 1:
+                field = last_string.strip(b'"').decode(errors="replace")[:100] or "body"
+            depth += 1
+            if depth > MAX_JSON_DEPTH + 1:
+                return field
+        else:
+            depth -= 1
+    return field
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if "depth" in str(exc).lower() or "recursion" in str(exc).lower():
+            raise validation_error(
+                {_deep_field(raw): f"is nested deeper than {MAX_JSON_DEPTH} levels"}
+            ) from None
         raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
+    deep = {
+        name: f"is nested deeper than {MAX_JSON_DEPTH} levels"
+        for name, value in body.items()
+        if isinstance(value, dict | list) and _deeper_than(value, MAX_JSON_DEPTH)
+    }
+    if deep:
+        raise validation_error(deep)
     return body
 
 
