@@ -536,6 +536,7 @@ def _proxy(key: web.AppKey[ServiceClient]) -> Callable[[web.Request], Awaitable[
         headers = outgoing_headers(token)
         if principal is not None:
             headers["X-Actor"] = f"{principal.kind}:{principal.subject}"  # recorded as created_by
+        headers["X-Forwarded-For"] = request.remote or ""  # the user service throttles logins by it
         if request.content_type:
             headers["Content-Type"] = request.content_type
         try:

@@ -15,6 +15,7 @@ import os
 import re
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
@@ -39,6 +40,7 @@ from common.http import (
     read_json,
 )
 from common.logs import setup_logging
+from common.ratelimit import RateLimiter
 from common.runner import run
 from common.schedule import quiet_hours_field
 from common.validation import (
@@ -63,21 +65,43 @@ _USER_COLUMNS = "id, name, email, preferences, language, timezone, created_at, u
 # --- passwords: scrypt, salted, run off the event loop --------------------------------------
 
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+# Each hash costs ~16 MB and tens of ms of a core: at most this many at once, whatever the
+# number of logins arriving, and a bounded queue behind them (beyond it: 429, try again).
+HASH_THREADS = 2
+HASH_QUEUE = 32
+_HASH_POOL = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="scrypt")
+_hash_waiting = 0
 
 
 def _scrypt(password: str, salt: bytes) -> bytes:
     return hashlib.scrypt(password.encode(), salt=salt, dklen=32, maxmem=64 * 1024**2, **_SCRYPT)
 
 
+async def _run_scrypt(password: str, salt: bytes) -> bytes:
+    global _hash_waiting
+    if _hash_waiting >= HASH_QUEUE:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "Too many password checks at once; try again in a second.",
+            headers={"Retry-After": "1"},
+        )
+    _hash_waiting += 1
+    try:
+        return await asyncio.get_running_loop().run_in_executor(_HASH_POOL, _scrypt, password, salt)
+    finally:
+        _hash_waiting -= 1
+
+
 async def hash_password(password: str) -> str:
     salt = os.urandom(16)
-    digest = await asyncio.to_thread(_scrypt, password, salt)
+    digest = await _run_scrypt(password, salt)
     return f"scrypt${salt.hex()}${digest.hex()}"
 
 
 async def check_password(password: str, stored: str) -> bool:
     _, salt, digest = stored.split("$")
-    candidate = await asyncio.to_thread(_scrypt, password, bytes.fromhex(salt))
+    candidate = await _run_scrypt(password, bytes.fromhex(salt))
     return hmac.compare_digest(candidate, bytes.fromhex(digest))
 
 
@@ -89,10 +113,13 @@ _DUMMY_HASH = "scrypt$" + "00" * 16 + "$" + "00" * 32
 
 
 CACHE_KEY = web.AppKey("profile_cache", ProfileCache)
+LOGIN_LIMITER_KEY = web.AppKey("login_limiter", RateLimiter)
 
 
 async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CACHE_KEY] = ProfileCache(app[REDIS_KEY], app[METRICS_KEY])
+    config = app[CONFIG_KEY]
+    app[LOGIN_LIMITER_KEY] = RateLimiter(app[REDIS_KEY], config.login_rate_limit, config.login_rate_window)
     yield
 
 
@@ -432,6 +459,32 @@ async def delete_device(request: web.Request) -> web.Response:
     return json_response({"id": device_id}, "device removed")
 
 
+def client_address(request: web.Request) -> str:
+    """Who is logging in: the address the gateway saw (login is reachable only with the internal
+    token, so the header comes from the gateway), else the peer."""
+    forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+    return forwarded[:64] or request.remote or "unknown"
+
+
+async def _throttle_login(request: web.Request, email: str) -> None:
+    """LOGIN_RATE_LIMIT tries per LOGIN_RATE_WINDOW per email and per client address, checked
+    before the password hash is computed, so guessing costs the guesser, not us."""
+    limiter = request.app[LOGIN_LIMITER_KEY]
+    subjects = (
+        "login:email:" + hashlib.sha256(email.lower().encode()).hexdigest()[:32],
+        "login:addr:" + client_address(request),
+    )
+    for subject in subjects:
+        verdict = await limiter.check(subject)
+        if verdict is not None and not verdict.allowed:
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"Too many login attempts; try again in {verdict.headers()['Retry-After']} s.",
+                headers=verdict.headers(),
+            )
+
+
 async def login(request: web.Request) -> web.Response:
     body = await read_json(request)
     fields = Fields(body)
@@ -439,6 +492,7 @@ async def login(request: web.Request) -> web.Response:
     password = fields.string("password", max_len=256)
     fields.check()
     assert email is not None and password is not None
+    await _throttle_login(request, email)
     row = await request.app[DB_KEY].fetchrow(
         "SELECT id, password_hash FROM users WHERE lower(email) = lower(%s)", email
     )

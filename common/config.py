@@ -81,6 +81,8 @@ class Config:
     db_timeout: float = 5.0
     rate_limit: int = 1000
     rate_limit_window: float = 1.0
+    login_rate_limit: int = 10
+    login_rate_window: float = 60.0
     queue_type: str = "classic"
     http_timeout: float = 10.0
     event_loop: str = "uvloop"
@@ -268,6 +270,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "db_timeout": _positive_float,
     "rate_limit": _non_negative_int,
     "rate_limit_window": _positive_float,
+    "login_rate_limit": _non_negative_int,
+    "login_rate_window": _positive_float,
     "queue_type": _one_of(QUEUE_TYPES),
     "http_timeout": _positive_float,
     "event_loop": _one_of(("asyncio", "uvloop")),

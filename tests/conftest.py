@@ -54,6 +54,8 @@ def base_config() -> Iterator[Config]:
         http_timeout=5.0,
         worker_prefetch=16,
         log_format="text",
+        # Many tests log in from 127.0.0.1; the login throttle has a test of its own.
+        login_rate_limit=1000,
     )
     rabbitmq_vhost("add", PREFIX, AMQP_HOST)
 

@@ -3,6 +3,8 @@ for what the client sent)."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 import uuid
 from typing import Any
@@ -86,3 +88,51 @@ async def test_deep_json_to_the_other_services_is_refused_too(stack: Stack) -> N
         answer = await response.json()
         assert response.status == 400, answer
         assert any("32 levels" in v for v in answer["data"]["fields"].values())
+
+
+async def _login(stack: Stack, email: str, password: str, address: str | None = None) -> Any:
+    """Through the gateway, or (with `address`) straight to the user service as the gateway
+    would call it, to stand for a client at that address."""
+    body = {"email": email, "password": password}
+    if address is None:
+        return await stack.gateway.post("/api/v1/auth/login", json=body, headers=stack.headers())
+    return await stack.gateway.session.post(
+        stack.urls["user_service"] + "/api/v1/auth/login",
+        json=body,
+        headers={"Authorization": f"Bearer {stack.config.internal_api_token}", "X-Forwarded-For": address},
+    )
+
+
+async def test_logins_are_throttled_per_email_and_per_address(stack_factory: Any) -> None:
+    # An unusual window gives this test Redis counters of its own.
+    stack = await stack_factory(workers=False, login_rate_limit=10, login_rate_window=61.7)
+    user = await stack.create_user(password="correct horse battery")
+    for n in range(10):
+        response = await _login(stack, user["email"], "wrong password", address=f"198.51.100.{n}")
+        assert response.status == 401
+    response = await _login(stack, user["email"], "correct horse battery", address="198.51.100.99")
+    body = await response.json()
+    assert response.status == 429 and body["error"] == "rate_limited", body
+    assert 1 <= int(response.headers["Retry-After"]) <= 62
+
+    # One address trying many emails, through the gateway, which passes on the client's address.
+    for n in range(10):
+        response = await _login(stack, f"nobody-{n}-{time.time_ns()}@example.com", "x")
+        assert response.status == 401, await response.text()
+    response = await _login(stack, f"nobody-{time.time_ns()}@example.com", "x")
+    assert response.status == 429 and "Retry-After" in response.headers
+
+
+async def test_password_hashing_is_bounded_under_a_flood(stack_factory: Any) -> None:
+    stack = await stack_factory(workers=False, login_rate_limit=0)
+    statuses = await asyncio.gather(
+        *(
+            _login(stack, f"flood-{n}-{time.time_ns()}@example.com", "x", address=f"203.0.113.{n}")
+            for n in range(80)
+        )
+    )
+    codes = [r.status for r in statuses]
+    assert set(codes) <= {401, 429} and codes.count(429) > 0, codes
+    assert all(r.headers.get("Retry-After") == "1" for r in statuses if r.status == 429)
+    hashing = [t for t in threading.enumerate() if t.name.startswith("scrypt")]
+    assert 1 <= len(hashing) <= 2
