@@ -19,6 +19,7 @@ from common.channels import CHANNELS
 from common.config import Config, load_config
 from common.http import (
     CONFIG_KEY,
+    PG_INT_MAX,
     ApiError,
     base_app,
     json_response,
@@ -26,12 +27,13 @@ from common.http import (
     page_meta,
     paging,
     read_json,
+    strict_int,
 )
 from common.logs import setup_logging
 from common.renderer import RenderPool
 from common.runner import run
 from common.templating import PARTS, REQUIRED_PARTS, SINGLE_LINE_PARTS
-from common.validation import CODE_RE, Fields, normalize_language
+from common.validation import CODE_RE, LANGUAGE_RE, Fields, normalize_language
 
 log = logging.getLogger("template_service")
 
@@ -73,6 +75,8 @@ def _parts_from(fields: Fields, channel: str, *, required: bool) -> dict[str, st
 
 
 async def _template(database: db.Executor, code: str) -> dict[str, Any]:
+    if not CODE_RE.match(code):
+        raise not_found(f"Template {code[:100]!r}")  # no such code can exist; spares the query
     row = await database.fetchrow(
         "SELECT code, notification_type, default_language, created_at FROM templates WHERE code = %s",
         code,
@@ -156,17 +160,20 @@ async def create_template(request: web.Request) -> web.Response:
     fields.check()
     database = request.app[DB_KEY]
     async with database.transaction() as tx:
+        # Insert-or-nothing first: two creates of one new code at once then queue on the row
+        # instead of both inserting (the second would be a unique violation).
+        await tx.execute(
+            "INSERT INTO templates (code, notification_type, default_language) VALUES (%s, %s, %s)"
+            " ON CONFLICT (code) DO NOTHING",
+            code,
+            channel,
+            language,
+        )
         existing = await tx.fetchrow(
             "SELECT notification_type FROM templates WHERE code = %s FOR UPDATE", code
         )
-        if existing is None:
-            await tx.execute(
-                "INSERT INTO templates (code, notification_type, default_language) VALUES (%s, %s, %s)",
-                code,
-                channel,
-                language,
-            )
-        elif existing["notification_type"] != channel:
+        assert existing is not None
+        if existing["notification_type"] != channel:
             raise ApiError(
                 409, "conflict", f"Template {code!r} exists as a {existing['notification_type']} template."
             )
@@ -290,21 +297,36 @@ async def update_template(request: web.Request) -> web.Response:
 def _version_param(request: web.Request, raw: str | None) -> int | None:
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) < 1:
+    version = strict_int(raw)
+    if version is None:
         raise ApiError(
             400,
             "validation_error",
-            "version must be a positive whole number.",
-            data={"fields": {"version": "must be a positive whole number"}},
+            f"version must be a whole number from 1 to {PG_INT_MAX}.",
+            data={"fields": {"version": f"must be a whole number from 1 to {PG_INT_MAX}"}},
         )
-    return int(raw)
+    return version
+
+
+def _language_param(request: web.Request) -> str | None:
+    raw = request.query.get("language")
+    if raw is None:
+        return None
+    if not LANGUAGE_RE.match(raw):
+        raise ApiError(
+            400,
+            "validation_error",
+            "language must be a language tag like en or pt-BR.",
+            data={"fields": {"language": "must be a language tag like en or pt-BR"}},
+        )
+    return normalize_language(raw)
 
 
 async def get_template(request: web.Request) -> web.Response:
     row = await resolve(
         request.app[DB_KEY],
         request.match_info["code"],
-        request.query.get("language"),
+        _language_param(request),
         _version_param(request, request.query.get("version")),
     )
     return json_response(row, "template")
@@ -329,24 +351,37 @@ async def list_templates(request: web.Request) -> web.Response:
 
 
 async def list_versions(request: web.Request) -> web.Response:
+    """Paginated: a template may have many versions of up to ~600 KB each."""
     code = request.match_info["code"]
+    page, limit = paging(request)
     database = request.app[DB_KEY]
     await _template(database, code)
-    language = request.query.get("language")
+    language = _language_param(request)
+    total = await database.fetchval(
+        "SELECT count(*) FROM template_versions WHERE code = %s AND (%s::text IS NULL OR language = %s)",
+        code,
+        language,
+        language,
+    )
     rows = await database.fetch(
         f"SELECT {_VERSION_COLUMNS}, (v.version = l.active_version) AS active"
         " FROM template_versions v JOIN template_languages l USING (code, language)"
-        " WHERE code = %s AND (%s::text IS NULL OR language = %s) ORDER BY language, version",
+        " WHERE code = %s AND (%s::text IS NULL OR language = %s) ORDER BY language, version"
+        " LIMIT %s OFFSET %s",
         code,
-        language and normalize_language(language),
-        language and normalize_language(language),
+        language,
+        language,
+        limit,
+        (page - 1) * limit,
     )
-    return json_response(rows, "versions", meta=page_meta(len(rows), max(len(rows), 1), 1))
+    return json_response(rows, "versions", meta=page_meta(int(total), limit, page))
 
 
 async def activate_version(request: web.Request) -> web.Response:
     code = request.match_info["code"]
-    version = _version_param(request, request.match_info["version"])
+    version = strict_int(request.match_info["version"])
+    if version is None:
+        raise not_found(f"Version {request.match_info['version'][:20]!r} of template {code!r}")
     body = await read_json(request) if request.can_read_body else {}
     database = request.app[DB_KEY]
     template = await _template(database, code)
@@ -376,8 +411,10 @@ async def render(request: web.Request) -> web.Response:
     fields = Fields(body)
     language = fields.language()
     version = body.get("version")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
-        fields.error("version", "must be a positive whole number")
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= PG_INT_MAX
+    ):
+        fields.error("version", f"must be a whole number from 1 to {PG_INT_MAX}")
     variables = fields.object("variables")
     fields.check()
     row = await resolve(request.app[DB_KEY], code, language, version)

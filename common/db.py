@@ -34,6 +34,9 @@ DatabaseError = psycopg2.Error
 OperationalError = psycopg2.OperationalError
 # What bad input causes, as opposed to a server or connection in trouble.
 InputError = (psycopg2.DataError, psycopg2.IntegrityError, psycopg2.ProgrammingError)
+IntegrityError = psycopg2.IntegrityError
+DataError = psycopg2.DataError
+ProgramLimitExceeded = psycopg2.errors.ProgramLimitExceeded  # an OperationalError, yet caused by input
 
 Row = dict[str, Any]
 

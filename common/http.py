@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.clients import ServiceUnavailable
 from common.config import Config
-from common.db import OperationalError
+from common.db import DataError, IntegrityError, OperationalError, ProgramLimitExceeded
 from common.logs import CORRELATION_HEADER, correlation_id_var, install_record_factory
 from common.metrics import Metrics
 
@@ -30,6 +30,8 @@ METRICS_KEY = web.AppKey("metrics", Metrics)
 HEALTH_KEY = web.AppKey("health_checks", dict)
 SERVICE_KEY = web.AppKey("service", str)
 
+_INPUT_ERRORS = (DataError, ProgramLimitExceeded)
+MAX_PAGE = 1000  # OFFSET paging stops here; beyond it, the `after` cursor
 _CORRELATION_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -97,18 +99,29 @@ def page_meta(total: int, limit: int, page: int) -> dict[str, Any]:
     }
 
 
+_ASCII_INT = re.compile(r"^[0-9]{1,18}$")
+PG_INT_MAX = 2**31 - 1  # the largest value of an `integer` column
+
+
+def strict_int(raw: str | None, low: int = 1, high: int = PG_INT_MAX) -> int | None:
+    """ASCII digits within [low, high], else None. `int()` alone takes other scripts' digits,
+    spaces, signs and underscores (and `isdigit()` passes "²", which `int()` then refuses); a
+    value past the column's range would be a database error rather than a 404."""
+    if raw is None or not _ASCII_INT.match(raw):
+        return None
+    value = int(raw)
+    return value if low <= value <= high else None
+
+
 def paging(request: web.Request, max_limit: int = 100) -> tuple[int, int]:
     errors: dict[str, str] = {}
     values: dict[str, int] = {}
-    for name, default, upper in (("page", 1, 1_000_000), ("limit", 20, max_limit)):
-        raw = request.query.get(name, str(default))
-        try:
-            values[name] = int(raw)
-        except ValueError:
-            errors[name] = "must be a whole number"
+    for name, default, upper in (("page", 1, MAX_PAGE), ("limit", 20, max_limit)):
+        value = strict_int(request.query.get(name, str(default)), 1, upper)
+        if value is None:
+            errors[name] = f"must be a whole number from 1 to {upper}"
             continue
-        if not 1 <= values[name] <= upper:
-            errors[name] = f"must be between 1 and {upper}"
+        values[name] = value
     if errors:
         raise validation_error(errors)
     return values["page"], values["limit"]
@@ -244,6 +257,10 @@ async def error_middleware(
             headers={"Retry-After": "1"},
         )
     except Exception as exc:
+        refused = _input_error(exc)
+        if refused is not None:
+            log.warning("input refused by the database: %s", type(exc).__name__)
+            return json_response(None, refused.message, status=refused.status, error=refused.code)
         if _is_db_unavailable(exc):
             log.warning("database unavailable: %s", exc)
             return json_response(
@@ -258,7 +275,17 @@ async def error_middleware(
 
 
 def _is_db_unavailable(exc: BaseException) -> bool:
-    return isinstance(exc, OperationalError)
+    return isinstance(exc, OperationalError) and not isinstance(exc, _INPUT_ERRORS)
+
+
+def _input_error(exc: BaseException) -> ApiError | None:
+    """A database refusal caused by what the client sent: a 4xx it can act on, not a 503 it
+    would retry forever. Validation should have caught it first; this is the safety net."""
+    if isinstance(exc, IntegrityError):
+        return ApiError(409, "conflict", "That conflicts with data that already exists.")
+    if isinstance(exc, _INPUT_ERRORS):
+        return ApiError(400, "invalid_input", "A value is out of range or too large to store.")
+    return None
 
 
 def metrics_middleware(metrics: Metrics) -> Any:

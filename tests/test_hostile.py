@@ -136,3 +136,80 @@ async def test_password_hashing_is_bounded_under_a_flood(stack_factory: Any) -> 
     assert all(r.headers.get("Retry-After") == "1" for r in statuses if r.status == 429)
     hashing = [t for t in threading.enumerate() if t.name.startswith("scrypt")]
     assert 1 <= len(hashing) <= 2
+
+
+async def _get(stack: Stack, path: str) -> tuple[int, dict[str, Any]]:
+    response = await stack.gateway.get(path, headers=stack.headers())
+    return response.status, await response.json()
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/api/v1/templates/{code}?version=%C2%B2", 400),
+        ("/api/v1/templates/{code}?version=%D9%A1", 400),
+        ("/api/v1/templates/{code}?version=99999999999", 400),
+        ("/api/v1/templates/{code}?version=+1", 400),
+        ("/api/v1/templates/{code}?language=%00", 400),
+        ("/api/v1/templates/{code}/versions?page=%D9%A1", 400),
+        ("/api/v1/templates/{code}/versions?page=1001", 400),
+        ("/api/v1/templates/{code}/versions?limit=1_0", 400),
+        ("/api/v1/templates/x%00y", 404),
+        ("/api/v1/notifications/?page=99999999999999999999", 400),
+        ("/api/v1/users/?limit=%C2%B2", 400),
+    ],
+)
+async def test_numbers_and_names_in_urls_are_parsed_strictly(
+    stack_factory: Any, path: str, status: int
+) -> None:
+    stack = await stack_factory(workers=False)
+    code = f"ids-{time.time_ns()}"
+    await stack.create_template(code, subject="s", body="b")
+    got, body = await _get(stack, path.format(code=code))
+    assert got == status, body
+    assert body["success"] is False and body["message"]
+
+
+async def test_out_of_range_versions_are_404_or_400_not_500(stack_factory: Any) -> None:
+    stack = await stack_factory(workers=False)
+    code = f"ver-{time.time_ns()}"
+    await stack.create_template(code, subject="s", body="b")
+    for version in ("99999999999", "%C2%B2", "0"):
+        response = await stack.gateway.post(
+            f"/api/v1/templates/{code}/versions/{version}/activate", json={}, headers=stack.headers()
+        )
+        assert response.status == 404, await response.text()
+    response = await stack.gateway.post(
+        f"/api/v1/templates/{code}/render",
+        json={"version": 99999999999, "variables": {}},
+        headers=stack.headers(),
+    )
+    body = await response.json()
+    assert response.status == 400 and "version" in body["data"]["fields"]
+
+
+async def test_concurrent_creates_of_one_new_code_are_one_201_and_409s(stack_factory: Any) -> None:
+    stack = await stack_factory(workers=False)
+    code = f"race-{time.time_ns()}"
+    request = {"code": code, "notification_type": "email", "subject": "s", "body": "b"}
+    responses = await asyncio.gather(
+        *(stack.gateway.post("/api/v1/templates/", json=request, headers=stack.headers()) for _ in range(8))
+    )
+    statuses = sorted(r.status for r in responses)
+    assert statuses == [201] + [409] * 7, statuses
+
+
+async def test_the_versions_list_is_paginated(stack_factory: Any) -> None:
+    stack = await stack_factory(workers=False)
+    code = f"pages-{time.time_ns()}"
+    await stack.create_template(code, subject="s", body="v1")
+    for n in (2, 3):
+        response = await stack.gateway.put(
+            f"/api/v1/templates/{code}", json={"body": f"v{n}"}, headers=stack.headers()
+        )
+        assert response.status == 200
+    status, body = await _get(stack, f"/api/v1/templates/{code}/versions?limit=2")
+    assert status == 200 and [v["version"] for v in body["data"]] == [1, 2]
+    assert body["meta"]["total"] == 3 and body["meta"]["has_next"] is True
+    status, body = await _get(stack, f"/api/v1/templates/{code}/versions?limit=2&page=2")
+    assert [v["version"] for v in body["data"]] == [3] and body["meta"]["has_next"] is False
