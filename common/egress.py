@@ -35,10 +35,37 @@ class NonPublicAddress(OSError):
     """A name resolved only to addresses we may not connect to."""
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known prefix, RFC 6052
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # local-use prefix, RFC 8215
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated, RFC 4291 2.5.5.1
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address] | None:
+    """The IPv4 addresses an IPv6 address reaches through a translator or tunnel, which is where
+    the packets really go; None for an ordinary IPv6 address. `ipaddress` calls most of these
+    forms global whatever the IPv4 inside is (64:ff9b::7f00:1 is 127.0.0.1 behind NAT64)."""
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip in _NAT64 or ip in _IPV4_COMPATIBLE:
+        return [low32]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)  # the relay server and the client behind it
+    return None
+
+
 def _address_allowed(address: str) -> bool:
+    """Only plainly public unicast addresses; translated and tunnelled IPv6 forms are judged by
+    the IPv4 inside, and local-use translation prefixes are refused outright."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL:
+            return False
+        inner = _embedded_ipv4(ip)
+        if inner is not None:
+            return all(v4.is_global and not v4.is_multicast for v4 in inner)
     return ip.is_global and not ip.is_multicast
 
 

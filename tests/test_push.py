@@ -283,10 +283,22 @@ def test_the_endpoint_check_itself() -> None:
         "https://169.254.169.254/latest",
         "https://[::ffff:127.0.0.1]/x",
         "https:///x",
+        "https://[64:ff9b::7f00:1]/x",  # NAT64 of 127.0.0.1
+        "https://[64:ff9b::a9fe:a9fe]/latest",  # NAT64 of 169.254.169.254
+        "https://[64:ff9b:1::808:808]/x",  # local-use NAT64: never plainly public
+        "https://[2002:a00:1::]/x",  # 6to4 of 10.0.0.1
+        "https://[2002:7f00:1::1]/x",  # 6to4 of 127.0.0.1
+        "https://[2001:0:4136:e378:8000:63bf:80ff:fffe]/x",  # Teredo, client 127.0.0.1
+        "https://[::7f00:1]/x",  # IPv4-compatible 127.0.0.1
+        "https://[::a00:1]/x",  # IPv4-compatible 10.0.0.1
+        "https://[::ffff:a00:1]/x",  # IPv4-mapped 10.0.0.1
     ):
         with pytest.raises(UnsafeEndpoint):
             check_endpoint(endpoint, allowed)
     check_endpoint("https://fcm.googleapis.com/fcm/send/abc", allowed)  # a name: the resolver decides
+    check_endpoint("https://[64:ff9b::808:808]/x", allowed)  # NAT64 of a public address
+    check_endpoint("https://[2002:808:808::1]/x", allowed)  # 6to4 of a public address
+    check_endpoint("https://[2001:4860:4860::8888]/x", allowed)  # plain public IPv6
     check_endpoint("http://127.0.0.1:9999/push/1", allowed)  # allow-listed for tests
 
 
