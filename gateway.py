@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.exceptions import RedisError
 
 import console
 import topology
@@ -469,7 +471,7 @@ async def _bounced(request: web.Request, found: list[bounces.Bounce], received: 
 async def sendgrid_webhook(request: web.Request) -> web.Response:
     config = request.app[CONFIG_KEY]
     raw = await request.read()
-    if not sendgrid.webhook_authentic(config, request.headers, request.query, raw):
+    if not sendgrid.webhook_authentic(config, request.headers, request.query, raw, time.time()):
         configured = bool(config.sendgrid_webhook_public_key or config.sendgrid_webhook_secret)
         raise _webhook_refused(
             "SendGrid", configured, "SENDGRID_WEBHOOK_PUBLIC_KEY or SENDGRID_WEBHOOK_SECRET"
@@ -488,6 +490,17 @@ async def mailgun_webhook(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not mailgun.webhook_authentic(key, body):
         raise _webhook_refused("Mailgun", bool(key), "MAILGUN_WEBHOOK_SIGNING_KEY")
+    if not mailgun.webhook_fresh(body, time.time()):
+        raise ApiError(401, "unauthorized", "The Mailgun webhook's signature is older than 5 minutes.")
+    try:
+        first = await mailgun.first_use(request.app[REDIS_KEY], body)
+    except RedisError:
+        # Without the record of used tokens a replay cannot be told apart: Mailgun retries.
+        raise ApiError(
+            503, "service_unavailable", "Try again shortly.", headers={"Retry-After": "5"}
+        ) from None
+    if not first:
+        raise ApiError(409, "replayed", "This Mailgun webhook's token was used before.")
     return await _bounced(request, mailgun.bounces(body), 1)
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import orjson
+
+import redis.asyncio as aioredis
 
 from common.bounces import Bounce
 from common.config import Config
@@ -84,6 +87,35 @@ def webhook_authentic(signing_key: str | None, body: dict[str, Any]) -> bool:
         return False
     expected = hmac.new(signing_key.encode(), f"{timestamp}{token}".encode(), hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected.encode(), str(presented).encode())
+
+
+MAX_AGE = 300  # seconds a signature stays acceptable, either side of our clock
+_SEEN_PREFIX = "notify:mailgun:token:"
+
+
+def signed_at(body: dict[str, Any]) -> float | None:
+    signature = body.get("signature")
+    raw = signature.get("timestamp") if isinstance(signature, dict) else None
+    try:
+        value = float(raw) if isinstance(raw, str | int) and not isinstance(raw, bool) else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def webhook_fresh(body: dict[str, Any], now: float, max_age: float = MAX_AGE) -> bool:
+    """Mailgun signs the timestamp but checking its age is ours to do: without it, a captured
+    webhook verifies for ever."""
+    when = signed_at(body)
+    return when is not None and abs(now - when) <= max_age
+
+
+async def first_use(client: aioredis.Redis, body: dict[str, Any], max_age: float = MAX_AGE) -> bool:
+    """Whether this signature's token is new: SET NX, kept a little longer than a signature
+    stays fresh, so a replay inside the window is caught and the key then expires on its own."""
+    token = str(body["signature"]["token"])
+    key = _SEEN_PREFIX + hashlib.sha256(token.encode()).hexdigest()
+    return bool(await client.set(key, b"1", nx=True, ex=int(max_age * 2) + 60))
 
 
 def bounces(body: dict[str, Any]) -> list[Bounce]:

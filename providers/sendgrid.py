@@ -111,24 +111,33 @@ def signature_valid(public_key: str, raw: bytes, signature: str, timestamp: str)
     return True
 
 
+MAX_AGE = 300  # seconds a signed event batch stays acceptable, either side of our clock
+
+
+def timestamp_fresh(timestamp: str, now: float, max_age: float = MAX_AGE) -> bool:
+    if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
+        return False
+    return abs(now - int(timestamp)) <= max_age
+
+
 def webhook_authentic(
-    config: Config, headers: Mapping[str, str], query: Mapping[str, str], raw: bytes
+    config: Config, headers: Mapping[str, str], query: Mapping[str, str], raw: bytes, now: float
 ) -> bool:
     """Every configured check must pass, and at least one must be configured: the signature
-    (SENDGRID_WEBHOOK_PUBLIC_KEY) and/or a shared secret in the URL's `token` parameter or the
-    X-Webhook-Token header (SENDGRID_WEBHOOK_SECRET)."""
+    over a timestamp no older than MAX_AGE (SENDGRID_WEBHOOK_PUBLIC_KEY) and/or a shared secret
+    (SENDGRID_WEBHOOK_SECRET) in the X-Webhook-Token header, or else the URL's `token`
+    parameter (a query string ends up in access logs: the header is preferred)."""
     checks: list[bool] = []
     if config.sendgrid_webhook_public_key:
+        timestamp = headers.get(TIMESTAMP_HEADER, "")
         checks.append(
-            signature_valid(
-                config.sendgrid_webhook_public_key,
-                raw,
-                headers.get(SIGNATURE_HEADER, ""),
-                headers.get(TIMESTAMP_HEADER, ""),
+            timestamp_fresh(timestamp, now)
+            and signature_valid(
+                config.sendgrid_webhook_public_key, raw, headers.get(SIGNATURE_HEADER, ""), timestamp
             )
         )
     if config.sendgrid_webhook_secret:
-        presented = query.get("token") or headers.get(TOKEN_HEADER) or ""
+        presented = headers.get(TOKEN_HEADER) or query.get("token") or ""
         checks.append(hmac.compare_digest(presented.encode(), config.sendgrid_webhook_secret.encode()))
     return bool(checks) and all(checks)
 

@@ -367,10 +367,10 @@ async def test_with_every_circuit_open_messages_wait_without_using_attempts(
 
 
 def _sendgrid_signed(
-    key: ec.EllipticCurvePrivateKey, events: list[dict[str, Any]]
+    key: ec.EllipticCurvePrivateKey, events: list[dict[str, Any]], age: float = 0
 ) -> tuple[bytes, dict[str, str]]:
     raw = orjson.dumps(events)
-    timestamp = str(int(time.time()))
+    timestamp = str(int(time.time() - age))
     signature = key.sign(timestamp.encode() + raw, ec.ECDSA(hashes.SHA256()))
     return raw, {
         "Content-Type": "application/json",
@@ -379,8 +379,10 @@ def _sendgrid_signed(
     }
 
 
-def _mailgun_signed(event_data: dict[str, Any], key: str = MAILGUN_SIGNING_KEY) -> dict[str, Any]:
-    timestamp, token = str(int(time.time())), uuid.uuid4().hex
+def _mailgun_signed(
+    event_data: dict[str, Any], key: str = MAILGUN_SIGNING_KEY, age: float = 0
+) -> dict[str, Any]:
+    timestamp, token = str(int(time.time() - age)), uuid.uuid4().hex
     signature = hmac.new(key.encode(), f"{timestamp}{token}".encode(), hashlib.sha256).hexdigest()
     return {
         "signature": {"timestamp": timestamp, "token": token, "signature": signature},
@@ -545,6 +547,62 @@ async def test_forged_webhooks_are_401_and_change_nothing(
         assert body["error"] == "unauthorized" and "does not verify" in body["message"]
     assert (await stack.notification(record["notification_id"]))["status"] == "delivered"
     assert (await _preferences(stack, user["id"]))["email"] is True
+
+
+async def test_old_and_replayed_webhooks_are_refused(
+    stack_factory: Any, sendgrid: FakeSendGrid, mailgun: FakeMailgun, webhook_key: ec.EllipticCurvePrivateKey
+) -> None:
+    stack = await stack_factory(
+        **_providers(
+            sendgrid,
+            mailgun,
+            "sendgrid",
+            sendgrid_webhook_public_key=_public_key(webhook_key),
+            mailgun_webhook_signing_key=MAILGUN_SIGNING_KEY,
+        )
+    )
+    user = await stack.create_user()
+    record = await _deliver_one(stack, user, await _template(stack))
+    failure = _mailgun_failure(user["email"], record["notification_id"], severity="temporary")
+    for age in (3600, -3600, 301):  # signed an hour ago, an hour ahead, just past 5 minutes
+        response = await stack.gateway.post(
+            "/api/v1/webhooks/mailgun", json=_mailgun_signed(failure, age=age)
+        )
+        body = await response.json()
+        assert response.status == 401 and "older than 5 minutes" in body["message"], body
+        raw, headers = _sendgrid_signed(
+            webhook_key, _sendgrid_bounce(user["email"], record["notification_id"]), age
+        )
+        response = await stack.gateway.post("/api/v1/webhooks/sendgrid", data=raw, headers=headers)
+        assert response.status == 401, await response.text()
+
+    signed = _mailgun_signed(failure, age=60)
+    first = await stack.gateway.post("/api/v1/webhooks/mailgun", json=signed)
+    assert first.status == 200, await first.text()
+    replay = await stack.gateway.post("/api/v1/webhooks/mailgun", json=signed)
+    body = await replay.json()
+    assert replay.status == 409 and body["error"] == "replayed", body
+    assert (await stack.notification(record["notification_id"]))["status"] == "delivered"
+
+
+async def test_the_sendgrid_secret_is_taken_from_a_header(
+    stack_factory: Any, sendgrid: FakeSendGrid, mailgun: FakeMailgun
+) -> None:
+    stack = await stack_factory(
+        **_providers(sendgrid, mailgun, "sendgrid", sendgrid_webhook_secret="hook-secret-0123456789")
+    )
+    response = await stack.gateway.post(
+        "/api/v1/webhooks/sendgrid?token=guess",
+        json=[],
+        headers={"X-Webhook-Token": "hook-secret-0123456789"},
+    )
+    assert response.status == 200, await response.text()  # the header wins over the query string
+    response = await stack.gateway.post(
+        "/api/v1/webhooks/sendgrid?token=hook-secret-0123456789",
+        json=[],
+        headers={"X-Webhook-Token": "guess"},
+    )
+    assert response.status == 401
 
 
 async def test_webhooks_not_configured_are_refused(stack: Stack) -> None:
