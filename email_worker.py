@@ -28,7 +28,7 @@ from common.metrics import Metrics
 from common.runner import run
 from common.worker import HTTP_KEY, Preparer, worker_app
 from providers.breaker import CircuitBreaker, State
-from providers.email import EmailProvider, HeaderInjection, OutgoingEmail, message_id
+from providers.email import EmailProvider, HeaderInjection, OutgoingEmail, UnsupportedByProvider, message_id
 from providers.mailgun import MailgunProvider
 from providers.sendgrid import SendGridProvider
 from providers.smtp import SmtpProvider
@@ -102,6 +102,7 @@ async def send_with_failover(routes: tuple[Route, ...], email: OutgoingEmail, me
     """Try each provider in order; the first that accepts the message delivered it."""
     skipped: list[str] = []  # open circuits: nothing was sent
     failures: list[DeliveryError] = []
+    unsupported: list[DeliveryError] = []  # refused as beyond that provider only
     for route in routes:
         name = route.provider.name
         if not route.breaker.allow():
@@ -120,8 +121,13 @@ async def send_with_failover(routes: tuple[Route, ...], email: OutgoingEmail, me
             if not exc.transient or not exc.provider_fault:
                 # The provider answered about this message or recipient (a bad address, a
                 # greylisting 451): it is healthy, and another provider would hear the same
-                # from the recipient's server. Retried or failed alone.
+                # from the recipient's server. Retried or failed alone,
+                # unless it is something only this provider cannot do (SMTPUTF8).
                 route.breaker.success()
+                if isinstance(exc, UnsupportedByProvider):
+                    unsupported.append(exc)
+                    log.info("%s cannot send this message, trying the next provider: %s", name, exc.reason)
+                    continue
                 raise
             route.breaker.failure()
             failures.append(exc)
@@ -133,6 +139,11 @@ async def send_with_failover(routes: tuple[Route, ...], email: OutgoingEmail, me
         route.breaker.success()
         notes = [f.reason for f in failures] + skipped
         return Delivered(name, detail=f"delivered by {name} after: {'; '.join(notes)}" if notes else None)
+    if unsupported and not failures and not skipped:
+        raise DeliveryError(
+            "; ".join(f.reason for f in unsupported), transient=False, provider=unsupported[-1].provider
+        )
+    failures += unsupported
     if not failures:
         # Nothing was tried: wait in the retry queue without using up an attempt.
         raise DeliveryError(

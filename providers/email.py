@@ -81,7 +81,9 @@ class OutgoingEmail:
         msg = MIMEMultipart("alternative", policy=_POLICY)
         name, address = email.utils.parseaddr(self.sender)
         msg["From"] = email.utils.formataddr((name, address), charset="utf-8") if name else self.sender
-        msg["To"] = self.to
+        # compat32 writes a header raw (under an 8bit policy) only when it holds surrogates:
+        # the stdlib's own spelling of "these are already bytes".
+        msg["To"] = self.to if self.to.isascii() else self.to.encode().decode("ascii", "surrogateescape")
         msg["Subject"] = _header(self.subject)
         msg["Message-ID"] = self.message_id
         msg["Date"] = email.utils.formatdate(localtime=False)
@@ -94,7 +96,11 @@ class OutgoingEmail:
     def to_bytes(self) -> bytes:
         """The message as sent over SMTP (CRLF line ends), flattened with our policy."""
         out = io.BytesIO()
-        email.generator.BytesGenerator(out, policy=_POLICY.clone(linesep="\r\n")).flatten(self.to_mime())
+        # A non-ASCII address goes out only with SMTPUTF8, whose headers are raw UTF-8 (RFC 6532):
+        # an encoded word in an address is not an address.
+        cte_type = "7bit" if self.to.isascii() else "8bit"
+        policy = _POLICY.clone(linesep="\r\n", cte_type=cte_type)
+        email.generator.BytesGenerator(out, policy=policy).flatten(self.to_mime())
         return out.getvalue()
 
 
@@ -121,6 +127,15 @@ class EmailProvider(Protocol):
 
 
 # --- failure classes -----------------------------------------------------------------------
+
+
+class UnsupportedByProvider(DeliveryError):
+    """This provider cannot take this message (a non-ASCII address without SMTPUTF8), though
+    another might: permanent for this provider, and the next one in EMAIL_PROVIDERS is tried."""
+
+    def __init__(self, reason: str, provider: str) -> None:
+        super().__init__(reason, transient=False, provider=provider)
+
 
 TRANSIENT, PERMANENT = True, False
 

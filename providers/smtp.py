@@ -15,7 +15,7 @@ import aiosmtplib
 
 from common.config import Config
 from common.delivery import DeliveryError
-from providers.email import OutgoingEmail, is_transient
+from providers.email import OutgoingEmail, UnsupportedByProvider, is_transient
 
 log = logging.getLogger("providers.smtp")
 
@@ -59,6 +59,21 @@ def envelope(email: OutgoingEmail) -> tuple[str, list[str]]:
                 "refused: an envelope address would inject an SMTP command", transient=False, provider="smtp"
             )
     return sender, [recipient]
+
+
+async def _options(client: aiosmtplib.SMTP, utf8: bool) -> list[str]:
+    """MAIL FROM options: SMTPUTF8 for a non-ASCII address (RFC 6531), when the server offers
+    it; without it such an address cannot be sent at all, which another provider may do."""
+    if not utf8:
+        return []
+    if client.last_ehlo_response is None:
+        await client.ehlo()
+    if not client.supports_extension("smtputf8"):
+        raise UnsupportedByProvider(
+            "SMTP: the address has non-ASCII characters and the server does not offer SMTPUTF8",
+            provider="smtp",
+        )
+    return ["SMTPUTF8"]
 
 
 class SmtpProvider:
@@ -121,10 +136,11 @@ class SmtpProvider:
             data = email.to_bytes()
         except ValueError as exc:  # the stdlib's own header guard, behind ours
             raise DeliveryError(f"refused: {exc}", transient=False, provider="smtp") from exc
+        utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
         for attempt in (1, 2):
             try:
                 async with self._connection() as client:
-                    await client.sendmail(sender, recipients, data)
+                    await client.sendmail(sender, recipients, data, mail_options=await _options(client, utf8))
                 return email.message_id
             except aiosmtplib.SMTPServerDisconnected as exc:
                 # A pooled connection the server closed while idle: one fresh try.

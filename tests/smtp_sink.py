@@ -15,7 +15,7 @@ from scripts.localenv import free_port
 
 
 class SmtpSink:
-    def __init__(self) -> None:
+    def __init__(self, *, smtputf8: bool = False) -> None:
         self.port = free_port()
         self.messages: list[EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
@@ -28,7 +28,7 @@ class SmtpSink:
         self.greylisted: list[str] = []
         self.received_data = threading.Event()  # set when a DATA arrives, before it is answered
         self._lock = threading.Lock()
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=smtputf8)
 
     def start(self) -> None:
         self._controller.start()

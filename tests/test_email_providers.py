@@ -863,3 +863,41 @@ async def test_smtp_login_with_username_and_password() -> None:
     assert {login for login, _ in seen} == {"me@example.com"}
     assert seen[-1] == ("me@example.com", "app-password-16ch")
     assert len(received) == 1
+
+
+# --- addresses ------------------------------------------------------------------------------
+
+
+async def test_a_non_ascii_address_without_smtputf8_fails_with_the_reason(stack_factory: Any) -> None:
+    stack = await stack_factory()  # the test SMTP server does not offer SMTPUTF8
+    template = await _template(stack)
+    user = await stack.create_user(email=f"zoë-{time.time_ns()}@example.com")
+    record = await _deliver_one(stack, user, template)
+    assert record["status"] == "failed" and record["attempts"] == 1, record
+    assert "SMTPUTF8" in record["error"] and "internal error" not in record["error"]
+
+
+async def test_a_non_ascii_address_goes_to_the_next_provider_without_smtputf8(
+    stack_factory: Any, sendgrid: FakeSendGrid, mailgun: FakeMailgun
+) -> None:
+    stack = await stack_factory(**_providers(sendgrid, mailgun, "smtp", "sendgrid"))
+    user = await stack.create_user(email=f"zoë-{time.time_ns()}@example.com")
+    record = await _deliver_one(stack, user, await _template(stack))
+    assert record["status"] == "delivered" and record["provider"] == "sendgrid", record
+    assert len(sendgrid.to(user["email"])) == 1
+
+
+async def test_a_non_ascii_address_goes_by_smtputf8_when_offered(stack_factory: Any) -> None:
+    sink = SmtpSink(smtputf8=True)
+    sink.start()
+    try:
+        stack = await stack_factory(worker_config={"smtp_port": sink.port})
+        user = await stack.create_user(email=f"zoë-{time.time_ns()}@example.com")
+        record = await _deliver_one(stack, user, await _template(stack))
+        assert record["status"] == "delivered" and record["provider"] == "smtp", record
+        [(_, recipients)] = sink.envelopes
+        assert recipients == [user["email"]]
+        [message] = sink.messages
+        assert message["To"] == user["email"]
+    finally:
+        sink.stop()
