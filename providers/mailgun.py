@@ -11,7 +11,6 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
-
 import redis.asyncio as aioredis
 
 from common.bounces import Bounce
