@@ -18,14 +18,14 @@ from aiohttp import web
 
 import topology
 from common.clients import ServiceUnavailable
-from common.config import Config, load_config
+from common.config import Config, ConfigError, load_config
 from common.delivery import Delivered, DeliveryError, Job
 from common.egress import allow_list, guarded_session
 from common.http import CONFIG_KEY
 from common.logs import setup_logging
 from common.runner import run
 from common.worker import HTTP_KEY, STORE_KEY, Preparer, worker_app
-from providers.fcm import FcmProvider
+from providers.fcm import FcmProvider, fcm_credentials_problem
 from providers.onesignal import OneSignalProvider
 from providers.push import Device, DeviceResult, PushMessage, PushProvider
 from providers.webpush import WebPushProvider
@@ -33,6 +33,22 @@ from providers.webpush import WebPushProvider
 log = logging.getLogger("push_worker")
 
 PROVIDERS_KEY = web.AppKey("push_providers", dict)
+
+
+def check_settings(config: Config) -> None:
+    """Provider settings that only work together, refused at start rather than at the first
+    push; each problem names its variables (never their values)."""
+    problems = []
+    if bool(config.vapid_private_key) != bool(config.vapid_subject):
+        problems.append("VAPID_PRIVATE_KEY and VAPID_SUBJECT must be set together (or neither)")
+    if bool(config.onesignal_app_id) != bool(config.onesignal_api_key):
+        problems.append("ONESIGNAL_APP_ID and ONESIGNAL_API_KEY must be set together (or neither)")
+    if config.fcm_credentials_file:
+        problem = fcm_credentials_problem(config.fcm_credentials_file)
+        if problem:
+            problems.append(f"FCM_CREDENTIALS_FILE {problem}")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -219,7 +235,7 @@ def create_app(config: Config) -> web.Application:
 
 
 def main() -> None:
-    config = load_config("internal_api_token")
+    config = load_config("internal_api_token", check=check_settings)
     setup_logging("push_worker", config.log_level, config.log_format)
     run(create_app(config), config, default_port=8004)
 

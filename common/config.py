@@ -22,6 +22,9 @@ LOG_FORMATS = ("json", "text")
 QUEUE_TYPES = ("classic", "quorum")
 
 
+_SECRET_WORDS = ("KEY", "SECRET", "PASSWORD", "TOKEN")
+
+
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
@@ -133,7 +136,9 @@ class Config:
             try:
                 values[f.name] = parser(raw.strip())
             except ValueError as exc:
-                raise ConfigError(f"{name}={raw!r} is not valid: {exc}") from None
+                # Secrets are named, never echoed: this message goes to logs.
+                shown = name if any(w in name for w in _SECRET_WORDS) else f"{name}={raw!r}"
+                raise ConfigError(f"{shown} is not valid: {exc}") from None
         return cls(**values)
 
     def require(self, *names: str) -> None:
@@ -230,6 +235,40 @@ def _ec_public_key(raw: str) -> str:
     return "".join(body.split())
 
 
+def _vapid_private_key(raw: str) -> str:
+    """A P-256 private key as PEM (what `vapid --gen` and openssl write, SEC1 or PKCS#8), base64
+    DER, or the raw 32-byte scalar in base64url; kept as the raw base64url form."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_der_private_key, load_pem_private_key
+
+    text = raw.replace("\\n", "\n").strip()  # a PEM pasted into one line of an .env file
+    key: Any = None
+    try:
+        if text.startswith("-----BEGIN"):
+            key = load_pem_private_key(text.encode(), password=None)
+        else:
+            compact = "".join(text.split())
+            padded = compact + "=" * (-len(compact) % 4)
+            decoded = base64.urlsafe_b64decode(padded.replace("+", "-").replace("/", "_"))
+            if len(decoded) == 32:
+                key = ec.derive_private_key(int.from_bytes(decoded, "big"), ec.SECP256R1())
+            else:
+                key = load_der_private_key(decoded, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        key = None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ValueError("must be a P-256 private key: PEM, base64 DER, or 32 raw bytes in base64url")
+    scalar = key.private_numbers().private_value.to_bytes(32, "big")
+    return base64.urlsafe_b64encode(scalar).rstrip(b"=").decode()
+
+
+def _vapid_subject(raw: str) -> str:
+    if not (raw.startswith("mailto:") and "@" in raw) and not raw.startswith("https://"):
+        raise ValueError("must be a mailto: address or an https: URL (RFC 8292)")
+    return raw
+
+
 def _log_level(raw: str) -> str:
     value = raw.upper()
     if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -285,6 +324,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "webhook_disable_after": _positive_float,
     "console_keys": _csv,
     "console_session_ttl": _positive_int,
+    "vapid_private_key": _vapid_private_key,
+    "vapid_subject": _vapid_subject,
 }
 
 

@@ -16,6 +16,30 @@ from providers.push import Device, DeviceResult, PushMessage, http_outcome, retr
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 
 
+def fcm_credentials_problem(path: str) -> str | None:
+    """What is wrong with a service-account file, in words; None when it will do."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        account = orjson.loads(Path(path).read_bytes())
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    except orjson.JSONDecodeError:
+        return "is not JSON (a Firebase service-account key file is)"
+    if not isinstance(account, dict):
+        return "is not a service-account key file"
+    missing = [
+        k for k in ("project_id", "client_email", "private_key") if not isinstance(account.get(k), str)
+    ]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    try:
+        load_pem_private_key(account["private_key"].encode(), password=None)
+    except (ValueError, TypeError):
+        return "holds a private_key that is not a PEM private key"
+    return None
+
+
 class FcmProvider:
     platform = "fcm"
 

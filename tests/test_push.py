@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,7 +16,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
+from common.config import Config, ConfigError
 from common.egress import (
     REPLY_CAP,
     GuardedResolver,
@@ -24,7 +30,7 @@ from common.egress import (
     read_capped,
 )
 from tests.conftest import Stack
-from tests.processes import ServiceProcess
+from tests.processes import ROOT, ServiceProcess
 from tests.push_servers import (
     BombPushService,
     FakeFcm,
@@ -419,3 +425,92 @@ async def test_devices_per_user_are_capped_and_tokens_fit_the_index(stack_factor
         )
         body = await response.json()
         assert response.status == 400 and "token" in body["data"]["fields"], body
+
+
+def _vapid_forms() -> tuple[str, dict[str, str]]:
+    """One P-256 key in each form VAPID_PRIVATE_KEY accepts, and its raw base64url form."""
+    from cryptography.hazmat.primitives import serialization as s
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    raw = base64.urlsafe_b64encode(key.private_numbers().private_value.to_bytes(32, "big")).rstrip(b"=")
+    sec1 = key.private_bytes(s.Encoding.PEM, s.PrivateFormat.TraditionalOpenSSL, s.NoEncryption())
+    pkcs8 = key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption())
+    der = key.private_bytes(s.Encoding.DER, s.PrivateFormat.PKCS8, s.NoEncryption())
+    return raw.decode(), {
+        "raw": raw.decode(),
+        "pem_sec1": sec1.decode(),  # openssl ecparam -genkey
+        "pem_pkcs8": pkcs8.decode(),  # vapid --gen
+        "pem_one_line": sec1.decode().replace("\n", "\\n"),  # pasted into .env
+        "der_base64": base64.b64encode(der).decode(),
+        "der_base64url": base64.urlsafe_b64encode(der).decode().rstrip("="),
+    }
+
+
+def test_vapid_private_key_is_taken_as_pem_der_or_raw() -> None:
+    raw, forms = _vapid_forms()
+    for name, value in forms.items():
+        assert Config.from_env({"VAPID_PRIVATE_KEY": value}).vapid_private_key == raw, name
+    rsa_pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    for bad in ("not a key", rsa_pem.decode(), base64.b64encode(b"x" * 31).decode()):
+        with pytest.raises(ConfigError, match="VAPID_PRIVATE_KEY") as caught:
+            Config.from_env({"VAPID_PRIVATE_KEY": bad})
+        assert bad not in str(caught.value)  # a secret is named, never echoed
+
+
+async def test_the_push_worker_starts_with_a_pem_vapid_key_and_delivers(
+    stack_factory: Any, tmp_path: Path
+) -> None:
+    _, forms = _vapid_forms()
+    honest = FakePushService(VAPID_SUBJECT)
+    honest.server = await serve(honest.app)
+    stack = await stack_factory(
+        workers=False, vapid_subject=VAPID_SUBJECT, webpush_allowed_hosts=("127.0.0.1",)
+    )
+    worker = ServiceProcess("push_worker.py", stack.config, tmp_path / "push_worker.log")
+    worker.env["VAPID_PRIVATE_KEY"] = forms["pem_pkcs8"]
+    await worker.start()
+    try:
+        push = Push(stack, None, None, honest)  # type: ignore[arg-type]
+        subscriber = honest.subscribe()
+        user = await push.user_with(
+            {"platform": "webpush", "subscription": subscriber.subscription(honest.url)}
+        )
+        record = await stack.wait_for(
+            await push.send(user["id"], await push.template()), "delivered", "failed"
+        )
+        assert record["status"] == "delivered", record["error"]
+        assert len(honest.received) == 1  # the receiver verified the VAPID signature
+    finally:
+        worker.stop()
+        await honest.server.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        (
+            {"VAPID_PRIVATE_KEY": "-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----"},
+            "VAPID_PRIVATE_KEY",
+        ),
+        ({"VAPID_SUBJECT": "ops@example.com"}, "VAPID_SUBJECT"),
+        ({"VAPID_SUBJECT": "mailto:ops@example.com"}, "VAPID_PRIVATE_KEY and VAPID_SUBJECT"),
+        ({"ONESIGNAL_APP_ID": "app"}, "ONESIGNAL_API_KEY"),
+        ({"FCM_CREDENTIALS_FILE": "/nonexistent/service-account.json"}, "FCM_CREDENTIALS_FILE"),
+        ({"FCM_CREDENTIALS_FILE": "/etc/hostname"}, "FCM_CREDENTIALS_FILE"),
+    ],
+)
+def test_the_push_worker_refuses_bad_provider_settings_in_one_line(
+    settings: dict[str, str], named: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG")}
+    env.update(INTERNAL_API_TOKEN="t" * 20, **settings)
+    result = subprocess.run(
+        [sys.executable, "push_worker.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("configuration error:") and named in lines[0], lines
+    assert "Traceback" not in result.stderr and "broken" not in result.stderr
