@@ -37,6 +37,7 @@ from common import (
     auth,
     bounces,
     db,
+    listing,
     openapi,
     resources,
     schedule,
@@ -57,9 +58,9 @@ from common.http import (
     METRICS_KEY,
     ApiError,
     base_app,
+    cursor_meta,
     json_response,
     not_found,
-    page_meta,
     paging,
     read_json,
 )
@@ -384,10 +385,13 @@ async def list_notifications(request: web.Request) -> web.Response:
     if status is not None and status not in STATUSES:
         fields.error("status", f"must be one of {', '.join(STATUSES)}")
     fields.check()
-    rows, total = await request.app[STORE_KEY].list_page(
-        user_id=user_id, status=status, page=page, limit=limit
+    after = listing.decode_cursor(request.query.get("after"), "page" in request.query)
+    rows, has_next = await request.app[STORE_KEY].list_page(
+        user_id=user_id, status=status, page=page, limit=limit, after=after
     )
-    return json_response([_view(r) for r in rows], "notifications", meta=page_meta(total, limit, page))
+    cursor = listing.encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if has_next else None
+    meta = cursor_meta(limit, None if after else page, has_next, cursor)
+    return json_response([_view(r) for r in rows], "notifications", meta=meta)
 
 
 async def retry_notification(request: web.Request) -> web.Response:

@@ -113,6 +113,20 @@ def strict_int(raw: str | None, low: int = 1, high: int = PG_INT_MAX) -> int | N
     return value if low <= value <= high else None
 
 
+def cursor_meta(limit: int, page: int | None, has_next: bool, next_cursor: str | None) -> dict[str, Any]:
+    """`meta` of a list that is not counted (a large table): `total` and `total_pages` are null,
+    `next` is the `after` cursor of the following page."""
+    return {
+        "total": None,
+        "limit": limit,
+        "page": page,
+        "total_pages": None,
+        "has_next": has_next,
+        "has_previous": bool(page and page > 1),
+        "next": next_cursor,
+    }
+
+
 def paging(request: web.Request, max_limit: int = 100) -> tuple[int, int]:
     errors: dict[str, str] = {}
     values: dict[str, int] = {}

@@ -58,10 +58,16 @@ async def send_many(
 async def wait_delivered(stack: Stack, user_id: str, expected: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        response = await stack.gateway.get(
-            f"/api/v1/notifications/?user_id={user_id}&status=delivered&limit=1", headers=stack.headers()
-        )
-        total = (await response.json())["meta"]["total"]
+        total, cursor = 0, ""
+        while cursor is not None:  # the list is not counted: follow its `after` cursors
+            response = await stack.gateway.get(
+                f"/api/v1/notifications/?user_id={user_id}&status=delivered&limit=100"
+                + (f"&after={cursor}" if cursor else ""),
+                headers=stack.headers(),
+            )
+            page = await response.json()
+            total += len(page["data"])
+            cursor = page["meta"]["next"]
         if total >= expected:
             return
         if time.monotonic() > deadline:

@@ -213,3 +213,51 @@ async def test_the_versions_list_is_paginated(stack_factory: Any) -> None:
     assert body["meta"]["total"] == 3 and body["meta"]["has_next"] is True
     status, body = await _get(stack, f"/api/v1/templates/{code}/versions?limit=2&page=2")
     assert [v["version"] for v in body["data"]] == [3] and body["meta"]["has_next"] is False
+
+
+async def test_the_notifications_list_pages_by_cursor_without_counting(stack_factory: Any) -> None:
+    stack = await stack_factory(workers=False)
+    user = await stack.create_user()
+    code = f"list-{time.time_ns()}"
+    await stack.create_template(code, subject="s", body="b")
+    sent = []
+    for _ in range(7):
+        status, body, _ = await stack.send(
+            {
+                "notification_type": "email",
+                "user_id": user["id"],
+                "template_code": code,
+                "request_id": str(uuid.uuid4()),
+                "variables": {},
+            }
+        )
+        assert status == 202
+        sent.append(body["data"]["notification_id"])
+
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        query = f"user_id={user['id']}&limit=3" + (f"&after={cursor}" if cursor else "")
+        status, body = await _get(stack, f"/api/v1/notifications/?{query}")
+        assert status == 200, body
+        assert body["meta"]["total"] is None and body["meta"]["limit"] == 3
+        seen += [n["notification_id"] for n in body["data"]]
+        pages += 1
+        cursor = body["meta"]["next"]
+        assert body["meta"]["has_next"] is (cursor is not None)
+        if cursor is None:
+            break
+    assert pages == 3 and sorted(seen) == sorted(sent) and len(seen) == 7  # each once
+    created = [
+        n["created_at"]
+        for n in (await _get(stack, f"/api/v1/notifications/?user_id={user['id']}"))[1]["data"]
+    ]
+    assert created == sorted(created, reverse=True)  # newest first
+
+    status, body = await _get(stack, f"/api/v1/notifications/?user_id={user['id']}&limit=3&page=3")
+    assert status == 200 and len(body["data"]) == 1 and body["meta"]["has_next"] is False
+    assert body["meta"]["has_previous"] is True
+    for bad in ("after=garbage", "after=eyJ4IjoxfQ", f"after={cursor or 'x'}&page=2", "page=1001"):
+        status, body = await _get(stack, f"/api/v1/notifications/?{bad}")
+        assert status == 400, (bad, body)
