@@ -58,6 +58,7 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     conformance = (
         "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
     )
+    # 200 examples per operation, then the stateful phase along the links.
     # Valid data: every answer must match the document. Invalid data (which may even turn a
     # path into another route, e.g. an empty {code}): never a 500, always a clear 4xx.
     for mode, checks in (("positive", conformance), ("negative", "not_a_server_error")):
@@ -72,7 +73,7 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
             "--checks",
             checks,
             "--max-examples",
-            "12",
+            "200",
             "--seed",
             "7",
             "--workers",
@@ -87,7 +88,10 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
             str(tmp_path / mode),
         ]
         result = await asyncio.to_thread(
-            subprocess.run, command, cwd=ROOT, capture_output=True, text=True, timeout=300
+            subprocess.run, command, cwd=ROOT, capture_output=True, text=True, timeout=900
         )
         assert result.returncode == 0, f"{mode}: " + result.stdout[:8000] + result.stderr[-2000:]
         assert re.search(r"[1-9]\d* generated", result.stdout), result.stdout[-2000:]
+        if mode == "positive":
+            # The stateful phase followed the document's links (create → read, change, render).
+            assert re.search(r"API Links: +[1-9]\d* covered", result.stdout), result.stdout[-2000:]
