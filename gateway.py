@@ -15,7 +15,6 @@ endpoints API, their relay and their delivery) are `common/webhooks.py` and
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import time
@@ -38,10 +37,10 @@ from common import (
     bounces,
     db,
     listing,
+    notifications,
     openapi,
     resources,
     schedule,
-    templating,
     unsubscribe,
     webhook_api,
     webhooks,
@@ -49,7 +48,6 @@ from common import (
 from common.auth import PRINCIPAL_KEY, require
 from common.batching import Batcher
 from common.cache import CachedLookups
-from common.channels import CHANNELS
 from common.clients import ServiceClient, ServiceUnavailable, outgoing_headers, services
 from common.config import Config, load_config
 from common.dispatcher import dispatcher
@@ -69,7 +67,7 @@ from common.outbox import Outbox, outbox
 from common.ratelimit import RateLimiter, Verdict
 from common.runner import run
 from common.store import STATUSES, NewNotification, StatusStore
-from common.validation import CODE_RE, Fields, parse_uuid
+from common.validation import Fields, parse_uuid
 from providers import mailgun, sendgrid
 
 log = logging.getLogger("gateway")
@@ -84,18 +82,12 @@ TEMPLATES_KEY = web.AppKey("template_service", ServiceClient)
 KEY_HASHES_KEY = web.AppKey("api_key_hashes", tuple)
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 LIMITER_KEY = web.AppKey("rate_limiter", RateLimiter)
-OPENAPI_KEY = web.AppKey("openapi", tuple)
 LOOKUPS_KEY = web.AppKey("lookups", CachedLookups)
 ACCEPT_BATCH_KEY = web.AppKey("accept_batch", Batcher)
 VERDICT_KEY = web.RequestKey("rate_limit_verdict", Verdict)
 
 ACCEPT_BATCH_SIZE = 64
 ACCEPT_BATCH_DELAY = 0.001
-
-NOTIFICATION_FIELDS = frozenset({
-    "notification_type", "user_id", "template_code", "variables", "request_id", "priority", "metadata",
-    "language", "send_at", "send_at_local",
-})  # fmt: skip
 
 
 # --- authentication and rate limits ---------------------------------------------------------
@@ -167,60 +159,6 @@ async def rate_limit_middleware(
 # --- accepting a notification --------------------------------------------------------------
 
 
-def _validate(body: dict[str, Any]) -> tuple[dict[str, Any], schedule.When]:
-    fields = Fields(body)
-    fields.unknown(NOTIFICATION_FIELDS)
-    channel = fields.string("notification_type", max_len=10)
-    if channel is not None and channel not in CHANNELS:
-        fields.error("notification_type", "must be email or push")
-    user_id = fields.uuid("user_id")
-    code = fields.string(
-        "template_code", max_len=100, pattern=CODE_RE, hint="must be a template code (letters, digits, _ . -)"
-    )
-    request_id = fields.string("request_id", max_len=255)
-    variables = fields.object("variables")
-    metadata = fields.object("metadata")
-    priority = fields.integer("priority", default=0, low=0, high=9)
-    language = fields.language()
-    when = schedule.when_fields(fields, datetime.now(UTC))
-    fields.check()
-    payload = {
-        "notification_type": channel,
-        "user_id": user_id,
-        "template_code": code,
-        "request_id": request_id,
-        "variables": variables,
-        "metadata": metadata,
-        "priority": priority,
-        "language": language,
-    }
-    # Only when given, so the idempotency hash of a request without them is what it was.
-    payload.update({k: body[k] for k in ("send_at", "send_at_local") if k in body})
-    return payload, when
-
-
-def _body_hash(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-def _accepted_view(row: dict[str, Any]) -> dict[str, Any]:
-    if row["status"] == "skipped":
-        status = "skipped"
-    else:  # the answer it was accepted with, whatever happened since
-        status = "scheduled" if row["send_at"] is not None else "pending"
-    return {
-        "notification_id": row["id"],
-        "request_id": row["request_id"],
-        "user_id": row["user_id"],
-        "notification_type": row["notification_type"],
-        "template_code": row["template_code"],
-        "status": status,
-        "error": row["error"] if row["status"] == "skipped" else None,
-        "send_at": row["send_at"],
-        "created_at": row["created_at"],
-    }
-
-
 async def _lookups(
     request: web.Request, payload: dict[str, Any], principal: auth.Principal
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -241,23 +179,7 @@ async def _lookups(
         request[VERDICT_KEY] = verdict
         if not verdict.allowed:
             raise _rate_limited(request, verdict)
-    if user.status == 404:
-        raise ApiError(404, "user_not_found", f"User {payload['user_id']} does not exist.")
-    if template.status == 404:
-        raise ApiError(404, "template_not_found", f"Template {payload['template_code']!r} does not exist.")
-    if user.status != 200 or template.status != 200:
-        raise ApiError(503, "service_unavailable", "User or template service refused the lookup.")
-    if template.data["notification_type"] != payload["notification_type"]:
-        raise ApiError(
-            422,
-            "template_type_mismatch",
-            f"Template {payload['template_code']!r} is a {template.data['notification_type']} "
-            f"template; it cannot send {payload['notification_type']}.",
-            data={"fields": {"template_code": "is for another notification_type"}},
-        )
-    problem = templating.missing_variables(payload["notification_type"], template.data, payload["variables"])
-    if problem is not None:
-        raise ApiError(422, problem.code, problem.message, data={"fields": problem.fields})
+    notifications.check_lookups(payload, user, template)
     return user.data, template.data
 
 
@@ -274,7 +196,7 @@ async def _replay(
             f"request_id {payload['request_id']!r} was already used with a different body.",
         )
     return json_response(
-        _accepted_view(existing),
+        notifications.accepted_view(existing),
         "notification already accepted (idempotent replay)",
         status=202,
         headers={"Idempotent-Replayed": "true"},
@@ -283,8 +205,8 @@ async def _replay(
 
 async def create_notification(request: web.Request) -> web.Response:
     principal = require(request, "client")
-    payload, when = _validate(await read_json(request))
-    body_hash = _body_hash(payload)
+    payload, when = notifications.parse(await read_json(request))
+    body_hash = notifications.body_hash(payload)
     store = request.app[STORE_KEY]
     try:
         user, template = await _lookups(request, payload, principal)
@@ -334,16 +256,20 @@ async def create_notification(request: web.Request) -> web.Response:
         if not opted_in:
             metrics.skipped.labels(channel).inc()
             log.info("notification skipped: user opted out of %s", channel)
-            return json_response(_accepted_view(row), "notification skipped: user opted out", status=202)
+            return json_response(
+                notifications.accepted_view(row),
+                "notification skipped: user opted out",
+                status=202,
+            )
         if status == "scheduled":
             metrics.accepted.labels(channel).inc()
             log.info("notification scheduled: %s", later.reason)
-            return json_response(_accepted_view(row), "notification scheduled", status=202)
+            return json_response(notifications.accepted_view(row), "notification scheduled", status=202)
         # Committed: the outbox publishes it off this request's path, the relay if that fails.
         request.app[OUTBOX_KEY].submit(row)
         metrics.accepted.labels(channel).inc()
         log.info("notification accepted")
-        return json_response(_accepted_view(row), "notification accepted", status=202)
+        return json_response(notifications.accepted_view(row), "notification accepted", status=202)
 
 
 # --- reading and retrying ------------------------------------------------------------------
@@ -356,14 +282,6 @@ def _notification_id(request: web.Request) -> uuid.UUID:
     return notification_id
 
 
-def _view(row: dict[str, Any]) -> dict[str, Any]:
-    view = dict(row)
-    view["notification_id"] = view.pop("id")
-    view.pop("publish_pending", None)
-    view.pop("body_hash", None)
-    return view
-
-
 async def get_notification(request: web.Request) -> web.Response:
     require(request, "client", "internal")
     store = request.app[STORE_KEY]
@@ -371,7 +289,7 @@ async def get_notification(request: web.Request) -> web.Response:
     row = await store.get(notification_id)
     if row is None:
         raise not_found("Notification")
-    view = _view(row)
+    view = notifications.view(row)
     view["history"] = await store.history(notification_id)
     return json_response(view, "notification")
 
@@ -391,7 +309,7 @@ async def list_notifications(request: web.Request) -> web.Response:
     )
     cursor = listing.encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if has_next else None
     meta = cursor_meta(limit, None if after else page, has_next, cursor)
-    return json_response([_view(r) for r in rows], "notifications", meta=meta)
+    return json_response([notifications.view(r) for r in rows], "notifications", meta=meta)
 
 
 async def retry_notification(request: web.Request) -> web.Response:
@@ -401,7 +319,7 @@ async def retry_notification(request: web.Request) -> web.Response:
     row = await store.requeue_failed(notification_id)
     if row is not None:
         request.app[OUTBOX_KEY].submit(row)
-        return json_response(_view(row), "notification requeued", status=202)
+        return json_response(notifications.view(row), "notification requeued", status=202)
     current = await store.get(notification_id)
     if current is None:
         raise not_found("Notification")
@@ -410,7 +328,9 @@ async def retry_notification(request: web.Request) -> web.Response:
             409, "not_retryable", f"Notification is {current['status']}; only failed ones can be retried."
         )
     # Already requeued (or still in progress): retrying again changes nothing.
-    return json_response(_view(current), f"notification is already {current['status']}", status=202)
+    return json_response(
+        notifications.view(current), f"notification is already {current['status']}", status=202
+    )
 
 
 async def cancel_notification(request: web.Request) -> web.Response:
@@ -421,12 +341,12 @@ async def cancel_notification(request: web.Request) -> web.Response:
     if row is not None:
         request.app[METRICS_KEY].cancelled.labels(row["notification_type"]).inc()
         log.info("notification %s cancelled", notification_id)
-        return json_response(_view(row), "notification cancelled")
+        return json_response(notifications.view(row), "notification cancelled")
     current = await store.get(notification_id)
     if current is None:
         raise not_found("Notification")
     if current["status"] == "cancelled":
-        return json_response(_view(current), "notification already cancelled")
+        return json_response(notifications.view(current), "notification already cancelled")
     raise ApiError(409, "not_cancellable", schedule.not_cancellable(current["status"]))
 
 
@@ -434,23 +354,13 @@ async def report_status(request: web.Request) -> web.Response:
     """Status reports from workers or external senders: internal token only."""
     require(request, "internal")
     channel = request.match_info["channel"]
-    body = await read_json(request)
-    fields = Fields(body)
-    fields.unknown({"notification_id", "status", "timestamp", "error", "provider"})
-    notification_id = fields.uuid("notification_id")
-    status = fields.string("status", max_len=20)
-    if status is not None and status not in STATUSES:
-        fields.error("status", f"must be one of {', '.join(STATUSES)}")
-    error = fields.string("error", required=False, max_len=2000)
-    provider = fields.string("provider", required=False, max_len=50)
-    fields.check()
-    assert notification_id is not None and status is not None
+    notification_id, status, error, provider = notifications.parse_status_report(await read_json(request))
     store = request.app[STORE_KEY]
     row = await store.get(notification_id)
     if row is None or row["notification_type"] != channel:
         raise not_found("Notification")
     await store.record(notification_id, status, error=error, provider=provider)
-    return json_response(_view(await store.get(notification_id) or row), "status recorded")
+    return json_response(notifications.view(await store.get(notification_id) or row), "status recorded")
 
 
 # --- email: bounce webhooks and one-click unsubscribe ------------------------------------------
@@ -605,18 +515,8 @@ async def accept_batch_ctx(app: web.Application) -> AsyncIterator[None]:
         await batcher.close()
 
 
-async def openapi_json(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[OPENAPI_KEY][0], content_type="application/json")
-
-
-async def openapi_page(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[OPENAPI_KEY][1], content_type="text/html")
-
-
 def create_app(config: Config) -> web.Application:
     app = base_app("gateway", config)
-    spec = openapi.load_spec()
-    app[OPENAPI_KEY] = (orjson.dumps(spec), openapi.render_html(spec))
     app.middlewares.append(auth.middleware(_resolve, _PUBLIC_PREFIXES))
     app.middlewares.append(rate_limit_middleware)
     app.cleanup_ctx.append(
@@ -632,12 +532,11 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(dispatcher(STORE_KEY, OUTBOX_KEY, LOOKUPS_KEY))
     app.cleanup_ctx.append(webhooks.webhooks(DB_KEY, BROKER_KEY))
     webhook_api.add_routes(app)
+    openapi.add_routes(app)
     r = app.router
     for path in ("/api/v1/notifications", "/api/v1/notifications/"):
         r.add_post(path, create_notification)
         r.add_get(path, list_notifications)
-    r.add_get("/openapi.json", openapi_json)
-    r.add_get("/docs", openapi_page)
     r.add_get("/api/v1/notifications/{notification_id}", get_notification)
     r.add_post("/api/v1/notifications/{notification_id}/retry", retry_notification)
     r.add_post("/api/v1/notifications/{notification_id}/cancel", cancel_notification)

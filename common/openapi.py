@@ -6,7 +6,9 @@ import html
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
+from aiohttp import web
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
 METHODS = ("get", "post", "put", "patch", "delete")
@@ -72,3 +74,18 @@ def render_html(spec: dict[str, Any]) -> str:
             parts.append(f"<div>Responses: {e(statuses)}</div></div>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def add_routes(app: web.Application) -> None:
+    """`/openapi.json` and `/docs`, rendered once at start."""
+    spec = load_spec()
+    body, page = orjson.dumps(spec), render_html(spec)
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    async def openapi_page(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_get("/docs", openapi_page)
