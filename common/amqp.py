@@ -3,24 +3,33 @@
 The topology itself (which queues, with which arguments) is `topology/`'s business: a service
 passes its `declare` function to `broker()`, and the broker keeps the arguments it declared so a
 consumer can declare its queue again, identically, after a reconnect.
+
+RABBITMQ_URL may name several nodes of a cluster: the connection goes to the first that answers
+and, when it is lost, moves on to the next (`ClusterConnection`), its channels, consumers and
+publisher confirms restored there as after any reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
-from aio_pika.exceptions import PublishError
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, PublishError
+from aio_pika.robust_connection import RobustConnection
 from aiohttp import web
+from yarl import URL
 
 from common.config import Config
 from common.http import CONFIG_KEY, HEALTH_KEY, Check
+
+log = logging.getLogger(__name__)
 
 EXCHANGE = "notifications.direct"
 FAILED_QUEUE = "failed.queue"
@@ -48,8 +57,76 @@ def retry_queue(channel: str, attempt: int) -> str:
     return f"{channel}.retry.{attempt}"
 
 
-async def connect(url: str) -> AbstractRobustConnection:
-    return await aio_pika.connect_robust(url, client_properties={"connection_name": "notify"})
+# RobustConnection's reconnect loop makes every attempt through this (name-mangled) method;
+# ClusterConnection overrides it to pick the next node first. aio-pika is pinned; if an upgrade
+# renames it, importing this module fails here rather than reconnecting to a lost node forever.
+_CONNECT_ATTEMPT = "_RobustConnection__connect_transport"
+assert hasattr(RobustConnection, _CONNECT_ATTEMPT), "aio-pika changed its reconnect loop"
+# Seconds between reconnect attempts when there are several nodes to try: each failed attempt
+# moves to the next node, so a short pause finds a surviving one quickly.
+CLUSTER_RECONNECT_INTERVAL = 1.0
+
+
+class ClusterConnection(RobustConnection):
+    """A robust connection to one node of a cluster at a time. The first attempt goes to the URL
+    it was made with; every later one (a reconnect after a loss, a retry after a failed attempt)
+    to the next URL in the list, round and round, so a lost node is left for a surviving one.
+    Everything else, restoring channels, consumers and confirms, is RobustConnection's."""
+
+    def __init__(self, url: URL, *, urls: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.urls = [URL(u) for u in urls]
+        self._attempts = 0
+
+    @property
+    def node(self) -> str:
+        """host:port of the node this connection uses (or is trying)."""
+        return f"{self.url.host}:{self.url.port}"
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        if self._attempts and len(self.urls) > 1:
+            at = next((i for i, u in enumerate(self.urls) if u == self.url), -1)
+            self.url = self.urls[(at + 1) % len(self.urls)]
+        self._attempts += 1
+        await getattr(super(), _CONNECT_ATTEMPT)()
+        if self._attempts > 1:
+            log.warning("RabbitMQ: connected to %s", self.node)
+
+
+async def connect(url: str | Sequence[str]) -> ClusterConnection:
+    """A robust connection to the first node that answers; `url` is RABBITMQ_URL (one URL, or
+    several separated by commas) or a list of URLs. Raises the last error when none answers."""
+    urls = [u.strip() for u in url.split(",") if u.strip()] if isinstance(url, str) else list(url)
+    extra: dict[str, Any] = {"reconnect_interval": CLUSTER_RECONNECT_INTERVAL} if len(urls) > 1 else {}
+    last: BaseException | None = None
+    for i, first in enumerate(urls):
+        # Each node in turn; the connection keeps the whole list for its reconnects, starting
+        # after the node that answered.
+        order = urls[i:] + urls[:i]
+        try:
+            connection = await aio_pika.connect_robust(
+                first,
+                client_properties={"connection_name": "notify"},
+                connection_class=_cluster_class(order),
+                **extra,
+            )
+            assert isinstance(connection, ClusterConnection)
+            return connection
+        except CONNECTION_EXCEPTIONS as exc:
+            last = exc
+            if len(urls) > 1:
+                log.warning("RabbitMQ at %s did not answer: %s", URL(first).with_password(None), exc)
+    assert last is not None, "RABBITMQ_URL names no broker"
+    raise last
+
+
+def _cluster_class(urls: Sequence[str]) -> type[ClusterConnection]:
+    # connect_robust builds the connection itself, from a class: this one carries the list.
+    class Bound(ClusterConnection):
+        def __init__(self, url: URL, **kwargs: Any) -> None:
+            super().__init__(url, urls=urls, **kwargs)
+
+    return Bound
 
 
 async def open_channel(connection: AbstractRobustConnection, prefetch: int | None = None) -> AbstractChannel:
@@ -124,7 +201,7 @@ def broker(
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG_KEY]
-        connection = await connect(config.rabbitmq_url)
+        connection = await connect(config.rabbitmq_urls)
         try:
             channel = await open_channel(connection, prefetch)
             queues = await declare(channel, config)

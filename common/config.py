@@ -110,6 +110,11 @@ class Config:
     console_secret: str = ""
 
     @property
+    def rabbitmq_urls(self) -> tuple[str, ...]:
+        """RABBITMQ_URL as a list: one URL, or one per node of a cluster (comma-separated)."""
+        return _csv(self.rabbitmq_url)
+
+    @property
     def max_attempts(self) -> int:
         return len(self.retry_delays) + 1
 
@@ -219,6 +224,17 @@ def _url(*schemes: str) -> Callable[[str], str]:
     return parse
 
 
+def _amqp_urls(raw: str) -> str:
+    """One AMQP URL, or several separated by commas (the nodes of a cluster); kept as given."""
+    urls = _csv(raw)
+    if not urls:
+        raise ValueError("must be an amqp or amqps URL with a host, or several separated by commas")
+    check = _url("amqp", "amqps")
+    for url in urls:
+        check(url)
+    return ",".join(urls)
+
+
 def _ec_public_key(raw: str) -> str:
     """SendGrid's verification key: base64 DER (as its dashboard shows it) or PEM."""
     from cryptography.exceptions import UnsupportedAlgorithm
@@ -278,7 +294,7 @@ def _log_level(raw: str) -> str:
 
 _http = _url("http", "https")
 _PARSERS: dict[str, Callable[[str], Any]] = {
-    "rabbitmq_url": _url("amqp", "amqps"),
+    "rabbitmq_url": _amqp_urls,
     "redis_url": _url("redis", "rediss"),
     "users_db_url": _url("postgresql", "postgres"),
     "templates_db_url": _url("postgresql", "postgres"),

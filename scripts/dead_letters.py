@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-import aio_pika
-
-from common.amqp import FAILED_QUEUE
+from common.amqp import FAILED_QUEUE, connect
 from common.config import load_config
 
 
 async def run(url: str, drain: bool, limit: int) -> int:
-    connection = await aio_pika.connect(url)
+    connection = await connect(url)
     count = 0
     try:
         channel = await connection.channel()

@@ -76,13 +76,15 @@ class Dependency:
 def dependencies(config: Config) -> list[Dependency]:
     """Each TCP address the services need, with the settings that name it. URLs without a host
     (a Unix socket) are left to the driver: there is no port to try."""
-    rabbitmq_port = 5671 if urlsplit(config.rabbitmq_url).scheme == "amqps" else 5672
+    # A cluster's list: the first node is tried; the services themselves move on to another.
+    rabbitmq_url = config.rabbitmq_urls[0]
+    rabbitmq_port = 5671 if urlsplit(rabbitmq_url).scheme == "amqps" else 5672
     candidates = [
         ("PostgreSQL", "USERS_DB_URL", config.users_db_url, 5432),
         ("PostgreSQL", "TEMPLATES_DB_URL", config.templates_db_url, 5432),
         ("PostgreSQL", "NOTIFICATIONS_DB_URL", config.notifications_db_url, 5432),
         ("Redis", "REDIS_URL", config.redis_url, 6379),
-        ("RabbitMQ", "RABBITMQ_URL", config.rabbitmq_url, rabbitmq_port),
+        ("RabbitMQ", "RABBITMQ_URL", rabbitmq_url, rabbitmq_port),
     ]
     found: dict[tuple[str, str, int], list[str]] = {}
     for name, setting, url, default_port in candidates:
