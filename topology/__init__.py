@@ -12,6 +12,10 @@ runs out RabbitMQ dead-letters it back to the work queue. Permanent failures and
 retries are published to failed.queue with the reason in the headers. Client webhook deliveries
 (`common/webhooks.py`) follow the same pattern on queues of their own, dead-lettered to
 webhooks.failed.
+
+QUEUE_TYPE=quorum (a cluster) makes every queue, work, retry and failed (the webhooks' too), a
+quorum queue: replicated to the cluster's nodes, so a lost node loses none of them. What changes
+with it is written down in docs/scaling.md ("Quorum queues").
 """
 
 from __future__ import annotations
@@ -36,6 +40,18 @@ from common.amqp import (
 from common.channels import CHANNELS
 from common.config import Config
 
+# How many times a quorum queue hands out one message before it dead-letters it (to failed.queue;
+# the reconciler republishes its notification later, from the store). A message goes back to
+# the queue only when a worker stops or loses its connection with it in hand (workers hold a
+# message through a store outage rather than requeue it): ten such returns for one message is a
+# message that keeps killing workers, not bad luck. RabbitMQ 3.x has no limit unless one is set.
+QUORUM_DELIVERY_LIMIT = 10
+
+# Quorum dead-lettering is at-most-once by default: a message expiring from a retry queue while
+# a node fails could vanish between the queues. At-least-once keeps it until the target queue
+# confirms it; RabbitMQ requires reject-publish overflow for it (drop-head would discard).
+AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+
 
 @dataclass(frozen=True)
 class QueueSpec:
@@ -51,23 +67,25 @@ def _work_queues(config: Config, channel: str, dead_letter: str, priority: bool)
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": dead_letter,
     }
-    if config.queue_type == "quorum":
-        work_args["x-queue-type"] = "quorum"
+    quorum = config.queue_type == "quorum"
+    if quorum:
+        work_args.update(
+            {"x-queue-type": "quorum", "x-delivery-limit": QUORUM_DELIVERY_LIMIT, **AT_LEAST_ONCE}
+        )
     elif priority:
         # Quorum queues (RabbitMQ 3.x) have no priorities; classic ones do.
         work_args["x-max-priority"] = MAX_PRIORITY
     specs = [QueueSpec(work_queue(channel), work_args, (channel,))]
     for attempt, delay in enumerate(config.retry_delays, start=1):
-        specs.append(
-            QueueSpec(
-                retry_queue(channel, attempt),
-                {
-                    "x-message-ttl": int(delay * 1000),
-                    "x-dead-letter-exchange": EXCHANGE,
-                    "x-dead-letter-routing-key": channel,
-                },
-            )
-        )
+        retry_args: dict[str, Any] = {
+            "x-message-ttl": int(delay * 1000),
+            "x-dead-letter-exchange": EXCHANGE,
+            "x-dead-letter-routing-key": channel,
+        }
+        if quorum:
+            # The way back to the work queue is this queue's dead-lettering: it must not drop.
+            retry_args.update({"x-queue-type": "quorum", **AT_LEAST_ONCE})
+        specs.append(QueueSpec(retry_queue(channel, attempt), retry_args))
     return specs
 
 
