@@ -75,7 +75,9 @@ class ClusterConnection(RobustConnection):
 
     def __init__(self, url: URL, *, urls: Sequence[str], **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
-        self.urls = [URL(u) for u in urls]
+        # The first URL's options (its query: heartbeat, reconnect_interval, …) apply to all.
+        self.urls = [URL(u).with_query(self.url.query) for u in urls]
+        self._index = 0  # `url` is urls[0]
         self._attempts = 0
 
     @property
@@ -85,8 +87,8 @@ class ClusterConnection(RobustConnection):
 
     async def _RobustConnection__connect_transport(self) -> None:
         if self._attempts and len(self.urls) > 1:
-            at = next((i for i, u in enumerate(self.urls) if u == self.url), -1)
-            self.url = self.urls[(at + 1) % len(self.urls)]
+            self._index = (self._index + 1) % len(self.urls)
+            self.url = self.urls[self._index]
         self._attempts += 1
         await getattr(super(), _CONNECT_ATTEMPT)()
         if self._attempts > 1:

@@ -18,6 +18,7 @@ listens beyond the AMQP and distribution ports on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -39,10 +40,15 @@ BOOT_TIMEOUT = 90.0
 class Node:
     index: int
     amqp_port: int
+    prefix: str = "notify"
+
+    @property
+    def short(self) -> str:
+        return f"{self.prefix}{self.index}"
 
     @property
     def name(self) -> str:
-        return f"notify{self.index}@localhost"
+        return f"{self.short}@localhost"
 
     @property
     def dist_port(self) -> int:
@@ -59,10 +65,14 @@ def installed() -> bool:
 
 
 class Cluster:
-    def __init__(self, base: Path | None = None, first_port: int | None = None, size: int = 3) -> None:
+    def __init__(
+        self, base: Path | None = None, first_port: int | None = None, size: int = 3, prefix: str = "notify"
+    ) -> None:
+        """`prefix` names the nodes (`<prefix>1@localhost` …): two clusters on one machine (a test
+        run beside a developer's) need names, ports and directories of their own."""
         self.base = base or Path(os.environ.get("NOTIFY_RABBIT_CLUSTER_DIR", "/tmp/notify-rabbit-cluster"))
         port = first_port or int(os.environ.get("NOTIFY_RABBIT_CLUSTER_PORT", "5701"))
-        self.nodes = [Node(i, port + i - 1) for i in range(1, size + 1)]
+        self.nodes = [Node(i, port + i - 1, prefix) for i in range(1, size + 1)]
 
     # -- the environment every rabbitmq script of this cluster runs in ---------------------------
 
@@ -71,7 +81,7 @@ class Cluster:
 
     def node(self, name_or_port: str | int) -> Node:
         for node in self.nodes:
-            if name_or_port in (node.name, node.amqp_port, str(node.index), f"notify{node.index}"):
+            if name_or_port in (node.name, node.amqp_port, str(node.index), node.short):
                 return node
         raise KeyError(f"no node {name_or_port!r} in this cluster")
 
@@ -84,7 +94,7 @@ class Cluster:
                 "HOME": str(base / "home"),
                 # The machine's rabbitmq-env.conf sets NODENAME=rabbit@localhost: not read here.
                 "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
-                "RABBITMQ_CONFIG_FILE": str(base / f"{node.name.split('@')[0]}.conf"),
+                "RABBITMQ_CONFIG_FILE": str(base / f"{node.short}.conf"),
                 "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
                 "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
                 "RABBITMQ_NODENAME": node.name,
@@ -102,7 +112,7 @@ class Cluster:
         return env
 
     def _pid_file(self, node: Node) -> Path:
-        return self.base / f"{node.name.split('@')[0]}.pid"
+        return self.base / f"{node.short}.pid"
 
     def _prepare(self) -> None:
         home = self.base / "home"
@@ -116,7 +126,7 @@ class Cluster:
         (self.base / "enabled_plugins").write_text("[].\n")
         (self.base / "advanced.config").write_text("[].\n")
         for node in self.nodes:
-            (self.base / f"{node.name.split('@')[0]}.conf").write_text(
+            (self.base / f"{node.short}.conf").write_text(
                 "\n".join(
                     [
                         f"listeners.tcp.1 = 127.0.0.1:{node.amqp_port}",
@@ -231,10 +241,11 @@ class Cluster:
 
     def members(self, node: Node) -> list[str]:
         """The running members of the cluster as `node` sees it."""
-        out = self.ctl(
-            node, "-q", "eval", "[atom_to_list(N) || N <- rabbit_nodes:all_running()].", check=False
-        )
-        return [name.strip(" \"'") for name in out.strip().strip("[]").split(",") if name.strip()]
+        out = self.ctl(node, "-q", "cluster_status", "--formatter", "json", check=False)
+        try:
+            return sorted(json.loads(out).get("running_nodes", []))
+        except ValueError:
+            return []
 
     def down(self, remove: bool = True) -> None:
         """Stop every node (cleanly, then by signal), and remove the scratch directory."""

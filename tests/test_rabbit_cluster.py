@@ -1,0 +1,132 @@
+"""Scale out, shown: a three-node RabbitMQ cluster (the installed rabbitmq-server, started by
+scripts/rabbit_cluster.py with names, ports and a directory of the suite's own), QUEUE_TYPE=quorum
+and the three URLs; the node the gateway and the worker are connected to is stopped while 300
+notifications flow, and every one of them is delivered, none lost, duplicates bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.http import METRICS_KEY
+from common.metrics import Metrics
+from common.worker import BROKER_KEY as WORKER_BROKER
+from gateway import BROKER_KEY as GATEWAY_BROKER
+from scripts.rabbit_cluster import Cluster, installed
+from tests.conftest import PREFIX
+from tests.test_faults import received_at_least, send_many, wait_delivered
+
+PREFETCH = 16
+COUNT = 300
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_ports() -> int:
+    """A first AMQP port whose three AMQP and three distribution ports (+20000) are all free."""
+    for first in range(5711, 5900, 3):
+        if all(_free(p) and _free(p + 20000) for p in range(first, first + 3)):
+            return first
+    raise RuntimeError("no free block of ports for the test cluster")
+
+
+@pytest.fixture(scope="module")
+def rabbit_cluster() -> Iterator[Cluster]:
+    if not installed():
+        pytest.skip("rabbitmq-server is not installed: the three-node cluster test needs it")
+    base = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-rabbit-cluster-"))
+    cluster = Cluster(base, _free_ports(), prefix=f"{PREFIX}_node")
+    try:
+        cluster.up()
+        yield cluster
+    finally:
+        # Stopped and removed whatever happened, a failed start included.
+        cluster.down(remove=True)
+
+
+def _metric(metrics: Metrics, name: str) -> float:
+    return sum(
+        sample.value
+        for sample in getattr(metrics, name).collect()[0].samples
+        if sample.name.endswith("_total")
+    )
+
+
+async def test_a_node_lost_mid_flow_loses_nothing(stack_factory: Any, rabbit_cluster: Cluster) -> None:
+    cluster = rabbit_cluster
+    stack = await stack_factory(
+        rabbitmq_url=",".join(cluster.urls()), queue_type="quorum", worker_prefetch=PREFETCH
+    )
+    gateway_broker = stack.apps["gateway"][GATEWAY_BROKER]
+    worker_broker = stack.apps["email_worker"][WORKER_BROKER]
+    first = cluster.nodes[0]
+    # Both on the first node of the list: the one this test takes away.
+    assert gateway_broker.connection.url.port == worker_broker.connection.url.port == first.amqp_port
+
+    stack.smtp.delay = 0.03  # keeps messages in the worker's hands when the node goes
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+
+    async def paced() -> list[str]:
+        # Spread over several seconds, so requests are still arriving when the node goes.
+        ids: list[str] = []
+        for _ in range(COUNT // 20):
+            ids += await send_many(stack, user["id"], code, 20, concurrency=4)
+            await asyncio.sleep(0.4)
+        return ids
+
+    sending = asyncio.create_task(paced())
+    try:
+        await received_at_least(stack, 30)
+        started = time.monotonic()
+        await asyncio.to_thread(cluster.stop_node, first)
+        # Gone mid-flow: requests were still coming in and messages still waiting.
+        delivered_then = len(stack.smtp.notification_ids())
+        assert not sending.done() and delivered_then < COUNT, "the flow ended before the node was gone"
+        print(
+            f"stopped {first.name} after {delivered_then} deliveries, in {time.monotonic() - started:.1f} s"
+        )
+        ids = await sending
+        await wait_delivered(stack, user["id"], COUNT, timeout=120)
+        print(f"all {COUNT} delivered {time.monotonic() - started:.1f} s after the node stopped")
+    finally:
+        if not sending.done():
+            sending.cancel()
+            with contextlib.suppress(BaseException):
+                await sending
+
+    # Both moved to a surviving node.
+    assert gateway_broker.ready and worker_broker.ready
+    assert gateway_broker.connection.url.port != first.amqp_port
+    assert worker_broker.connection.url.port != first.amqp_port
+    await asyncio.sleep(1)  # time for a duplicate to show up, were there one
+    received = stack.smtp.notification_ids(user["email"])
+    assert len(set(ids)) == COUNT
+    assert set(received) == set(ids), "a notification was lost"
+    duplicates = len(received) - len(set(received))
+    worker_metrics = stack.apps["email_worker"][METRICS_KEY]
+    reclaimed = _metric(worker_metrics, "reclaimed")
+    print(
+        f"duplicates sent: {duplicates}; redelivered copies skipped: {_metric(worker_metrics, 'duplicates')}"
+    )
+    assert duplicates <= reclaimed <= PREFETCH
+
+    # The cluster is restored: the node comes back and rejoins.
+    await asyncio.to_thread(cluster.start_node, first)
+    members = await asyncio.to_thread(cluster.members, cluster.nodes[1])
+    assert sorted(members) == sorted(node.name for node in cluster.nodes)
