@@ -106,6 +106,8 @@ class Cluster:
                 "RABBITMQ_PID_FILE": str(self._pid_file(node)),
                 "RABBITMQ_PLUGINS_EXPAND_DIR": str(base / "plugins-expand" / node.name),
                 "ERL_EPMD_ADDRESS": "127.0.0.1",
+                # A crash dump (the CLI's too) goes with the logs, not into the caller's folder.
+                "ERL_CRASH_DUMP": str(base / "log" / f"erl_crash.{node.short}.dump"),
                 "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             }
         )
@@ -158,6 +160,8 @@ class Cluster:
     # -- one node -----------------------------------------------------------------------------
 
     def running(self, node: Node) -> bool:
+        if not (self.base / "home" / ".erlang.cookie").exists():
+            return False  # never started (or removed): no cookie to ask with
         try:
             out = subprocess.run(
                 [CTL, "-n", node.name, "-q", "eval", "rabbit:is_running()."],
@@ -249,6 +253,8 @@ class Cluster:
 
     def down(self, remove: bool = True) -> None:
         """Stop every node (cleanly, then by signal), and remove the scratch directory."""
+        if not self.base.exists():
+            return
         pids = self._pid()
         with ThreadPoolExecutor(len(self.nodes)) as pool:
             list(pool.map(lambda n: self.ctl(n, "stop", timeout=60, check=False), self.nodes))
