@@ -302,7 +302,7 @@ class BenchEnv:
 
     async def truncate_notifications(self) -> None:
         database = await self.notifications_db()
-        await database.execute("TRUNCATE notifications CASCADE")
+        await database.execute("TRUNCATE notifications, notification_events, notification_keys")
 
 
 async def api(

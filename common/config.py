@@ -80,6 +80,8 @@ class Config:
     # Seconds between the dispatcher's looks for scheduled notifications that are due: how
     # close to its send_at one is released.
     dispatch_interval: float = 0.5
+    # Days notifications and their history are kept; older ones go by whole monthly partitions.
+    retention_days: int = 90
     # Bound on every PostgreSQL call (connect, query, waiting for a pooled connection).
     db_timeout: float = 5.0
     rate_limit: int = 1000
@@ -323,6 +325,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "reconcile_after": _positive_float,
     "dispatch_interval": _positive_float,
     "db_timeout": _positive_float,
+    "retention_days": _positive_int,
     "rate_limit": _non_negative_int,
     "rate_limit_window": _positive_float,
     "login_rate_limit": _non_negative_int,

@@ -15,7 +15,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from common import db
+from common import background, db, retention
 from common.config import Config
 from common.http import CONFIG_KEY, HEALTH_KEY, Check
 from common.renderer import RenderPool
@@ -75,7 +75,15 @@ def status_store(db_key: web.AppKey[db.Database], key: web.AppKey[StatusStore]) 
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         app[key] = StatusStore(app[db_key])
-        yield
+        # Its upkeep (partitions ahead, retention), by whichever holder gets to it first.
+        stopping = asyncio.Event()
+        task = asyncio.create_task(
+            retention.run(app[db_key], app[CONFIG_KEY].retention_days, stopping), name="store-upkeep"
+        )
+        try:
+            yield
+        finally:
+            await background.stop(task, stopping.set)
 
     return ctx
 

@@ -65,6 +65,14 @@ _NEW_COLUMNS = (
     "template_version, variables, metadata, priority, status, error, correlation_id, publish_pending, "
     "send_at"
 )
+# Idempotency: the key goes in first, in the same statement; only a new key gets a notification.
+# Keys live in notification_keys, not in the (partitioned) notifications table, whose unique
+# constraints would have to include the partition key: migrations/notifications_db/005.
+_NEW_KEYS = """
+        INSERT INTO notification_keys (client_id, request_id, notification_id, created_at)
+        SELECT client_id, request_id, id, now() FROM {source}
+        ON CONFLICT (client_id, request_id) DO NOTHING
+        RETURNING notification_id, created_at"""
 _CREATE_MANY = f"""
     WITH r AS (
         SELECT * FROM jsonb_to_recordset(%s::jsonb) AS r(
@@ -72,10 +80,10 @@ _CREATE_MANY = f"""
             notification_type text, template_code text, language text, template_version integer,
             variables jsonb, metadata jsonb, priority smallint, status text, error text,
             correlation_id text, publish_pending boolean, send_at timestamptz, detail text)
+    ), k AS ({_NEW_KEYS.format(source="r")}
     ), n AS (
-        INSERT INTO notifications ({_NEW_COLUMNS})
-        SELECT {_NEW_COLUMNS} FROM r
-        ON CONFLICT (client_id, request_id) DO NOTHING
+        INSERT INTO notifications ({_NEW_COLUMNS}, created_at)
+        SELECT {_NEW_COLUMNS}, k.created_at FROM r JOIN k ON k.notification_id = r.id
         RETURNING {_PUBLIC_COLUMNS}, client_id,
             CASE WHEN status IN ({_WEBHOOK_STATUS_LIST}) THEN 'notification.' || status END AS event_type
     ), e AS (
@@ -119,16 +127,21 @@ class StatusStore:
         values["publish_pending"] = n.status == "pending"
         return await self.db.fetchrow(
             f"""
-            WITH n AS (
+            WITH v AS (
+                SELECT %(id)s::uuid AS id, %(client_id)s::text AS client_id,
+                    %(request_id)s::text AS request_id
+            ), k AS ({_NEW_KEYS.format(source="v")}
+            ), n AS (
                 INSERT INTO notifications (id, client_id, request_id, body_hash, user_id,
                     notification_type, template_code, language, template_version, variables,
-                    metadata, priority, status, error, correlation_id, publish_pending, send_at)
-                VALUES (%(id)s, %(client_id)s, %(request_id)s, %(body_hash)s, %(user_id)s,
+                    metadata, priority, status, error, correlation_id, publish_pending, send_at,
+                    created_at)
+                SELECT %(id)s, %(client_id)s, %(request_id)s, %(body_hash)s, %(user_id)s,
                     %(notification_type)s, %(template_code)s, %(language)s, %(template_version)s,
                     %(variables)s,
                     %(metadata)s, %(priority)s, %(status)s, %(error)s, %(correlation_id)s,
-                    %(publish_pending)s, %(send_at)s)
-                ON CONFLICT (client_id, request_id) DO NOTHING
+                    %(publish_pending)s, %(send_at)s, k.created_at
+                FROM k
                 RETURNING {_PUBLIC_COLUMNS}, client_id,
                     CASE WHEN status IN ({_WEBHOOK_STATUS_LIST}) THEN 'notification.' || status END
                         AS event_type
@@ -166,9 +179,11 @@ class StatusStore:
         return [by_id.get(n.id) for n in batch]
 
     async def by_request(self, client_id: str, request_id: str) -> Row | None:
+        # By the key's (id, created_at): one partition is read, found at run time.
         return await self.db.fetchrow(
             f"SELECT {_PUBLIC_COLUMNS}, body_hash FROM notifications"
-            " WHERE client_id = %s AND request_id = %s",
+            " WHERE (id, created_at) = (SELECT notification_id, created_at FROM notification_keys"
+            " WHERE client_id = %s AND request_id = %s)",
             client_id,
             request_id,
         )

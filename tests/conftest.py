@@ -172,7 +172,9 @@ async def stack_factory(base_config: Config, amqp_channel: Any, smtp_sink: SmtpS
     # test's client webhook endpoint be sent this test's events.
     database = await db.connect(base_config.notifications_db_url, maxsize=1)
     try:
-        await database.execute("TRUNCATE notifications, webhook_endpoints CASCADE")
+        await database.execute(
+            "TRUNCATE notifications, notification_events, notification_keys, webhook_endpoints CASCADE"
+        )
     finally:
         await database.close()
 

@@ -1,0 +1,142 @@
+"""A status store that does not grow forever: notifications older than RETENTION_DAYS go by whole
+monthly partitions, newer ones stay, and the notification endpoints answer throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from common import db, retention
+from tests.conftest import Stack
+from tests.test_faults import send_many, wait_delivered
+
+
+async def _backdate(database: db.Database, ids: list[str], days: int) -> None:
+    """Move notifications (with their keys and history) `days` into the past, partitions and all."""
+    past = datetime.now(UTC) - timedelta(days=days + 1)
+    for parent in retention.PARENTS:
+        await database.fetchval("SELECT notify_ensure_partitions(%s, %s, now())", parent, past)
+    shift = f"created_at - interval '{days} days'"
+    for table, column in (
+        ("notifications", "id"),
+        ("notification_keys", "notification_id"),
+        ("notification_events", "notification_id"),
+    ):
+        await database.execute(
+            f"UPDATE {table} SET created_at = {shift} WHERE {column} = ANY(%s::uuid[])", ids
+        )
+
+
+async def _partition_of(database: db.Database, parent: str, notification_id: str) -> str | None:
+    return await database.fetchval(
+        f"SELECT tableoid::regclass::text FROM {parent} WHERE id = %s", notification_id
+    )
+
+
+async def test_old_notifications_go_by_partition_newer_stay_endpoints_answer(stack_factory: Any) -> None:
+    stack: Stack = await stack_factory(retention_days=90)
+    database = await db.connect(stack.config.notifications_db_url, maxsize=2)
+    try:
+        # Made ahead by the services' upkeep at start: this month and the next three.
+        names = [name for name, _, _ in await retention.partitions(database, "notifications")]
+        ahead = (datetime.now(UTC).replace(day=1) + timedelta(days=31 * retention.MONTHS_AHEAD)).strftime(
+            "%Y_%m"
+        )
+        assert f"notifications_p{ahead}" in names, names
+
+        user = await stack.create_user()
+        code = (await stack.create_template())["code"]
+        old = await send_many(stack, user["id"], code, 6)
+        unfinished = await send_many(stack, user["id"], code, 1)
+        month_old = await send_many(stack, user["id"], code, 4)
+        new = await send_many(stack, user["id"], code, 4)
+        await wait_delivered(stack, user["id"], 15, timeout=30)
+        await _backdate(database, old, 200)
+        await _backdate(database, unfinished, 300)
+        # Not final (scheduled far ahead, say): its whole month stays until it is.
+        await database.execute(
+            "UPDATE notifications SET status = 'retrying', updated_at = now() WHERE id = %s", unfinished[0]
+        )
+        await _backdate(database, month_old, 30)
+        old_partition = await _partition_of(database, "notifications", old[0])
+        kept_partition = await _partition_of(database, "notifications", unfinished[0])
+        assert old_partition and kept_partition and old_partition != kept_partition
+
+        answers: list[int] = []
+        stop = asyncio.Event()
+
+        async def keep_reading() -> None:
+            # The endpoints, all the while: the newer notifications, a list, an idempotent replay.
+            while not stop.is_set():
+                for notification_id in (month_old[0], new[0]):
+                    response = await stack.gateway.get(
+                        f"/api/v1/notifications/{notification_id}", headers=stack.headers()
+                    )
+                    answers.append(response.status)
+                response = await stack.gateway.get(
+                    f"/api/v1/notifications/?user_id={user['id']}&limit=5", headers=stack.headers()
+                )
+                answers.append(response.status)
+
+        reader = asyncio.create_task(keep_reading())
+        await asyncio.sleep(0.2)
+        done = await retention.upkeep(database, retention_days=90)
+        await asyncio.sleep(0.2)
+        stop.set()
+        await reader
+
+        assert answers and set(answers) == {200}, answers
+        assert old_partition in done.dropped and kept_partition in done.kept
+        remaining = [name for name, _, _ in await retention.partitions(database, "notifications")]
+        assert old_partition not in remaining and kept_partition in remaining
+        for notification_id in old:
+            response = await stack.gateway.get(
+                f"/api/v1/notifications/{notification_id}", headers=stack.headers()
+            )
+            assert response.status == 404
+        assert not await database.fetchval(
+            "SELECT count(*) FROM notification_keys WHERE notification_id = ANY(%s::uuid[])", old
+        )
+        assert not await database.fetchval(
+            "SELECT count(*) FROM notification_events WHERE notification_id = ANY(%s::uuid[])", old
+        )
+        for notification_id in [*unfinished, *month_old, *new]:
+            record = await stack.notification(notification_id)
+            assert record["history"], record
+        # Nothing deleted row by row in what stays: the newer partitions saw no deletes.
+        month_old_partition = await _partition_of(database, "notifications", month_old[0])
+        deletes = await database.fetchval(
+            "SELECT n_tup_del FROM pg_stat_user_tables WHERE relname = %s", month_old_partition
+        )
+        assert not deletes
+    finally:
+        await database.close()
+
+
+async def test_a_request_id_replays_exactly_across_partitions(stack_factory: Any) -> None:
+    """Idempotency stays exact with the keys in a table of their own: a replay finds the original
+    wherever its partition is; a different body is a conflict."""
+    stack: Stack = await stack_factory()
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+    body = {
+        "notification_type": "email",
+        "user_id": user["id"],
+        "template_code": code,
+        "variables": {"name": "N", "link": "l"},
+        "request_id": str(uuid.uuid4()),
+    }
+    status, first, _ = await stack.send(body)
+    assert status == 202
+    database = await db.connect(stack.config.notifications_db_url, maxsize=1)
+    try:
+        await _backdate(database, [first["data"]["notification_id"]], 45)
+    finally:
+        await database.close()
+    status, again, headers = await stack.send(body)
+    assert status == 202 and headers.get("Idempotent-Replayed") == "true"
+    assert again["data"]["notification_id"] == first["data"]["notification_id"]
+    status, conflict, _ = await stack.send({**body, "variables": {"name": "Other", "link": "l"}})
+    assert status == 422 and conflict["error"] == "idempotency_conflict"
