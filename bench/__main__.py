@@ -21,6 +21,7 @@ from typing import Any
 from bench.accept import AcceptOptions, run_accept
 from bench.e2e import E2EOptions, run_email, run_push
 from bench.report import ROOT
+from bench.scale import ScaleOptions, run_scale
 from bench.stack import BenchEnv, exclusive_run
 
 
@@ -36,7 +37,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
-    p.add_argument("which", nargs="?", default="all", choices=("accept", "email", "push", "all"))
+    p.add_argument("which", nargs="?", default="all", choices=("accept", "email", "push", "all", "scale"))
     p.add_argument("--quick", action="store_true", help="a small run for development: N=500, short durations")
     g = p.add_argument_group("gateway accept")
     g.add_argument("--duration", type=float, default=15.0, help="closed-loop seconds (default 15)")
@@ -82,6 +83,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument(
         "--warmup", type=int, default=200, help="notifications sent before each e2e run, not counted"
     )
+    s = p.add_argument_group("scale (not part of all): --workers sets the email workers, e.g. 1,2,4")
+    s.add_argument("--gateways", type=_ints, default=(1, 2), help="gateway processes per run (default 1,2)")
     c = p.add_argument_group("common")
     c.add_argument("--generators", type=int, default=1, help="load generator processes (default 1)")
     c.add_argument("--loop", choices=("uvloop", "asyncio"), default=None, help="generator event loop")
@@ -146,6 +149,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             results["accept"] = await run_accept(env, opts, record)
         if args.which in ("email", "all"):
             results["email"] = await run_email(env, e2e, record)
+        if args.which == "scale":
+            results["scale"] = await run_scale(
+                env,
+                ScaleOptions(
+                    gateways=args.gateways,
+                    duration=args.duration,
+                    concurrency=args.concurrency,
+                    e2e=e2e,
+                ),
+                record,
+            )
         if args.which in ("push", "all"):
             push = E2EOptions(**{**e2e.__dict__, "count": min(args.push_count, args.count), "profile": False})
             results["push"] = await run_push(env, push, record)

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -57,6 +57,7 @@ class Spec:
     shard: int = 0
     shards: int = 1
     start_at: float = 0.0  # wall-clock time.time() at which every shard starts
+    ports: tuple[int, ...] = ()  # several servers (gateways): shard i sends to ports[i % len]
     max_connections: int = 1024  # open loop: connections may grow to this while answers lag
 
 
@@ -316,6 +317,8 @@ async def _sleep_until(when: float) -> None:
 
 async def generate(spec: Spec) -> dict[str, Any]:
     check_loopback(spec.host)
+    if spec.ports:
+        spec = replace(spec, port=spec.ports[spec.shard % len(spec.ports)])
     rec = Recorder()
     # Every shard starts at the same wall-clock instant; measure on perf_counter from there.
     start = time.perf_counter() + max(0.0, spec.start_at - time.time())
