@@ -1,7 +1,7 @@
 """The status store's upkeep: monthly partitions made ahead, and retention by dropping them.
 
 `notifications` and `notification_events` are partitioned by month of `created_at` (UTC;
-migrations/notifications_db/005_partitions.sql). Every service holding the status store runs
+migrations/notifications_db/006_partitions.sql). Every service holding the status store runs
 `upkeep` at start and then hourly; an advisory lock lets one do it at a time:
 
 - partitions exist for this month and the next MONTHS_AHEAD, so an insert never finds none;

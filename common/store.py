@@ -67,7 +67,7 @@ _NEW_COLUMNS = (
 )
 # Idempotency: the key goes in first, in the same statement; only a new key gets a notification.
 # Keys live in notification_keys, not in the (partitioned) notifications table, whose unique
-# constraints would have to include the partition key: migrations/notifications_db/005.
+# constraints would have to include the partition key: migrations/notifications_db/006.
 _NEW_KEYS = """
         INSERT INTO notification_keys (client_id, request_id, notification_id, created_at)
         SELECT client_id, request_id, id, now() FROM {source}
