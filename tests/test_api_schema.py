@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from common.openapi import load_spec
 from tests.conftest import API_KEY
 
@@ -48,6 +50,7 @@ async def test_the_document_describes_every_route_and_nothing_else(stack_factory
     assert page.status == 200 and "POST</span> <code>/api/v1/notifications/</code>" in text
 
 
+@pytest.mark.timeout(900)  # 200 examples per operation, both modes, on a 2-core machine: minutes
 async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     stack_factory: Any, tmp_path: Path
 ) -> None:
