@@ -38,6 +38,7 @@ from common.http import (
     page_meta,
     paging,
     read_json,
+    validation_error,
 )
 from common.logs import setup_logging
 from common.ratelimit import RateLimiter
@@ -329,6 +330,33 @@ async def list_users(request: web.Request) -> web.Response:
     return json_response(rows, "users", meta=page_meta(int(total), limit, page))
 
 
+MAX_LOOKUP = 1000
+
+
+async def lookup_users(request: web.Request) -> web.Response:
+    """`POST /api/v1/users/lookup {ids: [...]}`, internal token only: the profiles of many users
+    in two queries (bulk sends and topic fan-outs); ids that do not exist are left out."""
+    if request[auth.PRINCIPAL_KEY].kind != "internal":
+        raise auth.forbidden()
+    ids = (await read_json(request)).get("ids")
+    if not isinstance(ids, list) or len(ids) > MAX_LOOKUP:
+        raise validation_error({"ids": f"must be a list of at most {MAX_LOOKUP} user ids"})
+    wanted = [u for raw in ids if isinstance(raw, str) and (u := parse_uuid(raw)) is not None]
+    database = request.app[DB_KEY]
+    users = await database.fetch(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ANY(%s)", wanted)
+    devices = await database.fetch(
+        "SELECT user_id, id, platform, token, subscription, created_at FROM devices"
+        " WHERE user_id = ANY(%s) ORDER BY created_at, id",
+        wanted,
+    )
+    by_user: dict[Any, list[dict[str, Any]]] = {}
+    for device in devices:
+        by_user.setdefault(device.pop("user_id"), []).append(device)
+    for user in users:
+        user["devices"] = by_user.get(user["id"], [])
+    return json_response(users, "users")
+
+
 async def get_user(request: web.Request) -> web.Response:
     return json_response(await _profile(request, _user_id(request)), "user")
 
@@ -522,6 +550,7 @@ def create_app(config: Config) -> web.Application:
     for path in ("/api/v1/users", "/api/v1/users/"):
         r.add_post(path, create_user)
         r.add_get(path, list_users)
+    r.add_post("/api/v1/users/lookup", lookup_users)
     r.add_get("/api/v1/users/{user_id}", get_user)
     r.add_patch("/api/v1/users/{user_id}", update_user)
     r.add_delete("/api/v1/users/{user_id}", delete_user)

@@ -72,6 +72,14 @@ class ServiceClient:
     async def get_user(self, user_id: str) -> Reply:
         return await self.call("GET", f"/api/v1/users/{user_id}")
 
+    async def lookup_users(self, user_ids: list[str]) -> list[dict[str, Any]]:
+        """The profiles of many users at once (the user service's `POST /api/v1/users/lookup`,
+        at most 1,000); ids that do not exist are left out."""
+        reply = await self.call("POST", "/api/v1/users/lookup", {"ids": user_ids})
+        if reply.status != 200 or not isinstance(reply.data, list):
+            raise ServiceUnavailable(f"{self.name} refused a user lookup (HTTP {reply.status})")
+        return list(reply.data)
+
     async def get_template(self, code: str, language: str | None = None, version: int | None = None) -> Reply:
         params = {"language": language, "version": version}
         query = "&".join(f"{k}={quote(str(v))}" for k, v in params.items() if v is not None)

@@ -19,19 +19,30 @@ from common.http import ApiError
 from common.store import STATUSES
 from common.validation import CODE_RE, Fields
 
-FIELDS = frozenset({
-    "notification_type", "user_id", "template_code", "variables", "request_id", "priority", "metadata",
+SHARED_FIELDS = frozenset({
+    "notification_type", "template_code", "variables", "request_id", "priority", "metadata",
     "language", "send_at", "send_at_local",
 })  # fmt: skip
+FIELDS = SHARED_FIELDS | {"user_id"}
+MAX_RECIPIENTS = 1000
+TOPIC_HINT = "must be a topic key (letters, digits, _ . -)"
 
 
-def parse(body: dict[str, Any]) -> tuple[dict[str, Any], schedule.When]:
+def parse(body: dict[str, Any], to: str = "user_id") -> tuple[dict[str, Any], schedule.When]:
+    """The request, validated; `to` names who it goes to: `user_id` (one user), `topic` (a
+    topic's subscribers) or `recipients` (a bulk request's list)."""
     fields = Fields(body)
-    fields.unknown(FIELDS)
+    fields.unknown(SHARED_FIELDS | {to})
     channel = fields.string("notification_type", max_len=10)
     if channel is not None and channel not in CHANNELS:
         fields.error("notification_type", "must be email or push")
-    user_id = fields.uuid("user_id")
+    target: Any
+    if to == "topic":
+        target = fields.string("topic", max_len=100, pattern=CODE_RE, hint=TOPIC_HINT)
+    elif to == "recipients":
+        target = _recipients(fields)
+    else:
+        target = fields.uuid("user_id")
     code = fields.string(
         "template_code", max_len=100, pattern=CODE_RE, hint="must be a template code (letters, digits, _ . -)"
     )
@@ -44,7 +55,7 @@ def parse(body: dict[str, Any]) -> tuple[dict[str, Any], schedule.When]:
     fields.check()
     payload = {
         "notification_type": channel,
-        "user_id": user_id,
+        to: target,
         "template_code": code,
         "request_id": request_id,
         "variables": variables,
@@ -55,6 +66,37 @@ def parse(body: dict[str, Any]) -> tuple[dict[str, Any], schedule.When]:
     # Only when given, so the idempotency hash of a request without them is what it was.
     payload.update({k: body[k] for k in ("send_at", "send_at_local") if k in body})
     return payload, when
+
+
+def _recipients(fields: Fields) -> list[dict[str, Any]]:
+    """`recipients: [{user_id, variables?}, ...]`, each bad one named by its index."""
+    value = fields.body.get("recipients")
+    if not isinstance(value, list) or not value:
+        fields.error("recipients", "must be a non-empty list of {user_id, variables?}")
+        return []
+    out = []
+    for i, item in enumerate(value):
+        name = f"recipients[{i}]"
+        if not isinstance(item, dict):
+            fields.error(name, "must be an object {user_id, variables?}")
+            continue
+        one = Fields(item)
+        one.unknown({"user_id", "variables"})
+        user_id = one.uuid("user_id")
+        variables = one.object("variables")
+        for key, message in one.errors.items():
+            fields.error(f"{name}.{key}", message)
+        if not one.errors:
+            out.append({"user_id": user_id, "variables": variables})
+    return out
+
+
+def too_many(count: int, what: str) -> ApiError:
+    return ApiError(
+        413,
+        "too_many_recipients",
+        f"At most {MAX_RECIPIENTS} {what} per request; this one has {count}. Split it.",
+    )
 
 
 def body_hash(payload: dict[str, Any]) -> str:
@@ -84,9 +126,19 @@ def check_lookups(payload: dict[str, Any], user: Reply, template: Reply) -> None
     request (another channel, a variable it needs and the request lacks)."""
     if user.status == 404:
         raise ApiError(404, "user_not_found", f"User {payload['user_id']} does not exist.")
+    if user.status != 200:
+        raise ApiError(503, "service_unavailable", "User or template service refused the lookup.")
+    check_template(payload, template)
+    problem = templating.missing_variables(payload["notification_type"], template.data, payload["variables"])
+    if problem is not None:
+        raise ApiError(422, problem.code, problem.message, data={"fields": problem.fields})
+
+
+def check_template(payload: dict[str, Any], template: Reply) -> None:
+    """404 when the template does not exist, 422 when it is for another channel."""
     if template.status == 404:
         raise ApiError(404, "template_not_found", f"Template {payload['template_code']!r} does not exist.")
-    if user.status != 200 or template.status != 200:
+    if template.status != 200:
         raise ApiError(503, "service_unavailable", "User or template service refused the lookup.")
     if template.data["notification_type"] != payload["notification_type"]:
         raise ApiError(
@@ -96,9 +148,6 @@ def check_lookups(payload: dict[str, Any], user: Reply, template: Reply) -> None
             f"template; it cannot send {payload['notification_type']}.",
             data={"fields": {"template_code": "is for another notification_type"}},
         )
-    problem = templating.missing_variables(payload["notification_type"], template.data, payload["variables"])
-    if problem is not None:
-        raise ApiError(422, problem.code, problem.message, data={"fields": problem.fields})
 
 
 def view(row: dict[str, Any]) -> dict[str, Any]:

@@ -84,6 +84,11 @@ class Outbox:
             timeout=PUBLISH_TIMEOUT,
         )
 
+    @property
+    def backlog(self) -> int:
+        """Rows handed to `submit` and not yet published (a fan-out waits while it is long)."""
+        return len(self._queue)
+
     def submit(self, row: dict[str, Any]) -> None:
         """Publish a committed row, soon, off the caller's path: the caller has its answer once
         the row is stored. Published in batches with their confirms awaited together; whatever

@@ -63,7 +63,7 @@ _PUBLIC_COLUMNS = (
 _NEW_COLUMNS = (
     "id, client_id, request_id, body_hash, user_id, notification_type, template_code, language, "
     "template_version, variables, metadata, priority, status, error, correlation_id, publish_pending, "
-    "send_at"
+    "send_at, batch_id"
 )
 # Idempotency: the key goes in first, in the same statement; only a new key gets a notification.
 # Keys live in notification_keys, not in the (partitioned) notifications table, whose unique
@@ -79,7 +79,8 @@ _CREATE_MANY = f"""
             id uuid, client_id text, request_id text, body_hash text, user_id uuid,
             notification_type text, template_code text, language text, template_version integer,
             variables jsonb, metadata jsonb, priority smallint, status text, error text,
-            correlation_id text, publish_pending boolean, send_at timestamptz, detail text)
+            correlation_id text, publish_pending boolean, send_at timestamptz, detail text,
+            batch_id uuid)
     ), k AS ({_NEW_KEYS.format(source="r")}
     ), n AS (
         INSERT INTO notifications ({_NEW_COLUMNS}, created_at)
@@ -114,6 +115,8 @@ class NewNotification:
     send_at: datetime | None = None
     # The first history entry's detail when it is not the error (why it is scheduled).
     detail: str | None = None
+    # The bulk request or topic fan-out it belongs to (`common/batches.py`).
+    batch_id: uuid.UUID | None = None
 
 
 class StatusStore:
@@ -135,12 +138,12 @@ class StatusStore:
                 INSERT INTO notifications (id, client_id, request_id, body_hash, user_id,
                     notification_type, template_code, language, template_version, variables,
                     metadata, priority, status, error, correlation_id, publish_pending, send_at,
-                    created_at)
+                    batch_id, created_at)
                 SELECT %(id)s, %(client_id)s, %(request_id)s, %(body_hash)s, %(user_id)s,
                     %(notification_type)s, %(template_code)s, %(language)s, %(template_version)s,
                     %(variables)s,
                     %(metadata)s, %(priority)s, %(status)s, %(error)s, %(correlation_id)s,
-                    %(publish_pending)s, %(send_at)s, k.created_at
+                    %(publish_pending)s, %(send_at)s, %(batch_id)s, k.created_at
                 FROM k
                 RETURNING {_PUBLIC_COLUMNS}, client_id,
                     CASE WHEN status IN ({_WEBHOOK_STATUS_LIST}) THEN 'notification.' || status END
