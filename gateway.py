@@ -10,7 +10,8 @@ but never confirmed by the broker, so a broker outage loses nothing; the dispatc
 unsubscribe links are verified here and handled in `common/bounces.py` and
 `common/unsubscribe.py`; the user and template APIs are proxied. Client status webhooks (the
 endpoints API, their relay and their delivery) are `common/webhooks.py` and
-`common/webhook_api.py`, wired below.
+`common/webhook_api.py`; bulk sends, topics and their fan-out `common/bulk_api.py` and
+`common/batches.py`; all wired below.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ import topology
 from common import (
     amqp,
     auth,
+    batches,
     bounces,
+    bulk_api,
     db,
     listing,
     notifications,
@@ -205,7 +208,10 @@ async def _replay(
 
 async def create_notification(request: web.Request) -> web.Response:
     principal = require(request, "client")
-    payload, when = notifications.parse(await read_json(request))
+    body = await read_json(request)
+    if "topic" in body:  # to a topic's subscribers: a batch and its fan-out (common/bulk_api.py)
+        return await bulk_api.notify_topic(request, principal.subject, body)
+    payload, when = notifications.parse(body)
     body_hash = notifications.body_hash(payload)
     store = request.app[STORE_KEY]
     try:
@@ -531,7 +537,11 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(outbox(OUTBOX_KEY, STORE_KEY, BROKER_KEY))
     app.cleanup_ctx.append(dispatcher(STORE_KEY, OUTBOX_KEY, LOOKUPS_KEY))
     app.cleanup_ctx.append(webhooks.webhooks(DB_KEY, BROKER_KEY))
+    app.cleanup_ctx.append(
+        batches.fanout(DB_KEY, STORE_KEY, OUTBOX_KEY, BROKER_KEY, REDIS_KEY, lambda a: a[USERS_KEY])
+    )
     webhook_api.add_routes(app)
+    bulk_api.add_routes(app, bulk_api.Wiring(STORE_KEY, OUTBOX_KEY, REDIS_KEY, USERS_KEY, LOOKUPS_KEY))
     openapi.add_routes(app)
     r = app.router
     for path in ("/api/v1/notifications", "/api/v1/notifications/"):

@@ -38,6 +38,8 @@ MAX_PRIORITY = 10
 # Client status webhooks: a work queue of their own with its retry queues, and a dead letter.
 WEBHOOKS = "webhooks"
 WEBHOOKS_FAILED_QUEUE = "webhooks.failed"
+# Topic fan-outs: one message per notification to a topic, walked by `common/batches.py`.
+FANOUT = "fanout"
 
 # Queue name -> the arguments it is declared with.
 QueueArguments = Mapping[str, Mapping[str, Any]]

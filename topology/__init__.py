@@ -4,6 +4,7 @@
                                   --push---> push.queue  --(reject)--> failed.queue
                                   --failed-> failed.queue
                                   --webhooks-> webhooks.queue --(reject)--> webhooks.failed
+                                  --fanout--> fanout.queue --(reject)--> failed.queue
     email.retry.N  (x-message-ttl = RETRY_DELAYS[N-1]) --expires--> notifications.direct / email
     webhooks.retry.N (the same TTLs)                    --expires--> notifications.direct / webhooks
 
@@ -31,6 +32,7 @@ from common.amqp import (
     EXCHANGE,
     FAILED_QUEUE,
     FAILED_ROUTING_KEY,
+    FANOUT,
     MAX_PRIORITY,
     WEBHOOKS,
     WEBHOOKS_FAILED_QUEUE,
@@ -97,6 +99,12 @@ def table(config: Config) -> list[QueueSpec]:
         specs.extend(_work_queues(config, channel, FAILED_QUEUE, priority=True))
     specs.append(QueueSpec(WEBHOOKS_FAILED_QUEUE, dead_letter_args, (WEBHOOKS_FAILED_QUEUE,)))
     specs.extend(_work_queues(config, WEBHOOKS, WEBHOOKS_FAILED_QUEUE, priority=False))
+    # Topic fan-outs: no retry queues (a fan-out that stops is redelivered and resumes from its
+    # cursor; the batch row is the record), a malformed message to failed.queue.
+    fanout_args: dict[str, Any] = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": FAILED_QUEUE}
+    if config.queue_type == "quorum":
+        fanout_args["x-queue-type"] = "quorum"
+    specs.append(QueueSpec(work_queue(FANOUT), fanout_args, (FANOUT,)))
     return specs
 
 

@@ -1,0 +1,335 @@
+"""One request, many recipients: bulk sends, topics, and the topic fan-out (issue 18)."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import signal
+import time
+import uuid
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from common import amqp, db
+from common.batches import FANOUT_KEY
+from tests.conftest import API_KEY, Stack
+from tests.processes import ServiceProcess
+
+
+async def _post(stack: Stack, path: str, body: Any) -> tuple[int, dict[str, Any], Any]:
+    response = await stack.gateway.post(path, json=body, headers=stack.headers())
+    return response.status, await response.json(), response.headers
+
+
+async def _get(stack: Stack, path: str) -> tuple[int, dict[str, Any]]:
+    response = await stack.gateway.get(path, headers=stack.headers())
+    return response.status, await response.json()
+
+
+async def _batch(stack: Stack, batch_id: str) -> dict[str, Any]:
+    status, answer = await _get(stack, f"/api/v1/batches/{batch_id}")
+    assert status == 200, answer
+    return answer["data"]
+
+
+async def _wait_batch(
+    stack: Stack, batch_id: str, want: dict[str, int], timeout: float = 30
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = await _batch(stack, batch_id)
+        if batch["by_status"] == want and batch["completed_at"] is not None:
+            return batch
+        if time.monotonic() > deadline:
+            raise AssertionError(f"batch stayed {batch}, wanted {want}")
+        await asyncio.sleep(0.1)
+
+
+async def test_bulk_answers_each_recipient_and_delivers_once(stack: Stack) -> None:
+    code = (await stack.create_template())["code"]  # needs name and link
+    good = [await stack.create_user(name=f"U{i}") for i in range(3)]
+    opted_out = await stack.create_user(preferences={"email": False, "push": True})
+    no_name = await stack.create_user()
+    unknown = str(uuid.uuid4())
+    body = {
+        "notification_type": "email",
+        "template_code": code,
+        "variables": {"link": "https://example.com/shared", "name": "Everyone"},
+        "request_id": f"bulk-{uuid.uuid4()}",
+        "recipients": [
+            {"user_id": good[0]["id"], "variables": {"name": "Ada"}},
+            {"user_id": good[1]["id"]},
+            {"user_id": good[2]["id"], "variables": {"link": "https://example.com/own"}},
+            {"user_id": good[0]["id"], "variables": {"name": "Twice"}},  # duplicate: the first counts
+            {"user_id": opted_out["id"]},
+            {"user_id": unknown},
+        ],
+    }
+    status, answer, _ = await _post(stack, "/api/v1/notifications/bulk", body)
+    assert status == 202, answer
+    data = answer["data"]
+    assert (data["total"], data["accepted"], data["skipped"]) == (5, 3, 1)
+    assert [r["user_id"] for r in data["rejected"]] == [unknown]
+    assert data["rejected"][0]["error"].startswith("user_not_found")
+    batch = await _wait_batch(stack, data["batch_id"], {"delivered": 3, "skipped": 1})
+    assert batch["total"] == 5 and batch["kind"] == "bulk"
+    [first] = stack.smtp.to(good[0]["email"])
+    assert "Ada" in first["Subject"]
+    [own] = stack.smtp.to(good[2]["email"])
+    assert "https://example.com/own" in own.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert len(stack.smtp.to(good[1]["email"])) == 1
+    assert stack.smtp.to(opted_out["email"]) == []
+
+    # A replay: the same answer and batch, nothing sent again.
+    status, again, headers = await _post(stack, "/api/v1/notifications/bulk", body)
+    assert status == 202 and headers["Idempotent-Replayed"] == "true"
+    assert again["data"] == data
+    await asyncio.sleep(1.0)
+    assert sum(len(stack.smtp.to(u["email"])) for u in good) == 3
+    # The same request_id with another body: refused.
+    changed = {**body, "recipients": [*body["recipients"], {"user_id": no_name["id"]}]}
+    status, refused, _ = await _post(stack, "/api/v1/notifications/bulk", changed)
+    assert status == 422 and refused["error"] == "idempotency_conflict"
+
+
+async def test_bulk_rejects_a_missing_variable_one_by_one_and_over_the_limit_whole(stack: Stack) -> None:
+    code = (await stack.create_template())["code"]
+    named, unnamed = await stack.create_user(), await stack.create_user()
+    body = {
+        "notification_type": "email",
+        "template_code": code,
+        "variables": {"link": "l"},
+        "request_id": f"bulk-{uuid.uuid4()}",
+        "recipients": [{"user_id": named["id"], "variables": {"name": "N"}}, {"user_id": unnamed["id"]}],
+    }
+    status, answer, _ = await _post(stack, "/api/v1/notifications/bulk", body)
+    assert status == 202, answer
+    assert answer["data"]["accepted"] == 1
+    [rejected] = answer["data"]["rejected"]
+    assert rejected["user_id"] == unnamed["id"] and "name" in rejected["error"]
+
+    too_many = {**body, "request_id": "big", "recipients": [{"user_id": str(uuid.uuid4())}] * 1001}
+    status, answer, _ = await _post(stack, "/api/v1/notifications/bulk", too_many)
+    assert status == 413 and "1000" in answer["message"]
+    bad = {**body, "request_id": "bad", "recipients": [{"user_id": "nope"}]}
+    status, answer, _ = await _post(stack, "/api/v1/notifications/bulk", bad)
+    assert status == 400 and "recipients[0].user_id" in answer["data"]["fields"]
+
+
+async def test_topic_crud_and_keyset_paging(stack: Stack) -> None:
+    key = f"project-{uuid.uuid4().hex[:8]}"
+    status, answer, _ = await _post(stack, "/api/v1/topics/x/subscribers", {"user_ids": [str(uuid.uuid4())]})
+    assert status == 404
+    response = await stack.gateway.put(
+        f"/api/v1/topics/{key}", json={"name": "Followers"}, headers=stack.headers()
+    )
+    assert response.status == 201
+    response = await stack.gateway.put(
+        f"/api/v1/topics/{key}", json={"name": "Renamed"}, headers=stack.headers()
+    )
+    assert response.status == 200
+    ids = sorted(str(uuid.uuid4()) for _ in range(25))
+    status, answer, _ = await _post(stack, f"/api/v1/topics/{key}/subscribers", {"user_ids": ids[:20]})
+    assert status == 200 and answer["data"]["added"] == 20
+    status, answer, _ = await _post(stack, f"/api/v1/topics/{key}/subscribers", {"user_ids": ids})
+    assert (answer["data"]["added"], answer["data"]["already_subscribed"]) == (5, 20)
+    status, answer, _ = await _post(
+        stack, f"/api/v1/topics/{key}/subscribers", {"user_ids": [str(uuid.uuid4())] * 1001}
+    )
+    assert status == 413
+    response = await stack.gateway.delete(
+        f"/api/v1/topics/{key}/subscribers/{ids[3]}", headers=stack.headers()
+    )
+    assert (await response.json())["data"]["removed"] is True
+    status, topic = await _get(stack, f"/api/v1/topics/{key}")
+    assert status == 200 and topic["data"]["name"] == "Renamed" and topic["data"]["subscribers"] == 24
+
+    seen: list[str] = []
+    after = ""
+    while True:
+        status, page = await _get(stack, f"/api/v1/topics/{key}/subscribers?limit=10{after}")
+        assert status == 200
+        seen.extend(r["user_id"] for r in page["data"])
+        if not page["meta"]["has_next"]:
+            break
+        after = f"&after={page['meta']['next']}"
+    assert seen == [u for u in ids if u != ids[3]]
+    # Owned by the key: another client does not see it (the internal token is not a client).
+    response = await stack.gateway.get(
+        f"/api/v1/topics/{key}", headers={"Authorization": f"Bearer {stack.config.internal_api_token}"}
+    )
+    assert response.status in (403, 404)
+
+
+async def _topic_with(stack: Stack, users: list[dict[str, Any]]) -> str:
+    key = f"t-{uuid.uuid4().hex[:10]}"
+    response = await stack.gateway.put(f"/api/v1/topics/{key}", json={"name": key}, headers=stack.headers())
+    assert response.status == 201
+    if not users:
+        return key
+    status, _, _ = await _post(
+        stack, f"/api/v1/topics/{key}/subscribers", {"user_ids": [u["id"] for u in users]}
+    )
+    assert status == 200
+    return key
+
+
+async def test_topic_fanout_delivers_once_each_in_pages(stack: Stack) -> None:
+    stack.gateway.app[FANOUT_KEY].page = 4  # several pages
+    code = (await stack.create_template())["code"]
+    users = [await stack.create_user() for _ in range(10)]
+    users[4] = await stack.create_user(preferences={"email": False, "push": True})
+    key = await _topic_with(stack, users)
+    body = {
+        "notification_type": "email",
+        "topic": key,
+        "template_code": code,
+        "variables": {"name": "All", "link": "l"},
+        "request_id": f"topic-{uuid.uuid4()}",
+    }
+    status, answer, _ = await stack.send(body)
+    assert status == 202, answer
+    assert answer["data"]["total"] == 10
+    batch_id = answer["data"]["batch_id"]
+    batch = await _wait_batch(stack, batch_id, {"delivered": 9, "skipped": 1})
+    assert batch["fanned_out"] is True
+    status, again, headers = await stack.send(body)
+    assert (
+        status == 202 and again["data"]["batch_id"] == batch_id and headers["Idempotent-Replayed"] == "true"
+    )
+    status, refused, _ = await stack.send({**body, "variables": {"name": "Other", "link": "l"}})
+    assert status == 422 and refused["error"] == "idempotency_conflict"
+    await asyncio.sleep(1.0)
+    assert [len(stack.smtp.to(u["email"])) for u in users] == [1, 1, 1, 1, 0, 1, 1, 1, 1, 1]
+    status, _, _ = await stack.send({**body, "request_id": "x", "topic": "no-such-topic"})
+    assert status == 404
+
+
+async def _direct_subscribers(stack: Stack, key: str, count: int) -> list[str]:
+    """`count` users and their subscriptions, written in SQL (fast); returns their emails."""
+    tag = uuid.uuid4().hex[:8]
+    users = await db.connect(stack.config.users_db_url, maxsize=1)
+    try:
+        rows = await users.fetch(
+            "INSERT INTO users (name, email, password_hash)"
+            " SELECT 'Sub ' || i, 'sub-' || %s || '-' || i || '@example.com', 'x'"
+            " FROM generate_series(1, %s) AS i RETURNING id, email",
+            tag,
+            count,
+        )
+    finally:
+        await users.close()
+    notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
+    try:
+        client_id = await notes.fetchval("SELECT client_id FROM topics WHERE key = %s", key)
+        await notes.execute(
+            "INSERT INTO topic_subscribers (client_id, topic_key, user_id) SELECT %s, %s, unnest(%s::uuid[])",
+            client_id,
+            key,
+            [r["id"] for r in rows],
+        )
+    finally:
+        await notes.close()
+    return [r["email"] for r in rows]
+
+
+async def test_a_fanout_killed_half_way_resumes_and_sends_each_once(
+    stack_factory: Any, tmp_path: Path
+) -> None:
+    stack = await stack_factory()
+    code = (await stack.create_template())["code"]
+    key = await _topic_with(stack, [])
+    emails = await _direct_subscribers(stack, key, 5000)
+    # The in-process gateway takes no fan-out: the doomed process must get it.
+    await stack.gateway.app[FANOUT_KEY].channel.close()
+    doomed = ServiceProcess("gateway.py", replace(stack.config), tmp_path / "g.log")
+    survivor = ServiceProcess("gateway.py", replace(stack.config), tmp_path / "s.log")
+    await doomed.start()
+    notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
+    try:
+        body = {
+            "notification_type": "email",
+            "topic": key,
+            "template_code": code,
+            "variables": {"name": "N", "link": "l"},
+            "request_id": f"killed-{uuid.uuid4()}",
+        }
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session,
+            session.post(doomed.url + "/api/v1/notifications/", json=body) as response,
+        ):
+            assert response.status == 202, await response.text()
+            batch_id = (await response.json())["data"]["batch_id"]
+        deadline = time.monotonic() + 30
+        while (
+            await notes.fetchval("SELECT count(*) FROM notifications WHERE batch_id = %s", batch_id)
+        ) < 1000:
+            assert time.monotonic() < deadline, "the fan-out did not start"
+            await asyncio.sleep(0.01)
+        doomed.signal(signal.SIGKILL)
+        await doomed.wait(10)
+        at_kill = await notes.fetchrow("SELECT fanned_out_at FROM batches WHERE id = %s", batch_id)
+        assert at_kill is not None and at_kill["fanned_out_at"] is None, "killed too late to show a resume"
+        await survivor.start()  # its consumer gets the fan-out message back, and resumes
+        batch = await _wait_batch(stack, batch_id, {"delivered": 5000}, timeout=180)
+        assert batch["total"] == 5000
+        await asyncio.sleep(1.0)
+        counts = Counter(m["To"] for m in stack.smtp.messages)
+        assert [counts[e] for e in emails] == [1] * 5000
+    finally:
+        doomed.stop()
+        survivor.stop()
+        await notes.close()
+
+
+async def test_a_large_topic_fans_out_under_back_pressure_with_bounded_memory(
+    stack_factory: Any, amqp_channel: Any
+) -> None:
+    stack = await stack_factory(workers=False)
+    fanout = stack.gateway.app[FANOUT_KEY]
+    fanout.queue_bound = 3000
+    code = (await stack.create_template())["code"]
+    key = await _topic_with(stack, [])
+    count = 10_000
+    await _direct_subscribers(stack, key, count)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    status, answer, _ = await stack.send(
+        {
+            "notification_type": "email",
+            "topic": key,
+            "template_code": code,
+            "variables": {"name": "N", "link": "l"},
+            "request_id": f"large-{uuid.uuid4()}",
+        }
+    )
+    assert status == 202 and answer["data"]["total"] == count
+    batch_id = answer["data"]["batch_id"]
+    queue = await amqp_channel.get_queue(amqp.work_queue("email"))
+    # No worker: the fan-out stops near the bound and waits.
+    await asyncio.sleep(3.0)
+    held = await _batch(stack, batch_id)
+    assert held["fanned_out"] is False
+    depth = (await amqp_channel.declare_queue(queue.name, passive=True)).declaration_result.message_count
+    assert 3000 <= depth <= 3000 + 2 * fanout.page, depth
+    # A consumer takes the messages: the fan-out goes on to the end, each recipient published.
+    seen: set[str] = set()
+    deadline = time.monotonic() + 120
+    while True:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is not None:
+            seen.add(message.body.split(b'"notification_id":"', 1)[1][:36].decode())
+            continue
+        if (await _batch(stack, batch_id))["fanned_out"] and len(seen) >= count:
+            break
+        assert time.monotonic() < deadline, f"{len(seen)} of {count} published"
+        await asyncio.sleep(0.05)
+    elapsed = time.monotonic() - started
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(f"fan-out of {count}: {elapsed:.1f}s, peak RSS grew {grown_mb:.0f} MB")
+    assert len(seen) == count
+    assert grown_mb < 150
