@@ -210,6 +210,11 @@ async def create_notification(request: web.Request) -> web.Response:
     principal = require(request, "client")
     body = await read_json(request)
     if "topic" in body:  # to a topic's subscribers: a batch and its fan-out (common/bulk_api.py)
+        verdict = await request.app[LIMITER_KEY].check(f"{principal.kind}:{principal.subject}")
+        if verdict is not None:
+            request[VERDICT_KEY] = verdict
+            if not verdict.allowed:
+                raise _rate_limited(request, verdict)
         return await bulk_api.notify_topic(request, principal.subject, body)
     payload, when = notifications.parse(body)
     body_hash = notifications.body_hash(payload)
@@ -305,13 +310,14 @@ async def list_notifications(request: web.Request) -> web.Response:
     page, limit = paging(request)
     fields = Fields(dict(request.query))
     user_id = fields.uuid("user_id", required=False)
+    batch_id = fields.uuid("batch_id", required=False)
     status = request.query.get("status")
     if status is not None and status not in STATUSES:
         fields.error("status", f"must be one of {', '.join(STATUSES)}")
     fields.check()
     after = listing.decode_cursor(request.query.get("after"), "page" in request.query)
     rows, has_next = await request.app[STORE_KEY].list_page(
-        user_id=user_id, status=status, page=page, limit=limit, after=after
+        user_id=user_id, status=status, page=page, limit=limit, after=after, batch_id=batch_id
     )
     cursor = listing.encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if has_next else None
     meta = cursor_meta(limit, None if after else page, has_next, cursor)

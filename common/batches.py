@@ -11,7 +11,7 @@ their subscribers, and the topic fan-out.
   publishes one fan-out message; the consumer walks the topic's subscribers (as of the batch's
   creation) by user_id in pages, inserts each page with `StatusStore.create_many`, hands the rows
   to the outbox and moves the batch's cursor. Before each page it waits while the channel's work
-  queue holds more than `QUEUE_BOUND` messages or the outbox more than `OUTBOX_BOUND` rows
+  queue holds more than `QUEUE_BOUND` messages or the outbox more than a page unconfirmed
   (back-pressure, and memory bounded by a page). A fan-out that dies is redelivered and resumes
   from its cursor; a page done again inserts nothing (the ids conflict) and rows inserted but
   never published are the relay's, so no recipient gets two and none is skipped.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -47,11 +48,12 @@ log = logging.getLogger(__name__)
 
 MAX_RECIPIENTS = 1000
 PAGE = 500
-# Back-pressure: a fan-out waits while its channel's work queue, or the outbox's backlog, is
-# above these.
+# Back-pressure: a fan-out waits while its channel's work queue holds more than this, or while
+# the outbox has more than a page not yet confirmed by the broker.
 QUEUE_BOUND = 5000
-OUTBOX_BOUND = 2000
 PRESSURE_PAUSE = 0.2
+# A fan-out whose batch has not moved for this long (or RECONCILE_AFTER, if longer) is published again.
+STALLED_AFTER = 60.0
 
 _BATCH_COLUMNS = (
     "id, client_id, request_id, body_hash, kind, topic_key, payload, total, rejected, result, "
@@ -421,14 +423,21 @@ class Fanout:
             return
         await message.ack()
 
-    async def _pressure(self, channel: str) -> None:
-        """Wait while the work queue or the outbox holds more than its bound."""
+    async def _pressure(self, channel: str, batch_id: uuid.UUID) -> None:
+        """Wait while the work queue or the outbox holds more than its bound (the batch row is
+        touched meanwhile: a fan-out that waits is not a stalled one)."""
         name = amqp.work_queue(channel)
+        touched = time.monotonic()
         while True:
-            queue = await self.channel.declare_queue(name, passive=True)
-            depth = queue.declaration_result.message_count or 0
-            if depth <= self.queue_bound and self.outbox.backlog <= OUTBOX_BOUND:
+            # The underlying channel: a robust channel answers a passive declare of a queue it
+            # declared before from its cache, with the count of that time.
+            underlay = await self.channel.get_underlay_channel()
+            depth = (await underlay.queue_declare(name, passive=True)).message_count or 0
+            if depth <= self.queue_bound and self.outbox.backlog <= self.page:
                 return
+            if time.monotonic() - touched > STALLED_AFTER / 4:
+                touched = time.monotonic()
+                await self.batches.touch([batch_id])
             await asyncio.sleep(PRESSURE_PAUSE)
 
     async def run(self, batch_id: uuid.UUID) -> None:
@@ -443,7 +452,7 @@ class Fanout:
         try:
             cursor: uuid.UUID | None = batch["fanout_cursor"]
             while True:
-                await self._pressure(common.notification_type)
+                await self._pressure(common.notification_type, batch_id)
                 page = await hold(
                     "reading subscribers",
                     lambda c=cursor: self.batches.subscribers(  # type: ignore[misc]
@@ -487,7 +496,6 @@ class Fanout:
 
 FANOUT_KEY = web.AppKey("fanout", Fanout)
 BATCHES_KEY = web.AppKey("batches", BatchStore)
-STALLED_AFTER = 60.0
 
 
 def fanout(

@@ -91,18 +91,17 @@ async def bulk(request: web.Request) -> web.Response:
     payload, when = notifications.parse(body, "recipients")
     body_hash = notifications.body_hash(payload)
     batches = request.app[BATCHES_KEY]
-    batch, created = await batches.create(
-        client_id=principal.subject, request_id=payload["request_id"], body_hash=body_hash, kind="bulk"
-    )
-    if batch["body_hash"] != body_hash or batch["kind"] != "bulk":
-        raise _conflict(payload["request_id"])
-    if batch["result"] is not None:
-        return json_response(
-            batch["result"], "bulk already accepted (idempotent replay)", status=202,
-            headers={"Idempotent-Replayed": "true"},
-        )  # fmt: skip
-    # New, or a replay of one that did not finish: done (again). Ids are per (batch, user), so
-    # what the first attempt stored is not stored twice, and is counted as it was stored.
+    earlier_batch = await batches.by_request(principal.subject, payload["request_id"])
+    if earlier_batch is not None:
+        if earlier_batch["body_hash"] != body_hash or earlier_batch["kind"] != "bulk":
+            raise _conflict(payload["request_id"])
+        if earlier_batch["result"] is not None:
+            return json_response(
+                earlier_batch["result"], "bulk already accepted (idempotent replay)", status=202,
+                headers={"Idempotent-Replayed": "true"},
+            )  # fmt: skip
+    # Looked up before the batch is stored: a request refused as a whole (no such template)
+    # leaves nothing behind, and may be sent again corrected with the same request_id.
     template = await _template(request, payload)
     wanted: dict[str, dict[str, Any]] = {}
     for r in payload["recipients"]:
@@ -111,6 +110,13 @@ async def bulk(request: web.Request) -> web.Response:
         found = await profiles(request.app[wiring.redis], request.app[wiring.users], wanted)
     except ServiceUnavailable as exc:
         raise _unavailable(exc) from None
+    # New, or a replay of one that did not finish: done (again). Ids are per (batch, user), so
+    # what the first attempt stored is not stored twice, and is counted as it was stored.
+    batch, created = await batches.create(
+        client_id=principal.subject, request_id=payload["request_id"], body_hash=body_hash, kind="bulk"
+    )
+    if batch["body_hash"] != body_hash or batch["kind"] != "bulk":
+        raise _conflict(payload["request_id"])
     common = _common(batch["id"], principal.subject, payload, body_hash, when, template, payload["variables"])
     rejected: list[dict[str, Any]] = []
     new = []

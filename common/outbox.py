@@ -70,6 +70,7 @@ class Outbox:
         self.config = config
         self.metrics = metrics
         self._queue: list[dict[str, Any]] = []
+        self._publishing = 0
         self._wakeup = asyncio.Event()
         self._suspect_until = 0.0
 
@@ -86,8 +87,8 @@ class Outbox:
 
     @property
     def backlog(self) -> int:
-        """Rows handed to `submit` and not yet published (a fan-out waits while it is long)."""
-        return len(self._queue)
+        """Rows handed to `submit` and not yet confirmed (a fan-out waits while it is long)."""
+        return len(self._queue) + self._publishing
 
     def submit(self, row: dict[str, Any]) -> None:
         """Publish a committed row, soon, off the caller's path: the caller has its answer once
@@ -103,7 +104,11 @@ class Outbox:
             self._wakeup.clear()
         if not batch:
             return
-        results = await asyncio.gather(*(self._send(row) for row in batch), return_exceptions=True)
+        self._publishing = len(batch)
+        try:
+            results = await asyncio.gather(*(self._send(row) for row in batch), return_exceptions=True)
+        finally:
+            self._publishing = 0
         confirmed = [row["id"] for row, result in zip(batch, results, strict=True) if result is None]
         failed = [result for result in results if result is not None]
         if failed:

@@ -211,6 +211,7 @@ class StatusStore:
         limit: int,
         page: int = 1,
         after: tuple[datetime, uuid.UUID] | None = None,
+        batch_id: uuid.UUID | None = None,
     ) -> tuple[list[Row], bool]:
         """A page, newest first, and whether more follow. No count(*): on a table of millions
         it costs a scan per request; one extra row says whether there is a next page. `after`
@@ -224,6 +225,9 @@ class StatusStore:
         if status is not None:
             where.append("status = %s")
             args.append(status)
+        if batch_id is not None:
+            where.append("batch_id = %s")
+            args.append(batch_id)
         if after is not None:
             where.append("(created_at, id) < (%s, %s)")
             args.extend(after)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import resource
+import gc
+import os
 import signal
 import time
 import uuid
@@ -18,6 +19,11 @@ from common import amqp, db
 from common.batches import FANOUT_KEY
 from tests.conftest import API_KEY, Stack
 from tests.processes import ServiceProcess
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 async def _post(stack: Stack, path: str, body: Any) -> tuple[int, dict[str, Any], Any]:
@@ -77,6 +83,10 @@ async def test_bulk_answers_each_recipient_and_delivers_once(stack: Stack) -> No
     assert data["rejected"][0]["error"].startswith("user_not_found")
     batch = await _wait_batch(stack, data["batch_id"], {"delivered": 3, "skipped": 1})
     assert batch["total"] == 5 and batch["kind"] == "bulk"
+    status, listed = await _get(stack, f"/api/v1/notifications/?batch_id={data['batch_id']}")
+    assert status == 200 and sorted(n["user_id"] for n in listed["data"]) == sorted(
+        [u["id"] for u in good] + [opted_out["id"]]
+    )
     [first] = stack.smtp.to(good[0]["email"])
     assert "Ada" in first["Subject"]
     [own] = stack.smtp.to(good[2]["email"])
@@ -209,20 +219,27 @@ async def test_topic_fanout_delivers_once_each_in_pages(stack: Stack) -> None:
     assert status == 404
 
 
-async def _direct_subscribers(stack: Stack, key: str, count: int) -> list[str]:
-    """`count` users and their subscriptions, written in SQL (fast); returns their emails."""
+async def _direct_users(stack: Stack, count: int, opted_out: int = 0) -> list[dict[str, Any]]:
+    """`count` users written in SQL (fast), the first `opted_out` of them off email."""
     tag = uuid.uuid4().hex[:8]
     users = await db.connect(stack.config.users_db_url, maxsize=1)
     try:
-        rows = await users.fetch(
-            "INSERT INTO users (name, email, password_hash)"
-            " SELECT 'Sub ' || i, 'sub-' || %s || '-' || i || '@example.com', 'x'"
-            " FROM generate_series(1, %s) AS i RETURNING id, email",
+        return await users.fetch(
+            "INSERT INTO users (name, email, password_hash, preferences)"
+            " SELECT 'Sub ' || i, 'sub-' || %s || '-' || i || '@example.com', 'x',"
+            " jsonb_build_object('email', i > %s, 'push', true)"
+            " FROM generate_series(1, %s) AS i ORDER BY i RETURNING id, email",
             tag,
+            opted_out,
             count,
         )
     finally:
         await users.close()
+
+
+async def _direct_subscribers(stack: Stack, key: str, count: int) -> list[str]:
+    """`count` users and their subscriptions, written in SQL (fast); returns their emails."""
+    rows = await _direct_users(stack, count)
     notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
     try:
         client_id = await notes.fetchval("SELECT client_id FROM topics WHERE key = %s", key)
@@ -235,6 +252,32 @@ async def _direct_subscribers(stack: Stack, key: str, count: int) -> list[str]:
     finally:
         await notes.close()
     return [r["email"] for r in rows]
+
+
+async def test_a_bulk_of_1000_with_unknown_opted_out_and_a_duplicate_delivers_once_each(stack: Stack) -> None:
+    code = (await stack.create_template())["code"]
+    users = await _direct_users(stack, 990, opted_out=10)
+    recipients: list[dict[str, Any]] = [{"user_id": str(u["id"])} for u in users]
+    recipients += [{"user_id": str(uuid.uuid4())} for _ in range(9)]
+    recipients.append({"user_id": str(users[500]["id"]), "variables": {"name": "Again"}})
+    assert len(recipients) == 1000
+    body = {
+        "notification_type": "email",
+        "template_code": code,
+        "variables": {"name": "N", "link": "l"},
+        "request_id": f"thousand-{uuid.uuid4()}",
+        "recipients": recipients,
+    }
+    status, answer, _ = await _post(stack, "/api/v1/notifications/bulk", body)
+    assert status == 202, answer
+    data = answer["data"]
+    assert (data["total"], data["accepted"], data["skipped"], len(data["rejected"])) == (999, 980, 10, 9)
+    await _wait_batch(stack, data["batch_id"], {"delivered": 980, "skipped": 10}, timeout=120)
+    status, again, _ = await _post(stack, "/api/v1/notifications/bulk", body)
+    assert status == 202 and again["data"] == data
+    await asyncio.sleep(1.0)
+    counts = Counter(m["To"] for m in stack.smtp.messages)
+    assert [counts[u["email"]] for u in users] == [0] * 10 + [1] * 980
 
 
 async def test_a_fanout_killed_half_way_resumes_and_sends_each_once(
@@ -294,9 +337,10 @@ async def test_a_large_topic_fans_out_under_back_pressure_with_bounded_memory(
     fanout.queue_bound = 3000
     code = (await stack.create_template())["code"]
     key = await _topic_with(stack, [])
-    count = 10_000
+    count = int(os.environ.get("NOTIFY_TEST_TOPIC_SIZE", "10000"))  # 100000: the issue's size
     await _direct_subscribers(stack, key, count)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    before = peak = _rss_mb()
     started = time.monotonic()
     status, answer, _ = await stack.send(
         {
@@ -315,6 +359,7 @@ async def test_a_large_topic_fans_out_under_back_pressure_with_bounded_memory(
     held = await _batch(stack, batch_id)
     assert held["fanned_out"] is False
     depth = (await amqp_channel.declare_queue(queue.name, passive=True)).declaration_result.message_count
+    # (amqp_channel is not robust: its passive declare counts now.)
     assert 3000 <= depth <= 3000 + 2 * fanout.page, depth
     # A consumer takes the messages: the fan-out goes on to the end, each recipient published.
     seen: set[str] = set()
@@ -323,13 +368,17 @@ async def test_a_large_topic_fans_out_under_back_pressure_with_bounded_memory(
         message = await queue.get(no_ack=True, fail=False)
         if message is not None:
             seen.add(message.body.split(b'"notification_id":"', 1)[1][:36].decode())
+            if len(seen) % 1000 == 0:
+                peak = max(peak, _rss_mb())
             continue
         if (await _batch(stack, batch_id))["fanned_out"] and len(seen) >= count:
             break
         assert time.monotonic() < deadline, f"{len(seen)} of {count} published"
         await asyncio.sleep(0.05)
     elapsed = time.monotonic() - started
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    print(f"fan-out of {count}: {elapsed:.1f}s, peak RSS grew {grown_mb:.0f} MB")
+    grown_mb = peak - before
+    print(f"fan-out of {count}: {elapsed:.1f}s, resident set grew by at most {grown_mb:.0f} MB")
     assert len(seen) == count
-    assert grown_mb < 150
+    # The gateway, its fan-out and this test's own set of ids share the process: the fan-out
+    # holds a page at a time, so the growth does not follow the topic's size.
+    assert grown_mb < 60
