@@ -382,3 +382,27 @@ async def test_a_large_topic_fans_out_under_back_pressure_with_bounded_memory(
     # The gateway, its fan-out and this test's own set of ids share the process: the fan-out
     # holds a page at a time, so the growth does not follow the topic's size.
     assert grown_mb < 60
+
+
+async def test_the_user_lookup_is_internal_and_leaves_unknown_ids_out(stack: Stack) -> None:
+    one, two = await stack.create_user(), await stack.create_user()
+    login = await stack.gateway.post(
+        "/api/v1/auth/login", json={"email": one["email"], "password": "correct horse battery"}
+    )
+    assert login.status == 200
+    token = (await login.json())["data"]["access_token"]
+    url = stack.urls["user_service"] + "/api/v1/users/lookup"
+    unknown = str(uuid.uuid4())
+    async with aiohttp.ClientSession() as session:
+        internal = {"Authorization": f"Bearer {stack.config.internal_api_token}"}
+        async with session.post(url, json={"ids": [one["id"], two["id"], unknown]}, headers=internal) as r:
+            assert r.status == 200
+            found = (await r.json())["data"]
+        async with session.post(
+            url, json={"ids": [one["id"]]}, headers={"Authorization": f"Bearer {token}"}
+        ) as r:
+            assert r.status == 403
+        async with session.post(url, json={"ids": [unknown] * 1001}, headers=internal) as r:
+            assert r.status == 400
+    assert sorted(u["id"] for u in found) == sorted([one["id"], two["id"]])
+    assert all("devices" in u and "password_hash" not in u for u in found)
