@@ -92,6 +92,16 @@ class Fail:
     reason: str
 
 
+def redrive_attempt(status: str, attempts: int, max_attempts: int) -> int:
+    """The attempt a lost message carried, for the reconcilers that send it again: the first
+    for `pending`, the same one for a `sending` whose worker is gone, the next for `retrying`."""
+    if status == "pending":
+        return 1
+    if status == "sending":
+        return max(1, attempts)
+    return min(attempts + 1, max_attempts)
+
+
 def decide(exc: DeliveryError, attempt: int, delays: Sequence[float]) -> Retry | Fail:
     """What follows a failed attempt. A transient failure goes to the retry queue for its
     attempt, or a later one when the provider asked for a longer wait; a deferral waits in the

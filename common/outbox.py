@@ -28,6 +28,7 @@ from aiohttp import web
 
 from common import amqp, background
 from common.config import Config
+from common.delivery import redrive_attempt
 from common.http import CONFIG_KEY, METRICS_KEY
 from common.metrics import Metrics
 from common.store import StatusStore
@@ -163,13 +164,7 @@ class Outbox:
                 log.warning("relay round failed: %s: %s", type(exc).__name__, exc)
 
     def _attempt_of(self, row: dict[str, Any]) -> int:
-        """The attempt the lost message carried: the first for `pending`, the same one for a
-        `sending` whose worker is gone, the next one for `retrying`."""
-        if row["status"] == "pending":
-            return 1
-        if row["status"] == "sending":
-            return max(1, row["attempts"])
-        return min(row["attempts"] + 1, self.config.max_attempts)
+        return redrive_attempt(row["status"], row["attempts"], self.config.max_attempts)
 
     async def reconcile_once(self) -> int:
         config = self.config

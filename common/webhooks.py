@@ -43,7 +43,7 @@ from standardwebhooks import Webhook
 
 from common import amqp, background, db
 from common.config import Config
-from common.delivery import DeliveryError, Retry, decide
+from common.delivery import DeliveryError, Retry, decide, redrive_attempt
 from common.egress import NonPublicAddress, UnsafeEndpoint, allow_list, check_endpoint, guarded_session
 from common.faults import hold, is_infrastructure
 from common.http import CONFIG_KEY, METRICS_KEY
@@ -507,11 +507,7 @@ class WebhookDelivery:
         return len(sent)
 
     def _attempt_of(self, row: db.Row) -> int:
-        if row["status"] == "pending":
-            return 1
-        if row["status"] == "sending":
-            return max(1, row["attempts"])
-        return min(row["attempts"] + 1, self.config.max_attempts)
+        return redrive_attempt(row["status"], row["attempts"], self.config.max_attempts)
 
     async def reconcile_once(self) -> int:
         config = self.config

@@ -38,3 +38,13 @@ def test_a_deferral_waits_in_the_first_queue_and_keeps_its_attempt() -> None:
     # Even on the last attempt: nothing was tried, so nothing was used up.
     assert decide(transient(defer=True), 4, DELAYS) == Retry(1, 4, 1.0)
     assert decide(transient(defer=True, retry_after=20), 4, DELAYS) == Retry(3, 4, 25.0)
+
+
+def test_a_lost_message_is_sent_again_with_the_attempt_it_carried() -> None:
+    from common.delivery import redrive_attempt
+
+    assert redrive_attempt("pending", 3, 4) == 1  # a manual retry starts over
+    assert redrive_attempt("sending", 2, 4) == 2  # its worker is gone: the same attempt
+    assert redrive_attempt("sending", 0, 4) == 1
+    assert redrive_attempt("retrying", 2, 4) == 3  # the retry it was waiting for
+    assert redrive_attempt("retrying", 4, 4) == 4
