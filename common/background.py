@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -42,6 +42,25 @@ def loop(
             await stop(task, stopping.set)
 
     return ctx
+
+
+async def rounds(
+    stopping: asyncio.Event,
+    interval: float,
+    step: Callable[[], Awaitable[Any]],
+    what: str,
+    ready: Callable[[], bool] = lambda: True,
+) -> None:
+    """Run `step` every `interval` seconds until asked to stop, skipping rounds while not
+    `ready`; a round that fails is logged and the next one tries again."""
+    while not stopping.is_set():
+        await sleep(stopping, interval)
+        if stopping.is_set() or not ready():
+            continue
+        try:
+            await step()
+        except Exception as exc:  # noqa: BLE001 - the next round tries again
+            log.warning("%s round failed: %s: %s", what, type(exc).__name__, exc)
 
 
 async def sleep(stopping: asyncio.Event, seconds: float) -> None:

@@ -154,14 +154,7 @@ class Outbox:
             log.info("relay published %d of %d notification(s) left unpublished", len(confirmed), len(rows))
 
     async def relay_loop(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            await background.sleep(stopping, RELAY_INTERVAL)
-            if stopping.is_set() or not self.broker.ready:
-                continue
-            try:
-                await self.relay_once()
-            except Exception as exc:  # noqa: BLE001 - the next round tries again
-                log.warning("relay round failed: %s: %s", type(exc).__name__, exc)
+        await background.rounds(stopping, RELAY_INTERVAL, self.relay_once, "relay", lambda: self.broker.ready)
 
     def _attempt_of(self, row: dict[str, Any]) -> int:
         return redrive_attempt(row["status"], row["attempts"], self.config.max_attempts)
@@ -203,14 +196,9 @@ class Outbox:
 
     async def reconcile_loop(self, stopping: asyncio.Event) -> None:
         interval = min(max(self.config.reconcile_after / 4, 0.5), 30.0)
-        while not stopping.is_set():
-            await background.sleep(stopping, interval)
-            if stopping.is_set() or not self.broker.ready:
-                continue
-            try:
-                await self.reconcile_once()
-            except Exception as exc:  # noqa: BLE001 - the next round tries again
-                log.warning("reconcile round failed: %s: %s", type(exc).__name__, exc)
+        await background.rounds(
+            stopping, interval, self.reconcile_once, "reconcile", lambda: self.broker.ready
+        )
 
 
 def outbox(
