@@ -17,13 +17,16 @@ from typing import Any
 from aiohttp import web
 
 import topology
+from common.batching import Batcher
 from common.clients import ServiceUnavailable
 from common.config import Config, ConfigError, load_config
 from common.delivery import Delivered, DeliveryError, Job
 from common.egress import allow_list, guarded_session
+from common.faults import hold
 from common.http import CONFIG_KEY
 from common.logs import setup_logging
 from common.runner import run
+from common.store import Event
 from common.worker import HTTP_KEY, STORE_KEY, Preparer, worker_app
 from providers.fcm import FcmProvider, fcm_credentials_problem
 from providers.onesignal import OneSignalProvider
@@ -114,6 +117,12 @@ class PushDelivery:
         self.store = app[STORE_KEY]
         self.preparer = Preparer(app, "push")
         self.providers: dict[str, PushProvider] = app[PROVIDERS_KEY]
+        # The device results of the messages in flight go into the history together.
+        self.history: Batcher[list[Event], None] = Batcher(self._write_events)
+
+    async def _write_events(self, batches: list[list[Event]]) -> list[None]:
+        await self.store.events([event for batch in batches for event in batch])
+        return [None] * len(batches)
 
     async def deliver(self, job: Job) -> Delivered:
         prepared = await self.preparer.prepare(job)
@@ -142,9 +151,11 @@ class PushDelivery:
         return self.outcome(job, results, progress, template)
 
     async def record(self, job: Job, results: list[DeviceResult], progress: _Progress) -> None:
-        """One history entry per device; dead devices removed; progress carried forward."""
-        for result in results:
-            await self.store.event(
+        """One history entry per device; dead devices removed; progress carried forward. The
+        pushes went out: their results are held until written (an infrastructure error here
+        must not make the attempt look failed, which would send them again)."""
+        events = [
+            Event(
                 job.notification_id,
                 result.outcome,
                 attempt=job.attempt,
@@ -152,6 +163,10 @@ class PushDelivery:
                 device=result.device.id,
                 detail=result.detail[:1000] or None,
             )
+            for result in results
+        ]
+        await hold("recording the device results", lambda: self.history.submit(events))
+        for result in results:
             if result.outcome == "removed":
                 await self.remove_device(str(job.body["user_id"]), result.device)
             if result.outcome != "retry":

@@ -12,9 +12,10 @@ is never lost between the two.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -117,6 +118,135 @@ class NewNotification:
     detail: str | None = None
     # The bulk request or topic fan-out it belongs to (`common/batches.py`).
     batch_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    notification_id: uuid.UUID
+    attempt: int
+    token: uuid.UUID
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One write of `StatusStore.record`: the new status and what goes with it."""
+
+    notification_id: uuid.UUID
+    status: str
+    attempt: int | None = None
+    error: str | None = None
+    provider: str | None = None
+    device: str | None = None
+    template_version: int | None = None
+    language: str | None = None
+    claim: uuid.UUID | None = None
+    detail: str | None = None
+    webhook_event: str | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """A history entry of `StatusStore.events`."""
+
+    notification_id: uuid.UUID
+    status: str
+    attempt: int
+    provider: str | None = None
+    device: str | None = None
+    detail: str | None = None
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _distinct(items: list[V], key: Callable[[V], K]) -> Iterator[list[V]]:
+    """The items in parts in which no key comes twice, first comers first: one statement can
+    change a row only once."""
+    while items:
+        seen: set[K] = set()
+        part: list[V] = []
+        rest: list[V] = []
+        for item in items:
+            k = key(item)
+            (rest if k in seen else part).append(item)
+            seen.add(k)
+        yield part
+        items = rest
+
+
+# Rows are locked in id order: two batches naming the same notifications cannot deadlock.
+_CLAIM_MANY = f"""
+    WITH c AS (
+        SELECT * FROM unnest(%(ids)s::uuid[], %(attempts)s::integer[], %(tokens)s::uuid[])
+            AS c(id, attempt, token)
+    ), old AS (
+        SELECT t.id, t.status AS previous, t.claim_token AS previous_token, c.attempt, c.token
+        FROM notifications AS t JOIN c ON c.id = t.id
+        ORDER BY t.id FOR UPDATE OF t
+    ), n AS (
+        UPDATE notifications AS t
+        SET status = 'sending', attempts = old.attempt, updated_at = now(),
+            claim_token = old.token,
+            lease_until = now() + make_interval(secs => %(lease)s)
+        FROM old
+        WHERE t.id = old.id AND (
+            old.previous IN ('pending', 'retrying')
+            OR (old.previous = 'sending' AND coalesce(t.lease_until, t.updated_at) < now())
+            OR (old.previous = 'sending' AND old.previous_token = old.token)
+        )
+        RETURNING {", ".join("t." + c.strip() for c in _PUBLIC_COLUMNS.split(","))}, t.claim_token,
+            old.previous = 'sending' AND old.previous_token IS DISTINCT FROM old.token AS reclaimed,
+            old.previous = 'sending' AND old.previous_token = old.token AS again
+    ), e AS (
+        INSERT INTO notification_events (notification_id, status, attempt, detail)
+        SELECT id, 'sending', attempts,
+               CASE WHEN reclaimed THEN 'taken over from a worker that did not finish' END
+        FROM n WHERE NOT again
+    )
+    SELECT * FROM n
+"""
+
+_RECORD_MANY = f"""
+    WITH r AS (
+        SELECT * FROM jsonb_to_recordset(%s::jsonb) AS r(
+            i integer, notification_id uuid, status text, attempt integer, error text,
+            provider text, device text, template_version integer, language text, claim uuid,
+            detail text, webhook_event text)
+    ), cur AS (
+        SELECT t.id, t.status AS before, t.claim_token AS token
+        FROM notifications AS t JOIN r ON r.notification_id = t.id
+        ORDER BY t.id FOR UPDATE OF t
+    ), n AS (
+        UPDATE notifications AS t SET
+            status = r.status,
+            attempts = coalesce(r.attempt, t.attempts),
+            error = CASE WHEN r.status = 'delivered' THEN NULL ELSE coalesce(r.error, t.error) END,
+            provider = coalesce(r.provider, t.provider),
+            template_version = coalesce(r.template_version, t.template_version),
+            language = coalesce(r.language, t.language),
+            delivered_at = CASE WHEN r.status = 'delivered' THEN now() ELSE t.delivered_at END,
+            lease_until = NULL,
+            updated_at = now()
+        FROM cur JOIN r ON r.notification_id = cur.id
+        WHERE t.id = cur.id
+          AND (r.claim IS NULL OR (t.claim_token = r.claim AND t.status = 'sending'))
+        RETURNING t.id, t.attempts, t.client_id, t.request_id, t.user_id, t.notification_type,
+            t.status, t.error, t.provider, r.provider AS event_provider, r.device,
+            coalesce(r.detail, r.error) AS event_detail,
+            CASE WHEN t.status IN ({_WEBHOOK_STATUS_LIST})
+                  AND (cur.before <> t.status OR r.webhook_event IS NOT NULL)
+                 THEN coalesce(r.webhook_event, 'notification.' || t.status) END
+                AS event_type
+    ), e AS (
+        INSERT INTO notification_events (notification_id, status, attempt, provider, device, detail)
+        SELECT id, status, attempts, event_provider, device, event_detail FROM n
+    ), {_webhook_deliveries("n")}
+    SELECT r.i, EXISTS (SELECT 1 FROM n WHERE n.id = r.notification_id)
+        OR EXISTS (SELECT 1 FROM cur WHERE cur.id = r.notification_id
+                   AND cur.token = r.claim AND cur.before = r.status) AS done
+    FROM r
+"""
 
 
 class StatusStore:
@@ -260,35 +390,26 @@ class StatusStore:
         it right now). A `sending` whose lease ran out was claimed by a worker that died between
         sending and recording: it is taken over (`reclaimed` is true) and may be a duplicate.
         """
-        return await self.db.fetchrow(
-            f"""
-            WITH old AS (
-                SELECT id, status AS previous, claim_token AS previous_token
-                FROM notifications WHERE id = %(id)s FOR UPDATE
-            ), n AS (
-                UPDATE notifications AS t
-                SET status = 'sending', attempts = %(attempt)s, updated_at = now(),
-                    claim_token = %(token)s,
-                    lease_until = now() + make_interval(secs => %(lease)s)
-                FROM old
-                WHERE t.id = old.id AND (
-                    old.previous IN ('pending', 'retrying')
-                    OR (old.previous = 'sending' AND coalesce(t.lease_until, t.updated_at) < now())
-                    OR (old.previous = 'sending' AND old.previous_token = %(token)s)
-                )
-                RETURNING {", ".join("t." + c.strip() for c in _PUBLIC_COLUMNS.split(","))},
-                    old.previous = 'sending' AND old.previous_token IS DISTINCT FROM %(token)s AS reclaimed,
-                    old.previous = 'sending' AND old.previous_token = %(token)s AS again
-            ), e AS (
-                INSERT INTO notification_events (notification_id, status, attempt, detail)
-                SELECT id, 'sending', attempts,
-                       CASE WHEN reclaimed THEN 'taken over from a worker that did not finish' END
-                FROM n WHERE NOT again
+        return (await self.claim_many([Claim(notification_id, attempt, token)], lease))[0]
+
+    async def claim_many(self, claims: list[Claim], lease: float) -> list[Row | None]:
+        """`claim` for many at once: one statement for a batch (a worker's messages in flight),
+        each claim judged on its own. A notification named twice is claimed in two statements,
+        so the second copy meets the first's claim as any other consumer would."""
+        found: dict[tuple[uuid.UUID, uuid.UUID], Row] = {}
+        for part in _distinct(claims, lambda c: c.notification_id):
+            rows = await self.db.fetch(
+                _CLAIM_MANY,
+                {
+                    "ids": [c.notification_id for c in part],
+                    "attempts": [c.attempt for c in part],
+                    "tokens": [c.token for c in part],
+                    "lease": lease,
+                },
             )
-            SELECT * FROM n
-            """,
-            {"id": notification_id, "attempt": attempt, "lease": lease, "token": token},
-        )
+            for row in rows:
+                found[(row["id"], row.pop("claim_token"))] = row
+        return [found.get((c.notification_id, c.token)) for c in claims]
 
     async def extend(self, claims: dict[uuid.UUID, uuid.UUID], lease: float) -> int:
         """Keep claims alive while their deliveries run, in one statement (notification id ->
@@ -330,79 +451,41 @@ class StatusStore:
         Moving into a final status queues the client's webhook event `notification.<status>`
         (or `webhook_event`, e.g. `notification.bounced`, which is queued even without a change
         of status), in this statement: a success that changed nothing queues nothing."""
-        row = await self.db.fetchrow(
-            f"""
-            WITH cur AS (
-                SELECT status AS before, claim_token AS token FROM notifications
-                WHERE id = %(id)s FOR UPDATE
-            ), n AS (
-                UPDATE notifications AS t SET
-                    status = %(status)s,
-                    attempts = coalesce(%(attempt)s, attempts),
-                    error = CASE WHEN %(status)s = 'delivered' THEN NULL
-                                 ELSE coalesce(%(error)s, error) END,
-                    provider = coalesce(%(provider)s, provider),
-                    template_version = coalesce(%(template_version)s, template_version),
-                    language = coalesce(%(language)s, language),
-                    delivered_at = CASE WHEN %(status)s = 'delivered' THEN now()
-                                        ELSE delivered_at END,
-                    lease_until = NULL,
-                    updated_at = now()
-                FROM cur
-                WHERE t.id = %(id)s
-                  AND (%(claim)s::uuid IS NULL OR (t.claim_token = %(claim)s AND t.status = 'sending'))
-                RETURNING t.id, t.attempts, t.client_id, t.request_id, t.user_id, t.notification_type,
-                    t.status, t.error, t.provider,
-                    CASE WHEN t.status IN ({_WEBHOOK_STATUS_LIST})
-                          AND (cur.before <> t.status OR %(webhook_event)s::text IS NOT NULL)
-                         THEN coalesce(%(webhook_event)s::text, 'notification.' || t.status) END
-                        AS event_type
-            ), e AS (
-                INSERT INTO notification_events
-                    (notification_id, status, attempt, provider, device, detail)
-                SELECT id, %(status)s, attempts, %(provider)s, %(device)s,
-                       coalesce(%(detail)s, %(error)s) FROM n
-            ), {_webhook_deliveries("n")}
-            SELECT EXISTS (SELECT 1 FROM n)
-                OR EXISTS (SELECT 1 FROM cur WHERE token = %(claim)s AND before = %(status)s) AS done
-            """,
-            {
-                "id": notification_id,
-                "status": status,
-                "attempt": attempt,
-                "error": error,
-                "provider": provider,
-                "device": device,
-                "template_version": template_version,
-                "language": language,
-                "claim": claim,
-                "detail": detail,
-                "webhook_event": webhook_event,
-            },
-        )
-        return bool(row and row["done"])
-
-    async def event(
-        self,
-        notification_id: uuid.UUID,
-        status: str,
-        *,
-        attempt: int,
-        provider: str | None = None,
-        device: str | None = None,
-        detail: str | None = None,
-    ) -> None:
-        """A history entry that does not change the notification's state (a device's result)."""
-        await self.db.execute(
-            "INSERT INTO notification_events (notification_id, status, attempt, provider, device, detail)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
+        outcome = Outcome(
             notification_id,
             status,
-            attempt,
-            provider,
-            device,
-            detail,
+            attempt=attempt,
+            error=error,
+            provider=provider,
+            device=device,
+            template_version=template_version,
+            language=language,
+            claim=claim,
+            detail=detail,
+            webhook_event=webhook_event,
         )
+        return (await self.record_many([outcome]))[0]
+
+    async def record_many(self, outcomes: list[Outcome]) -> list[bool]:
+        """`record` for many at once: one statement for a batch, each outcome its own
+        compare-and-set. A notification named twice is written in two statements, in order."""
+        done: dict[int, bool] = {}
+        for part in _distinct(list(enumerate(outcomes)), lambda item: item[1].notification_id):
+            rows = [{f.name: getattr(o, f.name) for f in fields(o)} | {"i": i} for i, o in part]
+            for row in await self.db.fetch(_RECORD_MANY, orjson.dumps(rows).decode()):
+                done[row["i"]] = bool(row["done"])
+        return [done.get(i, False) for i in range(len(outcomes))]
+
+    async def events(self, events: list[Event]) -> None:
+        """History entries that do not change a notification's state (each device's result), in
+        one statement however many."""
+        if events:
+            await self.db.execute(
+                "INSERT INTO notification_events (notification_id, status, attempt, provider, device, detail)"
+                " SELECT * FROM jsonb_to_recordset(%s::jsonb) AS e(notification_id uuid, status text,"
+                " attempt integer, provider text, device text, detail text)",
+                orjson.dumps([{f.name: getattr(e, f.name) for f in fields(e)} for e in events]).decode(),
+            )
 
     async def device_outcomes(self, notification_id: uuid.UUID) -> dict[str, str]:
         """Each device's latest result for this notification (push fan-out history)."""

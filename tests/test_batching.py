@@ -16,7 +16,7 @@ import aiohttp
 from common import db
 from common.batching import Batcher
 from common.config import Config
-from common.store import NewNotification, StatusStore
+from common.store import Claim, NewNotification, Outcome, StatusStore
 from tests.conftest import API_KEY, Stack
 from tests.processes import ServiceProcess
 from tests.tcp_proxy import TcpProxy
@@ -198,3 +198,47 @@ async def test_the_accept_path_still_rate_limits_in_its_one_round_trip(stack_fac
         if status == 429:
             assert answer["error"] == "rate_limited" and int(headers["Retry-After"]) >= 1
     assert statuses == [202, 202, 429, 429]
+
+
+async def test_claims_and_records_of_many_in_one_statement_are_each_judged_alone(
+    base_config: Config,
+) -> None:
+    """The worker's group commit: one claim statement and one record statement for the messages
+    in flight, each still a compare-and-set on its own row."""
+    database = await db.connect(base_config.notifications_db_url, maxsize=2)
+    store = StatusStore(database)
+    client = f"batch-{uuid.uuid4().hex[:8]}"
+    try:
+        rows = [_new(client, f"w{i}") for i in range(5)]
+        assert all(r is not None for r in await store.create_many(rows))
+        done, copy, fresh, retried, unknown = rows[0], rows[1], rows[2], rows[3], uuid.uuid4()
+        assert await store.record(done.id, "delivered", provider="smtp")
+        assert await store.record(retried.id, "retrying", error="greylisted")
+        tokens = [uuid.uuid4() for _ in range(6)]
+        claims = [
+            Claim(done.id, 1, tokens[0]),  # final: not claimed
+            Claim(copy.id, 1, tokens[1]),
+            Claim(copy.id, 1, tokens[2]),  # a second copy in the same batch: the first holds it
+            Claim(fresh.id, 1, tokens[3]),
+            Claim(retried.id, 2, tokens[4]),
+            Claim(unknown, 1, tokens[5]),
+        ]
+        got = await store.claim_many(claims, 30)
+        assert [g is not None for g in got] == [False, True, False, True, True, False]
+        assert got[4]["attempts"] == 2 and got[4]["reclaimed"] is False  # type: ignore[index]
+        # The same token again (a retry after a timeout that did reach the database): still ours.
+        again = await store.claim_many([Claim(fresh.id, 1, tokens[3])], 30)
+        assert again[0] is not None and again[0]["again"] is True
+        outcomes = [
+            Outcome(copy.id, "delivered", claim=tokens[1], provider="smtp"),
+            Outcome(fresh.id, "delivered", claim=tokens[0], provider="smtp"),  # not its claim
+            Outcome(retried.id, "failed", claim=tokens[4], error="mailbox unavailable"),
+            Outcome(copy.id, "delivered", claim=tokens[1], provider="smtp"),  # written twice: a success
+        ]
+        assert await store.record_many(outcomes) == [True, False, True, True]
+        assert (await store.get(fresh.id))["status"] == "sending"  # type: ignore[index]
+        assert (await store.get(retried.id))["error"] == "mailbox unavailable"  # type: ignore[index]
+        history = [h["status"] for h in await store.history(copy.id)]
+        assert history == ["pending", "sending", "delivered"]
+    finally:
+        await database.close()
