@@ -5,13 +5,14 @@ send_at <= now()`, soonest first, `FOR UPDATE SKIP LOCKED`, in batches), so seve
 share the work and each notification is released by one of them. A round, in one transaction:
 the user's preference and quiet hours are looked at again (they may have changed while it
 waited) → each due row is released to `pending` (publish_pending), held again until its quiet
-hours end, or skipped → commit → publish through the outbox.
+hours end, or skipped → the released ones published, confirmed and marked → commit.
 
 What a crash loses is repaired elsewhere: killed before the commit, the rows are still
-`scheduled` and the next round (of any gateway) takes them; killed after it, they are
-`pending` and unpublished, and the outbox relay publishes them; published twice, the workers'
-claim sends them once. A dispatcher that does not run at all is covered by the reconciler,
-which releases what is overdue by RECONCILE_AFTER (`common/outbox.py`).
+`scheduled` and the next round (of any gateway) takes them (any already published go again, and
+the workers' claim sends them once); those the broker did not confirm are committed `pending`
+and unpublished, and the outbox relay publishes them. A dispatcher that does not run at all is
+covered by the reconciler, which releases what is overdue by RECONCILE_AFTER
+(`common/outbox.py`).
 """
 
 from __future__ import annotations
@@ -96,13 +97,16 @@ class Dispatcher:
             released = await self.store.release(tx, send)
             await self.store.hold(tx, held)
             await self.store.skip_scheduled(tx, skipped)
+            if self.outbox.can_publish:
+                # Published while still locked: a relay elsewhere, seeing them pending and
+                # unpublished for a while (a large round on a busy machine), cannot publish
+                # them too. What the broker does not confirm is left to the relay.
+                await self.outbox.publish_locked(tx, released)
         for row in released:
             lag = (now - row["send_at"]).total_seconds() if row["send_at"] is not None else 0.0
             self.metrics.dispatch_lag.labels(row["notification_type"]).observe(max(0.0, lag))
         for row_id, _ in skipped:
             log.info("scheduled notification %s skipped at dispatch: user opted out", row_id)
-        for row in released:
-            self.outbox.submit(row)
         return len(rows)
 
     async def update_gauge(self) -> None:

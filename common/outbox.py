@@ -28,6 +28,7 @@ from aiohttp import web
 
 from common import amqp, background
 from common.config import Config
+from common.db import Executor
 from common.delivery import redrive_attempt
 from common.http import CONFIG_KEY, METRICS_KEY
 from common.metrics import Metrics
@@ -141,17 +142,28 @@ class Outbox:
 
         return wake
 
+    @property
+    def can_publish(self) -> bool:
+        return self.broker.ready and time.monotonic() >= self._suspect_until
+
+    async def publish_locked(self, tx: Executor, rows: list[dict[str, Any]]) -> int:
+        """Publish rows this transaction holds locked, and mark those the broker confirmed, in
+        it: no relay can take them meanwhile (SKIP LOCKED), so none is published twice by
+        two processes. Returns how many were confirmed; the rest stay for the relay."""
+        # Sent in order on one channel; the confirms are awaited together.
+        results = await asyncio.gather(*(self._send(row) for row in rows), return_exceptions=True)
+        confirmed = [row["id"] for row, result in zip(rows, results, strict=True) if result is None]
+        await self.store.mark_published(confirmed, tx)
+        return len(confirmed)
+
     async def relay_once(self) -> None:
         async with self.store.db.transaction() as tx:
             rows = await self.store.unpublished(tx, RELAY_AGE, limit=RELAY_BATCH)
-            # Sent in order on one channel; the confirms are awaited together.
-            results = await asyncio.gather(*(self._send(row) for row in rows), return_exceptions=True)
-            confirmed = [row["id"] for row, result in zip(rows, results, strict=True) if result is None]
-            await self.store.mark_published(confirmed, tx)
+            confirmed = await self.publish_locked(tx, rows)
         if confirmed:
             self._suspect_until = 0.0
         if rows:
-            log.info("relay published %d of %d notification(s) left unpublished", len(confirmed), len(rows))
+            log.info("relay published %d of %d notification(s) left unpublished", confirmed, len(rows))
 
     async def relay_loop(self, stopping: asyncio.Event) -> None:
         await background.rounds(stopping, RELAY_INTERVAL, self.relay_once, "relay", lambda: self.broker.ready)
