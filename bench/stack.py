@@ -64,11 +64,30 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
+def _stat(pid: int | str) -> list[str]:
     stat = Path(f"/proc/{pid}/stat").read_text()
-    parts = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-    return (int(parts[11]) + int(parts[12])) / CLK_TCK
+    return stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state is [0], ppid [1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process and its live descendants have used so far: a worker's
+    render processes (`common/renderer.py`) work for it, so their CPU is part of its cost."""
+    children: dict[int, list[int]] = {}
+    for path in Path("/proc").glob("[0-9]*"):
+        try:
+            children.setdefault(int(_stat(path.name)[1]), []).append(int(path.name))
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            parts = _stat(current)
+        except OSError:
+            continue
+        total += (int(parts[11]) + int(parts[12])) / CLK_TCK
+        todo.extend(children.get(current, ()))
+    return total
 
 
 # Shared servers, by process name. Their CPU includes any other work on the machine.
@@ -103,6 +122,7 @@ class CpuMeter:
         self.procs = procs
         self.before: dict[str, float] = {}
         self.t0 = 0.0
+        self.wall = 0.0  # seconds between start() and stop()
 
     def _now(self) -> dict[str, float]:
         return {**{name: p.cpu_seconds() for name, p in self.procs.items()}, **infra_cpu_seconds()}
@@ -112,7 +132,7 @@ class CpuMeter:
         self.t0 = time.perf_counter()
 
     def stop(self) -> dict[str, float]:
-        wall = time.perf_counter() - self.t0
+        wall = self.wall = time.perf_counter() - self.t0
         after = self._now()
         return {name: (after[name] - self.before[name]) / wall for name in after if name in self.before}
 

@@ -4,11 +4,18 @@ measures speed: benchmarks are run with `make bench`, not with the tests."""
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from bench.load import parse_response
 from bench.report import top_functions
+from bench.stack import cpu_seconds
 from bench.stats import latency_summary, percentile, planned_offsets
 
 
@@ -76,3 +83,28 @@ def test_profile_top_functions_counts_own_and_inclusive_samples() -> None:
     total, top = top_functions(raw, limit=2)
     assert total == 10
     assert top == [("execute (psycopg2/extras.py)", 6, 6), ("handle (/app/gateway.py)", 3, 9)]
+
+
+def test_the_decode_bench_compares_decoders_that_agree() -> None:
+    from bench import decode
+
+    assert decode.today(decode.VALID) and decode.with_msgspec(decode.VALID)
+    assert not decode.today(decode.INVALID) and not decode.with_msgspec(decode.INVALID)
+
+
+def test_a_process_cpu_counts_its_children(tmp_path: Path) -> None:
+    """A worker's render processes work for it: the bench counts their CPU as the worker's."""
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\ntime.sleep(10)\n"
+    script = tmp_path / "parent.py"
+    script.write_text(
+        f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {busy!r}])\ntime.sleep(10)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 8
+        while cpu_seconds(parent.pid) < 0.45 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cpu_seconds(parent.pid) >= 0.45  # the child's 0.5 s; the parent only sleeps
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
