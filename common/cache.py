@@ -26,6 +26,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from common.batching import Batcher
 from common.clients import Reply, ServiceClient
 from common.metrics import Metrics
 
@@ -139,6 +140,10 @@ class Extra(Protocol):
     def add(self, pipe: Any) -> None: ...
 
 
+# A profile (raw), the template generation, and the first result of an `Extra`'s commands.
+Read = tuple[bytes | None, int | None, Any]
+
+
 class CachedLookups:
     def __init__(self, client: aioredis.Redis, users: ServiceClient, templates: ServiceClient) -> None:
         self.client = client
@@ -148,24 +153,40 @@ class CachedLookups:
             OrderedDict()
         )
         self.outage = RedisOutage("asking the services directly")
+        self._reads: Batcher[tuple[str, Extra | None], Read] = Batcher(self._read_many)
 
     async def _read(self, user_id: str, also: Extra | None = None) -> tuple[bytes | None, int | None, Any]:
-        """One round trip: the profile, the template generation, and `also`'s commands (whose
-        first result is returned; None when Redis is not answering)."""
+        """One round trip, shared with the reads of the moment: the profile, the template
+        generation, and `also`'s commands (whose first result is returned; None when Redis is
+        not answering)."""
         if self.outage.skip():
             return None, None, None
+        return await self._reads.submit((user_id, also))
+
+    async def _read_many(self, reads: list[tuple[str, Extra | None]]) -> list[Read]:
+        """The reads of concurrent requests (or a worker's messages in flight) in one pipeline:
+        one round trip, one system call each way, for all of them."""
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.get(user_key(user_id))
                 pipe.get(TEMPLATE_GENERATION_KEY)
-                if also is not None:
-                    also.add(pipe)
-                raw_user, generation, *more = await pipe.execute()
+                spans: list[tuple[int, int]] = []
+                for user_id, also in reads:
+                    start = len(pipe.command_stack)
+                    pipe.get(user_key(user_id))
+                    if also is not None:
+                        also.add(pipe)
+                    spans.append((start, len(pipe.command_stack)))
+                results = await pipe.execute()
         except (RedisError, OSError) as exc:
             self.outage.failed(exc)
-            return None, None, None
+            return [(None, None, None)] * len(reads)
         self.outage.succeeded()
-        return raw_user, int(generation or 0), more[0] if more else None
+        generation = int(results[0] or 0)
+        found: list[Read] = []
+        for start, end in spans:
+            raw_user, *more = results[start:end]
+            found.append((raw_user, generation, more[0] if more else None))
+        return found
 
     async def user(self, user_id: str) -> Reply:
         raw, _, _ = await self._read(user_id)

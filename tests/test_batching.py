@@ -12,10 +12,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
+import redis.asyncio as aioredis
 
 from common import db
 from common.batching import Batcher
+from common.cache import CachedLookups, user_key
+from common.clients import ServiceClient
 from common.config import Config
+from common.ratelimit import RateLimiter
 from common.store import Claim, NewNotification, Outcome, StatusStore
 from tests.conftest import API_KEY, Stack
 from tests.processes import ServiceProcess
@@ -242,3 +247,39 @@ async def test_claims_and_records_of_many_in_one_statement_are_each_judged_alone
         assert history == ["pending", "sending", "delivered"]
     finally:
         await database.close()
+
+
+async def test_concurrent_lookups_share_one_redis_round_trip_and_each_gets_its_own(
+    base_config: Config,
+) -> None:
+    """The reads of concurrent requests go to Redis in one pipeline; each request still gets its
+    own user's profile and its own rate-limit count."""
+    client = aioredis.Redis.from_url(base_config.redis_url)
+    async with aiohttp.ClientSession() as session:
+        unused = ServiceClient(session, "http://127.0.0.1:9", "t", "users")
+        lookups = CachedLookups(client, unused, unused)
+        flushes: list[int] = []
+        read_many = lookups._read_many
+
+        async def counted(reads: list[Any]) -> list[Any]:
+            flushes.append(len(reads))
+            return await read_many(reads)
+
+        lookups._reads._flush = counted
+        limiter = RateLimiter(client, limit=1000, window=60)
+        users = [str(uuid.uuid4()) for _ in range(20)]
+        try:
+            for i, user_id in enumerate(users):
+                await client.set(user_key(user_id), orjson.dumps({"id": user_id, "n": i}))
+            subjects = [f"batch-test-{uuid.uuid4().hex}" for _ in range(2)]
+            reads = await asyncio.gather(
+                *(lookups._read(u, limiter.count(subjects[i % 2])) for i, u in enumerate(users))
+            )
+            assert flushes == [20]
+            assert [orjson.loads(raw or b"{}").get("n") for raw, _, _ in reads] == list(range(20))
+            # Each request counted once, in order, per subject.
+            assert sorted(count for _, _, count in reads[0::2]) == list(range(1, 11))
+            assert sorted(count for _, _, count in reads[1::2]) == list(range(1, 11))
+        finally:
+            await client.delete(*(user_key(u) for u in users))
+            await client.aclose()
