@@ -84,6 +84,9 @@ class Config:
     retention_days: int = 90
     # Bound on every PostgreSQL call (connect, query, waiting for a pooled connection).
     db_timeout: float = 5.0
+    # Hot status-store statements are prepared once per connection (a generic plan). Off behind
+    # a pooler in transaction mode (PgBouncer), which cannot keep a session's statements.
+    db_prepared_statements: bool = True
     rate_limit: int = 1000
     rate_limit_window: float = 1.0
     login_rate_limit: int = 10
@@ -178,6 +181,15 @@ def _positive_float(raw: str) -> float:
     if not value > 0:
         raise ValueError("must be a positive number")
     return value
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
 
 
 def _port(raw: str) -> int:
@@ -325,6 +337,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "reconcile_after": _positive_float,
     "dispatch_interval": _positive_float,
     "db_timeout": _positive_float,
+    "db_prepared_statements": _flag,
     "retention_days": _positive_int,
     "rate_limit": _non_negative_int,
     "rate_limit_window": _positive_float,

@@ -29,7 +29,9 @@ def database(
 ) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG_KEY]
-        database = await db.connect(url_of(config), maxsize=maxsize, timeout=config.db_timeout)
+        database = await db.connect(
+            url_of(config), maxsize=maxsize, timeout=config.db_timeout, prepared=config.db_prepared_statements
+        )
         app[key] = database
         app[HEALTH_KEY][name] = Check(database.ping)
         try:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from common.db import Database, Executor, InputError, Row
+from common.db import Database, Executor, InputError, Row, Statement
 
 FINAL_STATUSES = ("delivered", "failed", "skipped", "cancelled")
 STATUSES = ("scheduled", "pending", "sending", "retrying", "delivered", "failed", "skipped", "cancelled")
@@ -76,7 +76,7 @@ _NEW_KEYS = """
         RETURNING notification_id, created_at"""
 _CREATE_MANY = f"""
     WITH r AS (
-        SELECT * FROM jsonb_to_recordset(%s::jsonb) AS r(
+        SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(
             id uuid, client_id text, request_id text, body_hash text, user_id uuid,
             notification_type text, template_code text, language text, template_version integer,
             variables jsonb, metadata jsonb, priority smallint, status text, error text,
@@ -94,6 +94,7 @@ _CREATE_MANY = f"""
     ), {_webhook_deliveries("n")}
     SELECT {_PUBLIC_COLUMNS} FROM n
 """
+CREATE_MANY = Statement("notify_create_many", _CREATE_MANY, [("rows", "jsonb")])
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,12 @@ def _distinct(items: list[V], key: Callable[[V], K]) -> Iterator[list[V]]:
         items = rest
 
 
-# Rows are locked in id order: two batches naming the same notifications cannot deadlock.
+# Rows are locked in id order: two batches naming the same notifications cannot deadlock. The
+# `id = ANY(ids)` beside each join on the input rows is there for the planner: it cannot tell how
+# many rows a jsonb_to_recordset or an unnest holds (it guesses 10 or 100), and on a table whose
+# statistics are stale (or a fresh one) it would rather hash-join a scan of every partition than
+# look each id up; with the ids as an array it looks them up in the primary key, whatever the
+# statistics say, which a plan prepared once must do.
 _CLAIM_MANY = f"""
     WITH c AS (
         SELECT * FROM unnest(%(ids)s::uuid[], %(attempts)s::integer[], %(tokens)s::uuid[])
@@ -183,6 +189,7 @@ _CLAIM_MANY = f"""
     ), old AS (
         SELECT t.id, t.status AS previous, t.claim_token AS previous_token, c.attempt, c.token
         FROM notifications AS t JOIN c ON c.id = t.id
+        WHERE t.id = ANY(%(ids)s::uuid[])
         ORDER BY t.id FOR UPDATE OF t
     ), n AS (
         UPDATE notifications AS t
@@ -190,7 +197,7 @@ _CLAIM_MANY = f"""
             claim_token = old.token,
             lease_until = now() + make_interval(secs => %(lease)s)
         FROM old
-        WHERE t.id = old.id AND (
+        WHERE t.id = old.id AND t.id = ANY(%(ids)s::uuid[]) AND (
             old.previous IN ('pending', 'retrying')
             OR (old.previous = 'sending' AND coalesce(t.lease_until, t.updated_at) < now())
             OR (old.previous = 'sending' AND old.previous_token = old.token)
@@ -206,16 +213,22 @@ _CLAIM_MANY = f"""
     )
     SELECT * FROM n
 """
+CLAIM_MANY = Statement(
+    "notify_claim_many",
+    _CLAIM_MANY,
+    [("ids", "uuid[]"), ("attempts", "integer[]"), ("tokens", "uuid[]"), ("lease", "float8")],
+)
 
 _RECORD_MANY = f"""
     WITH r AS (
-        SELECT * FROM jsonb_to_recordset(%s::jsonb) AS r(
+        SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(
             i integer, notification_id uuid, status text, attempt integer, error text,
             provider text, device text, template_version integer, language text, claim uuid,
             detail text, webhook_event text)
     ), cur AS (
         SELECT t.id, t.status AS before, t.claim_token AS token
         FROM notifications AS t JOIN r ON r.notification_id = t.id
+        WHERE t.id = ANY(%(ids)s::uuid[])
         ORDER BY t.id FOR UPDATE OF t
     ), n AS (
         UPDATE notifications AS t SET
@@ -229,7 +242,7 @@ _RECORD_MANY = f"""
             lease_until = NULL,
             updated_at = now()
         FROM cur JOIN r ON r.notification_id = cur.id
-        WHERE t.id = cur.id
+        WHERE t.id = cur.id AND t.id = ANY(%(ids)s::uuid[])
           AND (r.claim IS NULL OR (t.claim_token = r.claim AND t.status = 'sending'))
         RETURNING t.id, t.attempts, t.client_id, t.request_id, t.user_id, t.notification_type,
             t.status, t.error, t.provider, r.provider AS event_provider, r.device,
@@ -247,6 +260,28 @@ _RECORD_MANY = f"""
                    AND cur.token = r.claim AND cur.before = r.status) AS done
     FROM r
 """
+RECORD_MANY = Statement("notify_record_many", _RECORD_MANY, [("rows", "jsonb"), ("ids", "uuid[]")])
+
+MARK_PUBLISHED = Statement(
+    "notify_mark_published",
+    "UPDATE notifications SET publish_pending = false WHERE id = ANY(%(ids)s::uuid[])",
+    [("ids", "uuid[]")],
+)
+EXTEND = Statement(
+    "notify_extend",
+    "UPDATE notifications AS n SET lease_until = now() + make_interval(secs => %(lease)s)"
+    " FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[]) AS c(id, token)"
+    " WHERE n.id = c.id AND n.id = ANY(%(ids)s::uuid[]) AND n.claim_token = c.token"
+    " AND n.status = 'sending'",
+    [("lease", "float8"), ("ids", "uuid[]"), ("tokens", "uuid[]")],
+)
+EVENTS = Statement(
+    "notify_events",
+    "INSERT INTO notification_events (notification_id, status, attempt, provider, device, detail)"
+    " SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS e(notification_id uuid, status text,"
+    " attempt integer, provider text, device text, detail text)",
+    [("rows", "jsonb")],
+)
 
 
 class StatusStore:
@@ -299,7 +334,7 @@ class StatusStore:
             for n in ordered
         ]
         try:
-            found = await self.db.fetch(_CREATE_MANY, orjson.dumps(rows).decode())
+            found = await self.db.fetch_statement(CREATE_MANY, {"rows": orjson.dumps(rows).decode()})
         except InputError:
             alone: list[Row | BaseException | None] = []
             for n in batch:
@@ -373,10 +408,7 @@ class StatusStore:
 
     async def mark_published(self, notification_ids: list[uuid.UUID], db: Executor | None = None) -> None:
         if notification_ids:
-            await (db or self.db).execute(
-                "UPDATE notifications SET publish_pending = false WHERE id = ANY(%s::uuid[])",
-                notification_ids,
-            )
+            await (db or self.db).execute_statement(MARK_PUBLISHED, {"ids": notification_ids})
 
     async def claim(
         self, notification_id: uuid.UUID, attempt: int, lease: float, token: uuid.UUID
@@ -398,8 +430,8 @@ class StatusStore:
         so the second copy meets the first's claim as any other consumer would."""
         found: dict[tuple[uuid.UUID, uuid.UUID], Row] = {}
         for part in _distinct(claims, lambda c: c.notification_id):
-            rows = await self.db.fetch(
-                _CLAIM_MANY,
+            rows = await self.db.fetch_statement(
+                CLAIM_MANY,
                 {
                     "ids": [c.notification_id for c in part],
                     "attempts": [c.attempt for c in part],
@@ -416,13 +448,8 @@ class StatusStore:
         claim token); a claim no longer ours is left alone. Returns how many were extended."""
         if not claims:
             return 0
-        return await self.db.execute(
-            "UPDATE notifications AS n SET lease_until = now() + make_interval(secs => %s)"
-            " FROM unnest(%s::uuid[], %s::uuid[]) AS c(id, token)"
-            " WHERE n.id = c.id AND n.claim_token = c.token AND n.status = 'sending'",
-            lease,
-            list(claims),
-            list(claims.values()),
+        return await self.db.execute_statement(
+            EXTEND, {"lease": lease, "ids": list(claims), "tokens": list(claims.values())}
         )
 
     async def record(
@@ -472,7 +499,8 @@ class StatusStore:
         done: dict[int, bool] = {}
         for part in _distinct(list(enumerate(outcomes)), lambda item: item[1].notification_id):
             rows = [{f.name: getattr(o, f.name) for f in fields(o)} | {"i": i} for i, o in part]
-            for row in await self.db.fetch(_RECORD_MANY, orjson.dumps(rows).decode()):
+            values = {"rows": orjson.dumps(rows).decode(), "ids": [o.notification_id for _, o in part]}
+            for row in await self.db.fetch_statement(RECORD_MANY, values):
                 done[row["i"]] = bool(row["done"])
         return [done.get(i, False) for i in range(len(outcomes))]
 
@@ -480,12 +508,8 @@ class StatusStore:
         """History entries that do not change a notification's state (each device's result), in
         one statement however many."""
         if events:
-            await self.db.execute(
-                "INSERT INTO notification_events (notification_id, status, attempt, provider, device, detail)"
-                " SELECT * FROM jsonb_to_recordset(%s::jsonb) AS e(notification_id uuid, status text,"
-                " attempt integer, provider text, device text, detail text)",
-                orjson.dumps([{f.name: getattr(e, f.name) for f in fields(e)} for e in events]).decode(),
-            )
+            rows = [{f.name: getattr(e, f.name) for f in fields(e)} for e in events]
+            await self.db.execute_statement(EVENTS, {"rows": orjson.dumps(rows).decode()})
 
     async def device_outcomes(self, notification_id: uuid.UUID) -> dict[str, str]:
         """Each device's latest result for this notification (push fan-out history)."""

@@ -283,3 +283,28 @@ async def test_concurrent_lookups_share_one_redis_round_trip_and_each_gets_its_o
         finally:
             await client.delete(*(user_key(u) for u in users))
             await client.aclose()
+
+
+async def test_hot_statements_run_prepared_or_plain_and_survive_a_lost_session_statement(
+    base_config: Config,
+) -> None:
+    """Prepared once per connection (a generic plan); plain behind a pooler in transaction mode
+    (DB_PREPARED_STATEMENTS=false); a statement the session lost (DISCARD ALL, a pooler handing
+    over another server session) is prepared again, not an error."""
+    for prepared in (True, False):
+        database = await db.connect(base_config.notifications_db_url, maxsize=1, prepared=prepared)
+        store = StatusStore(database)
+        client = f"prep-{uuid.uuid4().hex[:8]}"
+        try:
+            for round_ in range(3):
+                row = _new(client, f"r{round_}")
+                assert (await store.create_many([row]))[0] is not None
+                token = uuid.uuid4()
+                assert (await store.claim_many([Claim(row.id, 1, token)], 30))[0] is not None
+                assert await store.extend({row.id: token}, 30) == 1
+                assert await store.record_many([Outcome(row.id, "delivered", claim=token)]) == [True]
+                names = await database.fetch("SELECT name FROM pg_prepared_statements")
+                assert bool(names) is prepared
+                await database.execute("DEALLOCATE ALL")  # the session loses them
+        finally:
+            await database.close()
