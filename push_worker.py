@@ -27,7 +27,7 @@ from common.http import CONFIG_KEY
 from common.logs import setup_logging
 from common.runner import run
 from common.store import Event
-from common.worker import HTTP_KEY, STORE_KEY, Preparer, worker_app
+from common.worker import BATCH_WINDOW, HTTP_KEY, STORE_KEY, Preparer, worker_app
 from providers.fcm import FcmProvider, fcm_credentials_problem
 from providers.onesignal import OneSignalProvider
 from providers.push import Device, DeviceResult, PushMessage, PushProvider
@@ -118,7 +118,7 @@ class PushDelivery:
         self.preparer = Preparer(app, "push")
         self.providers: dict[str, PushProvider] = app[PROVIDERS_KEY]
         # The device results of the messages in flight go into the history together.
-        self.history: Batcher[list[Event], None] = Batcher(self._write_events)
+        self.history: Batcher[list[Event], None] = Batcher(self._write_events, delay=BATCH_WINDOW)
 
     async def _write_events(self, batches: list[list[Event]]) -> list[None]:
         await self.store.events([event for batch in batches for event in batch])

@@ -49,6 +49,7 @@ REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 RENDER_KEY = web.AppKey("render_pool", RenderPool)
 
 SHUTDOWN_GRACE = 20.0
+BATCH_WINDOW = 0.025  # seconds a claim or a record waits for others to share its statement
 RETRY_PUBLISH_TIMEOUT = 5.0
 
 T = TypeVar("T")
@@ -135,11 +136,17 @@ class Worker:
         self.in_flight: set[asyncio.Task[None]] = set()
         self.claims: dict[uuid.UUID, uuid.UUID] = {}
         # Group commit: the messages in flight claim and record together, one statement (one
-        # transaction, one round trip) for each batch rather than two for every message.
+        # transaction, one round trip) for each batch rather than two for every message. The
+        # broker hands messages over one by one as earlier ones are acknowledged, so they come
+        # staggered: the window is wide enough to gather them, and small beside a delivery.
         self.claiming: Batcher[Claim, db.Row | None] = Batcher(
-            lambda batch: store.claim_many(batch, config.claim_timeout), size=config.worker_prefetch
+            lambda batch: store.claim_many(batch, config.claim_timeout),
+            size=config.worker_prefetch,
+            delay=BATCH_WINDOW,
         )
-        self.recording: Batcher[Outcome, bool] = Batcher(store.record_many, size=config.worker_prefetch)
+        self.recording: Batcher[Outcome, bool] = Batcher(
+            store.record_many, size=config.worker_prefetch, delay=BATCH_WINDOW
+        )
 
     async def consume(self) -> None:
         # Declared again with the arguments the topology declared it with: a robust channel
