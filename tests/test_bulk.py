@@ -87,6 +87,10 @@ async def test_bulk_answers_each_recipient_and_delivers_once(stack: Stack) -> No
     assert status == 200 and sorted(n["user_id"] for n in listed["data"]) == sorted(
         [u["id"] for u in good] + [opted_out["id"]]
     )
+    # Each says which batch it belongs to, in the list and alone.
+    assert {n["batch_id"] for n in listed["data"]} == {data["batch_id"]}
+    status, one = await _get(stack, f"/api/v1/notifications/{listed['data'][0]['notification_id']}")
+    assert status == 200 and one["data"]["batch_id"] == data["batch_id"]
     [first] = stack.smtp.to(good[0]["email"])
     assert "Ada" in first["Subject"]
     [own] = stack.smtp.to(good[2]["email"])
