@@ -66,6 +66,17 @@ def notification_id(batch_id: uuid.UUID, user_id: uuid.UUID | str) -> uuid.UUID:
     return uuid.uuid5(batch_id, str(user_id))
 
 
+# Between a batch's request_id and a recipient's user id in the recipient's idempotency key. A
+# client's request_id cannot hold it (REQUEST_ID_RE refuses control characters), so no single
+# notification's key can equal a recipient's, whatever the client picks.
+RECIPIENT_SEPARATOR = "\x1f"  # ASCII unit separator
+
+
+def recipient_request_id(request_id: str, user_id: uuid.UUID | str) -> str:
+    """A batch recipient's request_id: the same for the same request and user, every time."""
+    return f"{request_id}{RECIPIENT_SEPARATOR}{user_id}"
+
+
 class BatchStore:
     def __init__(self, database: db.Database) -> None:
         self.db = database
@@ -323,7 +334,7 @@ def recipient(common: Common, user: dict[str, Any], variables: dict[str, Any]) -
         id=notification_id(common.batch_id, user_id),
         client_id=common.client_id,
         # Per (client, request_id, user): the idempotency key of one recipient of the batch.
-        request_id=f"{common.request_id}:{user_id}",
+        request_id=recipient_request_id(common.request_id, user_id),
         body_hash=common.body_hash,
         user_id=user_id,
         notification_type=channel,

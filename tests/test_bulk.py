@@ -410,3 +410,41 @@ async def test_the_user_lookup_is_internal_and_leaves_unknown_ids_out(stack: Sta
             assert r.status == 400
     assert sorted(u["id"] for u in found) == sorted([one["id"], two["id"]])
     assert all("devices" in u and "password_hash" not in u for u in found)
+
+
+async def test_a_single_request_id_cannot_take_a_bulk_recipients_key(stack: Stack) -> None:
+    code = (await stack.create_template())["code"]
+    user = await stack.create_user()
+    request_id = f"shared-{uuid.uuid4()}"
+    # A single notification whose request_id looks like "<request_id>:<user_id>" (a client's
+    # own convention) is its own: a later bulk with that request_id still reaches the user.
+    single = {
+        "notification_type": "email",
+        "user_id": user["id"],
+        "template_code": code,
+        "variables": {"name": "One", "link": "l"},
+        "request_id": f"{request_id}:{user['id']}",
+    }
+    status, answer, _ = await stack.send(single)
+    assert status == 202, answer
+    alone = await stack.wait_for(answer["data"]["notification_id"], "delivered")
+    assert alone["batch_id"] is None
+    body = {
+        "notification_type": "email",
+        "template_code": code,
+        "variables": {"name": "Many", "link": "l"},
+        "request_id": request_id,
+        "recipients": [{"user_id": user["id"]}],
+    }
+    status, answer, _ = await _post(stack, "/api/v1/notifications/bulk", body)
+    assert status == 202, answer
+    assert (answer["data"]["accepted"], answer["data"]["rejected"]) == (1, [])
+    await _wait_batch(stack, answer["data"]["batch_id"], {"delivered": 1})
+    assert sorted(m["Subject"] for m in stack.smtp.to(user["email"])) == ["Welcome, Many!", "Welcome, One!"]
+    # The recipient's key uses a character no client request_id may hold.
+    status, listed = await _get(stack, f"/api/v1/notifications/?batch_id={answer['data']['batch_id']}")
+    key = listed["data"][0]["request_id"]
+    status, refused, _ = await stack.send({**single, "request_id": key})
+    assert status == 400 and "request_id" in refused["data"]["fields"], refused
+    status, again, _ = await _post(stack, "/api/v1/notifications/bulk", body)
+    assert status == 202 and again["data"] == answer["data"]
