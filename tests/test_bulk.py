@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from common import amqp, db
-from common.batches import FANOUT_KEY
+from common.batches import BATCHES_KEY, FANOUT_KEY
 from tests.conftest import API_KEY, Stack
 from tests.processes import ServiceProcess
 
@@ -448,3 +448,35 @@ async def test_a_single_request_id_cannot_take_a_bulk_recipients_key(stack: Stac
     assert status == 400 and "request_id" in refused["data"]["fields"], refused
     status, again, _ = await _post(stack, "/api/v1/notifications/bulk", body)
     assert status == 202 and again["data"] == answer["data"]
+
+
+async def test_a_fanout_that_keeps_failing_is_given_up_with_its_reason(stack: Stack) -> None:
+    fanout = stack.gateway.app[FANOUT_KEY]
+    fanout.max_attempts, fanout.failure_pause = 3, 0.05
+    key = await _topic_with(stack, [])
+    await _direct_subscribers(stack, key, 3)
+    notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
+    try:
+        # A batch the fan-out cannot read (what a bug or a bad migration could leave behind):
+        # a failure of the batch's own, not the infrastructure's, so no retry will mend it.
+        batch_id = uuid.uuid4()
+        await notes.execute(
+            "INSERT INTO batches (id, client_id, request_id, body_hash, kind, topic_key, payload, total)"
+            " SELECT %s, client_id, %s, 'x', 'topic', key, '{}', 3 FROM topics WHERE key = %s",
+            batch_id,
+            f"broken-{uuid.uuid4()}",
+            key,
+        )
+        await fanout.publish(batch_id)
+        deadline = time.monotonic() + 30
+        while (batch := await _batch(stack, str(batch_id)))["failed_at"] is None:
+            assert time.monotonic() < deadline, f"never given up: {batch}"
+            await asyncio.sleep(0.1)
+        assert "KeyError" in batch["error"] and "notification_type" in batch["error"], batch
+        assert batch["fanned_out"] is False and batch["by_status"] == {}
+        # Given up for good: no further tries, nothing sent, and the redrive leaves it alone.
+        await asyncio.sleep(1.0)
+        assert await notes.fetchval("SELECT fanout_attempts FROM batches WHERE id = %s", batch_id) == 3
+        assert batch_id not in await stack.gateway.app[BATCHES_KEY].stalled_fanouts(0)
+    finally:
+        await notes.close()
