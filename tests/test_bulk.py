@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
+import redis.asyncio as aioredis
 
 from common import amqp, db
 from common.batches import BATCHES_KEY, FANOUT_KEY
+from common.cache import user_key
 from tests.conftest import API_KEY, Stack
 from tests.processes import ServiceProcess
 
@@ -397,6 +400,8 @@ async def test_the_user_lookup_is_internal_and_leaves_unknown_ids_out(stack: Sta
     token = (await login.json())["data"]["access_token"]
     url = stack.urls["user_service"] + "/api/v1/users/lookup"
     unknown = str(uuid.uuid4())
+    cache = aioredis.Redis.from_url(stack.config.redis_url)
+    await cache.delete(user_key(one["id"]), user_key(two["id"]))
     async with aiohttp.ClientSession() as session:
         internal = {"Authorization": f"Bearer {stack.config.internal_api_token}"}
         async with session.post(url, json={"ids": [one["id"], two["id"], unknown]}, headers=internal) as r:
@@ -410,6 +415,13 @@ async def test_the_user_lookup_is_internal_and_leaves_unknown_ids_out(stack: Sta
             assert r.status == 400
     assert sorted(u["id"] for u in found) == sorted([one["id"], two["id"]])
     assert all("devices" in u and "password_hash" not in u for u in found)
+    # Looked up together, cached as one read caches them: the workers find them in Redis.
+    try:
+        cached = [orjson.loads(raw) for raw in await cache.mget([user_key(one["id"]), user_key(two["id"])])]
+        assert await cache.exists(user_key(unknown)) == 0
+    finally:
+        await cache.aclose()
+    assert cached == sorted(found, key=lambda u: u["id"] != one["id"])
 
 
 async def test_a_single_request_id_cannot_take_a_bulk_recipients_key(stack: Stack) -> None:
