@@ -417,7 +417,8 @@ async def test_the_user_lookup_is_internal_and_leaves_unknown_ids_out(stack: Sta
     assert all("devices" in u and "password_hash" not in u for u in found)
     # Looked up together, cached as one read caches them: the workers find them in Redis.
     try:
-        cached = [orjson.loads(raw) for raw in await cache.mget([user_key(one["id"]), user_key(two["id"])])]
+        raw = await cache.mget([user_key(one["id"]), user_key(two["id"])])
+        cached = [orjson.loads(r or b"null") for r in raw]
         assert await cache.exists(user_key(unknown)) == 0
     finally:
         await cache.aclose()
