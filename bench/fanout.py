@@ -74,6 +74,9 @@ class FanoutRun:
     from_request_s: float  # request sent → last delivered_at
     fanned_out_s: float | None  # batch created → every recipient stored
     sink_received: int | None  # emails the sink got during the fan-out (warm-up subtracted)
+    halves: tuple[float, float]  # delivered/s over the first and the second half delivered
+    autovacuum: str  # PostgreSQL's setting: off, dead row versions pile up over a long run
+    dead_rows: int  # dead row versions left in the notifications tables at the end
     result: Outcome
     rss: dict[str, tuple[int, int, int]]  # KiB at start, at half delivered, at end
 
@@ -199,12 +202,31 @@ async def _fan_out(env: BenchEnv, pipe: Pipeline, key: str, code: str, opts: Fan
     first = float(times["first"]) if times and times["first"] is not None else float("nan")
     last = float(times["last"]) if times and times["last"] is not None else float("nan")
     fanned = batch["seconds"] if batch else None
+    delivered = result.delivered
+    middle = await database.fetchval(
+        "SELECT extract(epoch FROM delivered_at) FROM notifications WHERE status = 'delivered'"
+        " ORDER BY delivered_at OFFSET %s LIMIT 1",
+        max(0, delivered // 2 - 1),
+    )
+    start = last - result.seconds  # the first created_at
+    mid = float(middle) if middle is not None else float("nan")
+    halves = (
+        (delivered // 2) / (mid - start) if mid > start else 0.0,
+        (delivered - delivered // 2) / (last - mid) if last > mid else 0.0,
+    )
+    autovacuum = str(await database.fetchval("SHOW autovacuum"))
+    dead = await database.fetchval(
+        "SELECT coalesce(sum(n_dead_tup), 0) FROM pg_stat_user_tables WHERE relname LIKE 'notifications%%'"
+    )
     return FanoutRun(
         subscribers=total,
         request_ms=request_ms,
         first_email_s=first - sent,
         from_request_s=last - sent,
         fanned_out_s=float(fanned) if fanned is not None else None,
+        halves=halves,
+        autovacuum=autovacuum,
+        dead_rows=int(dead or 0),
         sink_received=None,
         result=result,
         rss={name: (rss_start[name], rss_mid[name], rss_end[name]) for name in procs},
@@ -288,6 +310,9 @@ async def run_fanout(
         f" ({fmt_num(o.delivered / run.from_request_s if run.from_request_s > 0 else 0)}/s from the request)."
         f" The SMTP sink received {fmt_num(run.sink_received)} emails during the fan-out"
         f" (the warm-up's subtracted)."
+        f" Delivered/s over the first half delivered {fmt_num(run.halves[0])}, over the second"
+        f" {fmt_num(run.halves[1])}; PostgreSQL autovacuum {run.autovacuum}, dead row versions in"
+        f" the notifications tables at the end {fmt_num(run.dead_rows)}."
     )
     section.table(
         ["run", "delivered/s", "fan-out ÷ this"],
@@ -325,6 +350,9 @@ async def run_fanout(
         "first_email_s": run.first_email_s,
         "from_request_s": run.from_request_s,
         "fanned_out_s": run.fanned_out_s,
+        "halves": run.halves,
+        "autovacuum": run.autovacuum,
+        "dead_rows": run.dead_rows,
         "request_ms": run.request_ms,
         "sink_received": run.sink_received,
         "latency_ms": o.latency_ms,
