@@ -354,6 +354,10 @@ async def lookup_users(request: web.Request) -> web.Response:
         by_user.setdefault(device.pop("user_id"), []).append(device)
     for user in users:
         user["devices"] = by_user.get(user["id"], [])
+    # Cached as a single read caches them: the worker delivering to each of these users next
+    # (a bulk send or fan-out, one message per user) then finds the profile in Redis instead
+    # of calling this service once per message.
+    await request.app[CACHE_KEY].put_many(users)
     return json_response(users, "users")
 
 

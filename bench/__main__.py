@@ -1,4 +1,4 @@
-"""`python -m bench [accept|email|push|all] [options]` — see BENCHMARKS.md.
+"""`python -m bench [accept|email|fanout|push|all] [options]` — see BENCHMARKS.md.
 
 Creates its own databases (notify_bench_*), RabbitMQ vhost (notify_bench) and Redis db (14),
 runs the chosen benchmarks against services started as processes on free 127.0.0.1 ports,
@@ -20,6 +20,7 @@ from typing import Any
 
 from bench.accept import AcceptOptions, run_accept
 from bench.e2e import E2EOptions, run_email, run_push
+from bench.fanout import FanoutOptions, Reference, run_fanout
 from bench.report import ROOT
 from bench.scale import ScaleOptions, run_scale
 from bench.stack import BenchEnv, exclusive_run
@@ -37,7 +38,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
-    p.add_argument("which", nargs="?", default="all", choices=("accept", "email", "push", "all", "scale"))
+    p.add_argument(
+        "which", nargs="?", default="all", choices=("accept", "email", "fanout", "push", "all", "scale")
+    )
     p.add_argument("--quick", action="store_true", help="a small run for development: N=500, short durations")
     g = p.add_argument_group("gateway accept")
     g.add_argument("--duration", type=float, default=15.0, help="closed-loop seconds (default 15)")
@@ -83,6 +86,26 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument(
         "--warmup", type=int, default=200, help="notifications sent before each e2e run, not counted"
     )
+    f = p.add_argument_group("topic fan-out")
+    f.add_argument(
+        "--subscribers",
+        type=int,
+        default=None,
+        help="subscribers of the topic (default 100000; 2000 with --quick)",
+    )
+    f.add_argument(
+        "--fanout-workers", type=int, default=1, help="email worker processes for the fan-out (default 1)"
+    )
+    f.add_argument(
+        "--compare-count",
+        type=int,
+        default=5000,
+        help="N of the single-notification run measured for the comparison when the email benchmark"
+        " did not run first (default 5000)",
+    )
+    f.add_argument(
+        "--fanout-timeout", type=float, default=1200.0, help="max seconds for the fan-out (default 1200)"
+    )
     s = p.add_argument_group("scale (not part of all): --workers sets the email workers, e.g. 1,2,4")
     s.add_argument("--gateways", type=_ints, default=(1, 2), help="gateway processes per run (default 1,2)")
     c = p.add_argument_group("common")
@@ -97,7 +120,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.duration, args.open_duration, args.baseline_duration = 4.0, 3.0, 3.0
         args.count, args.raw_count, args.open_e2e_duration = 500, 1000, 5.0
+        args.compare_count = 500
+    if args.subscribers is None:
+        args.subscribers = 2000 if args.quick else 100_000
     return args
+
+
+def _email_reference(email: dict[str, Any] | None, e2e: E2EOptions, workers: int) -> Reference | None:
+    """The email benchmark's N run with `workers` workers, when it ran in this invocation."""
+    if not email:
+        return None
+    for n, run in zip(e2e.workers, email["runs"], strict=False):
+        if n == workers and run["delivered"]:
+            return Reference(f"{run['label']} (the email benchmark of this run)", float(run["rate"]))
+    return None
 
 
 def prune(results: Path, keep: int) -> None:
@@ -149,6 +185,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             results["accept"] = await run_accept(env, opts, record)
         if args.which in ("email", "all"):
             results["email"] = await run_email(env, e2e, record)
+        if args.which in ("fanout", "all"):
+            results["fanout"] = await run_fanout(
+                env,
+                FanoutOptions(
+                    subscribers=args.subscribers,
+                    workers=args.fanout_workers,
+                    compare_count=args.compare_count,
+                    timeout=args.fanout_timeout,
+                    e2e=e2e,
+                ),
+                record,
+                _email_reference(results.get("email"), e2e, args.fanout_workers),
+            )
         if args.which == "scale":
             results["scale"] = await run_scale(
                 env,

@@ -14,7 +14,9 @@ their subscribers, and the topic fan-out.
   queue holds more than `QUEUE_BOUND` messages or the outbox more than a page unconfirmed
   (back-pressure, and memory bounded by a page). A fan-out that dies is redelivered and resumes
   from its cursor; a page done again inserts nothing (the ids conflict) and rows inserted but
-  never published are the relay's, so no recipient gets two and none is skipped.
+  never published are the relay's, so no recipient gets two and none is skipped. A fan-out that
+  fails for another reason than the infrastructure's is tried `FANOUT_ATTEMPTS` times in all,
+  the pause doubling, and then the batch is failed with the reason (`failed_at`, `fanout_error`).
 """
 
 from __future__ import annotations
@@ -54,16 +56,33 @@ QUEUE_BOUND = 5000
 PRESSURE_PAUSE = 0.2
 # A fan-out whose batch has not moved for this long (or RECONCILE_AFTER, if longer) is published again.
 STALLED_AFTER = 60.0
+# A fan-out failing on something other than the infrastructure (which is waited out, however
+# long) is not going to heal by itself: tried this many times in all, pausing FAILURE_PAUSE,
+# then twice that, ..., at most FAILURE_PAUSE_MAX, between tries; then its batch is failed.
+FANOUT_ATTEMPTS = 5
+FAILURE_PAUSE = 1.0
+FAILURE_PAUSE_MAX = 30.0
 
 _BATCH_COLUMNS = (
     "id, client_id, request_id, body_hash, kind, topic_key, payload, total, rejected, result, "
-    "fanout_cursor, fanned_out_at, created_at, updated_at"
+    "fanout_cursor, fanned_out_at, fanout_attempts, fanout_error, failed_at, created_at, updated_at"
 )
 
 
 def notification_id(batch_id: uuid.UUID, user_id: uuid.UUID | str) -> uuid.UUID:
     """A recipient's notification id: the same for the same batch and user, every time."""
     return uuid.uuid5(batch_id, str(user_id))
+
+
+# Between a batch's request_id and a recipient's user id in the recipient's idempotency key. A
+# client's request_id cannot hold it (REQUEST_ID_RE refuses control characters), so no single
+# notification's key can equal a recipient's, whatever the client picks.
+RECIPIENT_SEPARATOR = "\x1f"  # ASCII unit separator
+
+
+def recipient_request_id(request_id: str, user_id: uuid.UUID | str) -> str:
+    """A batch recipient's request_id: the same for the same request and user, every time."""
+    return f"{request_id}{RECIPIENT_SEPARATOR}{user_id}"
 
 
 class BatchStore:
@@ -149,6 +168,21 @@ class BatchStore:
             batch_id,
         )
 
+    async def failed_attempt(self, batch_id: uuid.UUID, reason: str) -> int | None:
+        """Count one failed try of a fan-out, with its reason; how many so far (None: no batch)."""
+        return await self.db.fetchval(
+            "UPDATE batches SET fanout_attempts = fanout_attempts + 1, fanout_error = %s,"
+            " updated_at = now() WHERE id = %s RETURNING fanout_attempts",
+            reason[:2000],
+            batch_id,
+        )
+
+    async def fail(self, batch_id: uuid.UUID) -> None:
+        await self.db.execute(
+            "UPDATE batches SET failed_at = coalesce(failed_at, now()), updated_at = now() WHERE id = %s",
+            batch_id,
+        )
+
     async def counts(self, batch_id: uuid.UUID) -> tuple[dict[str, int], datetime | None]:
         """Its notifications by status, and when the last became final (None while any is not)."""
         rows = await self.db.fetch(
@@ -167,7 +201,7 @@ class BatchStore:
 
     async def stalled_fanouts(self, older_than: float) -> list[uuid.UUID]:
         rows = await self.db.fetch(
-            "SELECT id FROM batches WHERE kind = 'topic' AND fanned_out_at IS NULL"
+            "SELECT id FROM batches WHERE kind = 'topic' AND fanned_out_at IS NULL AND failed_at IS NULL"
             " AND updated_at < now() - make_interval(secs => %s) ORDER BY updated_at LIMIT 100",
             older_than,
         )
@@ -323,7 +357,7 @@ def recipient(common: Common, user: dict[str, Any], variables: dict[str, Any]) -
         id=notification_id(common.batch_id, user_id),
         client_id=common.client_id,
         # Per (client, request_id, user): the idempotency key of one recipient of the batch.
-        request_id=f"{common.request_id}:{user_id}",
+        request_id=recipient_request_id(common.request_id, user_id),
         body_hash=common.body_hash,
         user_id=user_id,
         notification_type=channel,
@@ -384,6 +418,8 @@ class Fanout:
         self.users = users
         self.page = PAGE
         self.queue_bound = QUEUE_BOUND
+        self.max_attempts = FANOUT_ATTEMPTS
+        self.failure_pause = FAILURE_PAUSE
 
     async def publish(self, batch_id: uuid.UUID) -> None:
         await amqp.publish(
@@ -414,14 +450,41 @@ class Fanout:
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
             raise
-        except Exception as exc:  # noqa: BLE001 - logged; the message goes back
-            # The batch row keeps its cursor: the message goes back and the fan-out resumes.
-            log.warning("fan-out of batch %s interrupted: %s: %s", batch_id, type(exc).__name__, exc)
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
-            await asyncio.sleep(1.0)
+        except Exception as exc:  # noqa: BLE001 - logged; the message goes back, or the batch fails
+            await self._failed(message, batch_id, exc)
             return
         await message.ack()
+
+    async def _failed(self, message: AbstractIncomingMessage, batch_id: uuid.UUID, exc: Exception) -> None:
+        """The batch row keeps its cursor: the message goes back and the fan-out resumes. An
+        infrastructure error is waited out; any other counts as a try, and after the last the
+        batch is failed with the reason and the message dropped."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if is_infrastructure(exc):
+            log.warning("fan-out of batch %s interrupted: %s", batch_id, reason)
+            pause = 1.0
+        else:
+            attempts = await hold(
+                "recording a failed fan-out", lambda: self.batches.failed_attempt(batch_id, reason)
+            )
+            if attempts is None or attempts >= self.max_attempts:
+                if attempts is not None:
+                    await hold("failing a batch", lambda: self.batches.fail(batch_id))
+                log.error(
+                    "fan-out of batch %s failed for good after %s tries: %s", batch_id, attempts, reason
+                )
+                with contextlib.suppress(Exception):
+                    await message.ack()
+                return
+            log.warning(
+                "fan-out of batch %s failed (try %d of %d): %s", batch_id, attempts, self.max_attempts, reason
+            )
+            pause = min(self.failure_pause * 2 ** (attempts - 1), FAILURE_PAUSE_MAX)
+        # Paused while still holding the message: nacked at once, it would be redelivered (here
+        # or to another gateway) at once, and the pause would be none.
+        await asyncio.sleep(pause)
+        with contextlib.suppress(Exception):
+            await message.nack(requeue=True)
 
     async def _pressure(self, channel: str, batch_id: uuid.UUID) -> None:
         """Wait while the work queue or the outbox holds more than its bound (the batch row is
@@ -445,7 +508,7 @@ class Fanout:
         if batch is None or batch["kind"] != "topic":
             log.warning("fan-out of batch %s: no such topic batch; dropped", batch_id)
             return
-        if batch["fanned_out_at"] is not None:
+        if batch["fanned_out_at"] is not None or batch["failed_at"] is not None:
             return
         common = common_of(batch)
         token = correlation_id_var.set(common.correlation_id)

@@ -206,7 +206,7 @@ async def notify_topic(request: web.Request, client_id: str, body: dict[str, Any
         created = False
     if existing["body_hash"] != body_hash or existing["kind"] != "topic":
         raise _conflict(payload["request_id"])
-    if created or existing["fanned_out_at"] is None:
+    if created or (existing["fanned_out_at"] is None and existing["failed_at"] is None):
         # A replay of one whose fan-out message may never have been published: again (harmless,
         # the fan-out is idempotent); if the broker refuses, the redrive loop publishes it.
         try:
@@ -242,6 +242,9 @@ async def get_batch(request: web.Request) -> web.Response:
             "fanned_out": done,
             "created_at": batch["created_at"],
             "completed_at": last if done and last is not None else None,
+            # A fan-out given up after its last try: when, and why (the last reason meanwhile).
+            "failed_at": batch["failed_at"],
+            "error": batch["fanout_error"],
         },
         "batch",
     )

@@ -106,6 +106,18 @@ class ProfileCache:
     async def put(self, user_id: uuid.UUID, profile: dict[str, Any]) -> None:
         await self._call(lambda: self.client.set(user_key(user_id), orjson.dumps(profile), ex=PROFILE_TTL))
 
+    async def put_many(self, profiles: list[dict[str, Any]]) -> None:
+        """Several profiles in one round trip."""
+
+        async def write() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for profile in profiles:
+                    pipe.set(user_key(profile["id"]), orjson.dumps(profile), ex=PROFILE_TTL)
+                await pipe.execute()
+
+        if profiles:
+            await self._call(write)
+
     async def invalidate(self, user_id: uuid.UUID) -> None:
         await self._call(lambda: self.client.delete(user_key(user_id)))
 

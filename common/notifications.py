@@ -17,7 +17,7 @@ from common.channels import CHANNELS
 from common.clients import Reply
 from common.http import ApiError
 from common.store import STATUSES
-from common.validation import CODE_RE, Fields
+from common.validation import CODE_RE, REQUEST_ID_RE, Fields
 
 SHARED_FIELDS = frozenset({
     "notification_type", "template_code", "variables", "request_id", "priority", "metadata",
@@ -46,7 +46,9 @@ def parse(body: dict[str, Any], to: str = "user_id") -> tuple[dict[str, Any], sc
     code = fields.string(
         "template_code", max_len=100, pattern=CODE_RE, hint="must be a template code (letters, digits, _ . -)"
     )
-    request_id = fields.string("request_id", max_len=255)
+    request_id = fields.string(
+        "request_id", max_len=255, pattern=REQUEST_ID_RE, hint="must not contain control characters"
+    )
     variables = fields.object("variables")
     metadata = fields.object("metadata")
     priority = fields.integer("priority", default=0, low=0, high=9)

@@ -57,7 +57,7 @@ def _webhook_deliveries(source: str) -> str:
 _PUBLIC_COLUMNS = (
     "id, request_id, user_id, notification_type, template_code, template_version, language, "
     "variables, metadata, priority, status, attempts, error, provider, correlation_id, "
-    "publish_pending, created_at, updated_at, delivered_at, send_at"
+    "publish_pending, created_at, updated_at, delivered_at, send_at, batch_id"
 )
 
 

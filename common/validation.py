@@ -14,6 +14,9 @@ from common.http import validation_error
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.[A-Za-z]{2,63}$")
 LANGUAGE_RE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
 CODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# A client's request_id: any printable text. Control characters are refused so that the
+# separator of a batch recipient's key (common/batches.py) can never appear in one.
+REQUEST_ID_RE = re.compile(r"[^\x00-\x1f\x7f]+\Z")
 
 
 class Fields:

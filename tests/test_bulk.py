@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
+import redis.asyncio as aioredis
 
 from common import amqp, db
-from common.batches import FANOUT_KEY
+from common.batches import BATCHES_KEY, FANOUT_KEY
+from common.cache import user_key
 from tests.conftest import API_KEY, Stack
 from tests.processes import ServiceProcess
 
@@ -87,6 +90,10 @@ async def test_bulk_answers_each_recipient_and_delivers_once(stack: Stack) -> No
     assert status == 200 and sorted(n["user_id"] for n in listed["data"]) == sorted(
         [u["id"] for u in good] + [opted_out["id"]]
     )
+    # Each says which batch it belongs to, in the list and alone.
+    assert {n["batch_id"] for n in listed["data"]} == {data["batch_id"]}
+    status, one = await _get(stack, f"/api/v1/notifications/{listed['data'][0]['notification_id']}")
+    assert status == 200 and one["data"]["batch_id"] == data["batch_id"]
     [first] = stack.smtp.to(good[0]["email"])
     assert "Ada" in first["Subject"]
     [own] = stack.smtp.to(good[2]["email"])
@@ -393,6 +400,8 @@ async def test_the_user_lookup_is_internal_and_leaves_unknown_ids_out(stack: Sta
     token = (await login.json())["data"]["access_token"]
     url = stack.urls["user_service"] + "/api/v1/users/lookup"
     unknown = str(uuid.uuid4())
+    cache = aioredis.Redis.from_url(stack.config.redis_url)
+    await cache.delete(user_key(one["id"]), user_key(two["id"]))
     async with aiohttp.ClientSession() as session:
         internal = {"Authorization": f"Bearer {stack.config.internal_api_token}"}
         async with session.post(url, json={"ids": [one["id"], two["id"], unknown]}, headers=internal) as r:
@@ -406,3 +415,81 @@ async def test_the_user_lookup_is_internal_and_leaves_unknown_ids_out(stack: Sta
             assert r.status == 400
     assert sorted(u["id"] for u in found) == sorted([one["id"], two["id"]])
     assert all("devices" in u and "password_hash" not in u for u in found)
+    # Looked up together, cached as one read caches them: the workers find them in Redis.
+    try:
+        raw = await cache.mget([user_key(one["id"]), user_key(two["id"])])
+        cached = [orjson.loads(r or b"null") for r in raw]
+        assert await cache.exists(user_key(unknown)) == 0
+    finally:
+        await cache.aclose()
+    assert cached == sorted(found, key=lambda u: u["id"] != one["id"])
+
+
+async def test_a_single_request_id_cannot_take_a_bulk_recipients_key(stack: Stack) -> None:
+    code = (await stack.create_template())["code"]
+    user = await stack.create_user()
+    request_id = f"shared-{uuid.uuid4()}"
+    # A single notification whose request_id looks like "<request_id>:<user_id>" (a client's
+    # own convention) is its own: a later bulk with that request_id still reaches the user.
+    single = {
+        "notification_type": "email",
+        "user_id": user["id"],
+        "template_code": code,
+        "variables": {"name": "One", "link": "l"},
+        "request_id": f"{request_id}:{user['id']}",
+    }
+    status, answer, _ = await stack.send(single)
+    assert status == 202, answer
+    alone = await stack.wait_for(answer["data"]["notification_id"], "delivered")
+    assert alone["batch_id"] is None
+    body = {
+        "notification_type": "email",
+        "template_code": code,
+        "variables": {"name": "Many", "link": "l"},
+        "request_id": request_id,
+        "recipients": [{"user_id": user["id"]}],
+    }
+    status, answer, _ = await _post(stack, "/api/v1/notifications/bulk", body)
+    assert status == 202, answer
+    assert (answer["data"]["accepted"], answer["data"]["rejected"]) == (1, [])
+    await _wait_batch(stack, answer["data"]["batch_id"], {"delivered": 1})
+    assert sorted(m["Subject"] for m in stack.smtp.to(user["email"])) == ["Welcome, Many!", "Welcome, One!"]
+    # The recipient's key uses a character no client request_id may hold.
+    status, listed = await _get(stack, f"/api/v1/notifications/?batch_id={answer['data']['batch_id']}")
+    key = listed["data"][0]["request_id"]
+    status, refused, _ = await stack.send({**single, "request_id": key})
+    assert status == 400 and "request_id" in refused["data"]["fields"], refused
+    status, again, _ = await _post(stack, "/api/v1/notifications/bulk", body)
+    assert status == 202 and again["data"] == answer["data"]
+
+
+async def test_a_fanout_that_keeps_failing_is_given_up_with_its_reason(stack: Stack) -> None:
+    fanout = stack.gateway.app[FANOUT_KEY]
+    fanout.max_attempts, fanout.failure_pause = 3, 0.05
+    key = await _topic_with(stack, [])
+    await _direct_subscribers(stack, key, 3)
+    notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
+    try:
+        # A batch the fan-out cannot read (what a bug or a bad migration could leave behind):
+        # a failure of the batch's own, not the infrastructure's, so no retry will mend it.
+        batch_id = uuid.uuid4()
+        await notes.execute(
+            "INSERT INTO batches (id, client_id, request_id, body_hash, kind, topic_key, payload, total)"
+            " SELECT %s, client_id, %s, 'x', 'topic', key, '{}', 3 FROM topics WHERE key = %s",
+            batch_id,
+            f"broken-{uuid.uuid4()}",
+            key,
+        )
+        await fanout.publish(batch_id)
+        deadline = time.monotonic() + 30
+        while (batch := await _batch(stack, str(batch_id)))["failed_at"] is None:
+            assert time.monotonic() < deadline, f"never given up: {batch}"
+            await asyncio.sleep(0.1)
+        assert "KeyError" in batch["error"] and "notification_type" in batch["error"], batch
+        assert batch["fanned_out"] is False and batch["by_status"] == {}
+        # Given up for good: no further tries, nothing sent, and the redrive leaves it alone.
+        await asyncio.sleep(1.0)
+        assert await notes.fetchval("SELECT fanout_attempts FROM batches WHERE id = %s", batch_id) == 3
+        assert batch_id not in await stack.gateway.app[BATCHES_KEY].stalled_fanouts(0)
+    finally:
+        await notes.close()
