@@ -36,7 +36,7 @@ from bench.e2e import (
     wait_delivered,
 )
 from bench.load import LoadResult, run_load
-from bench.stack import BenchEnv, CpuMeter, Proc, api, free_port
+from bench.stack import VACUUM, VACUUM_EVERY, BenchEnv, CpuMeter, Proc, api, free_port
 from bench.stats import fmt_num
 from common import db
 
@@ -77,6 +77,7 @@ class FanoutRun:
     halves: tuple[float, float]  # delivered/s over the first and the second half delivered
     autovacuum: str  # PostgreSQL's setting: off, dead row versions pile up over a long run
     dead_rows: int  # dead row versions left in the notifications tables at the end
+    vacuumed: bool  # the harness stood in for autovacuum (bench/stack.py)
     result: Outcome
     rss: dict[str, tuple[int, int, int]]  # KiB at start, at half delivered, at end
     delivered_at_stop: int = 0  # delivered once the workers had stopped
@@ -161,25 +162,26 @@ async def _fan_out(env: BenchEnv, pipe: Pipeline, key: str, code: str, opts: Fan
     rss_mid: dict[str, int] | None = None
     meter = CpuMeter(procs)
     meter.start()
-    sent = time.time()
-    answer = await _notify(env, pipe.gateway, key, code)
-    request_ms = 1000 * (time.time() - sent)
-    total = int(answer["total"])
-    deadline = time.monotonic() + opts.timeout
-    last_final, last_change = -1, time.monotonic()
-    while True:
-        counts = await status_counts(env)
-        final = counts.get("delivered", 0) + counts.get("failed", 0) + counts.get("skipped", 0)
-        if rss_mid is None and final >= total / 2:
-            rss_mid = _rss(procs)
-        if final >= total:
-            break
-        if final != last_final:
-            last_final, last_change = final, time.monotonic()
-        if time.monotonic() > deadline or time.monotonic() - last_change > STALL:
-            print(f"bench: stopped waiting for the fan-out: {counts}", flush=True)
-            break
-        await asyncio.sleep(POLL)
+    async with env.autovacuum() as vacuumed:
+        sent = time.time()
+        answer = await _notify(env, pipe.gateway, key, code)
+        request_ms = 1000 * (time.time() - sent)
+        total = int(answer["total"])
+        deadline = time.monotonic() + opts.timeout
+        last_final, last_change = -1, time.monotonic()
+        while True:
+            counts = await status_counts(env)
+            final = counts.get("delivered", 0) + counts.get("failed", 0) + counts.get("skipped", 0)
+            if rss_mid is None and final >= total / 2:
+                rss_mid = _rss(procs)
+            if final >= total:
+                break
+            if final != last_final:
+                last_final, last_change = final, time.monotonic()
+            if time.monotonic() > deadline or time.monotonic() - last_change > STALL:
+                print(f"bench: stopped waiting for the fan-out: {counts}", flush=True)
+                break
+            await asyncio.sleep(POLL)
     cpu = meter.stop()
     rss_end = _rss(procs)
     rss_mid = rss_mid or rss_end
@@ -227,6 +229,7 @@ async def _fan_out(env: BenchEnv, pipe: Pipeline, key: str, code: str, opts: Fan
         fanned_out_s=float(fanned) if fanned is not None else None,
         halves=halves,
         autovacuum=autovacuum,
+        vacuumed=vacuumed,
         dead_rows=int(dead or 0),
         sink_received=None,
         result=result,
@@ -315,8 +318,13 @@ async def run_fanout(
         f" The SMTP sink received {fmt_num(run.sink_received)} emails during the fan-out"
         f" (the warm-up's subtracted)."
         f" Delivered/s over the first half delivered {fmt_num(run.halves[0])}, over the second"
-        f" {fmt_num(run.halves[1])}; PostgreSQL autovacuum {run.autovacuum}, dead row versions in"
-        f" the notifications tables at the end {fmt_num(run.dead_rows)}."
+        f" {fmt_num(run.halves[1])}; PostgreSQL autovacuum {run.autovacuum}"
+        + (
+            f" (the harness ran `{VACUUM}` every {VACUUM_EVERY:g} s instead, as autovacuum would)"
+            if run.vacuumed
+            else ""
+        )
+        + f", dead row versions in the notifications tables at the end {fmt_num(run.dead_rows)}."
     )
     section.table(
         ["run", "delivered/s", "fan-out ÷ this"],
