@@ -40,7 +40,13 @@ RELAY_INTERVAL = 1.0
 RELAY_AGE = 5.0
 RELAY_BATCH = 500
 PUBLISH_BATCH = 500
-PUBLISH_TIMEOUT = 3.0
+# Off the request's path (the 202 goes out once the row is committed), so it can wait for a
+# confirm that a busy machine makes slow: giving up early only hands the row to the relay,
+# which publishes it a second time.
+PUBLISH_TIMEOUT = 10.0
+# Rows waiting in memory to be published, at most; beyond, the relay publishes them from the
+# store: memory stays bounded whatever the broker does.
+MAX_BACKLOG = 5000
 # After a publish failed, requests leave publishing to the relay for this long (or until the
 # relay gets one through): a broker that does not answer must not cost every request a timeout.
 BROKER_SUSPECT_FOR = 5.0
@@ -75,6 +81,8 @@ class Outbox:
         self._publishing = 0
         self._wakeup = asyncio.Event()
         self._suspect_until = 0.0
+        # Submitted and not yet confirmed and marked: the relay leaves these to this process.
+        self._in_hand: set[Any] = set()
 
     async def _send(self, row: dict[str, Any], attempt: int = 1) -> None:
         await amqp.publish(
@@ -96,8 +104,9 @@ class Outbox:
         """Publish a committed row, soon, off the caller's path: the caller has its answer once
         the row is stored. Published in batches with their confirms awaited together; whatever
         does not get through stays unpublished in the store for the relay."""
-        if self.broker.ready and time.monotonic() >= self._suspect_until:
+        if self.broker.ready and time.monotonic() >= self._suspect_until and len(self._queue) < MAX_BACKLOG:
             self._queue.append(row)
+            self._in_hand.add(row["id"])
             self._wakeup.set()
 
     async def publish_pending(self) -> None:
@@ -116,6 +125,7 @@ class Outbox:
         if failed:
             # A broker that does not answer must not cost every request's publish a timeout.
             self._suspect_until = time.monotonic() + BROKER_SUSPECT_FOR
+            self._in_hand.difference_update(row["id"] for row in self._queue)
             self._queue.clear()
             log.warning(
                 "%d publish(es) failed, the relay will retry: %s: %s",
@@ -127,6 +137,8 @@ class Outbox:
             await self.store.mark_published(confirmed)
         except Exception as exc:  # noqa: BLE001 - unmarked rows are published again by the relay: harmless
             log.warning("could not mark %d notification(s) published: %s", len(confirmed), exc)
+        finally:
+            self._in_hand.difference_update(row["id"] for row in batch)
 
     async def publish_loop(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -158,7 +170,7 @@ class Outbox:
 
     async def relay_once(self) -> None:
         async with self.store.db.transaction() as tx:
-            rows = await self.store.unpublished(tx, RELAY_AGE, limit=RELAY_BATCH)
+            rows = await self.store.unpublished(tx, RELAY_AGE, RELAY_BATCH, exclude=list(self._in_hand))
             confirmed = await self.publish_locked(tx, rows)
         if confirmed:
             self._suspect_until = 0.0

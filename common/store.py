@@ -262,17 +262,33 @@ _RECORD_MANY = f"""
 """
 RECORD_MANY = Statement("notify_record_many", _RECORD_MANY, [("rows", "jsonb"), ("ids", "uuid[]")])
 
+# Every statement that changes many notifications locks them in id order first, as the claim
+# and the record do: a publish mark of 500 and a worker's batch of claims meeting on the same
+# rows in two orders would deadlock, and the loser's rows be published again by the relay.
 MARK_PUBLISHED = Statement(
     "notify_mark_published",
-    "UPDATE notifications SET publish_pending = false WHERE id = ANY(%(ids)s::uuid[])",
+    """
+    WITH locked AS (
+        SELECT id FROM notifications WHERE id = ANY(%(ids)s::uuid[]) AND publish_pending
+        ORDER BY id FOR UPDATE
+    )
+    UPDATE notifications AS n SET publish_pending = false FROM locked
+    WHERE n.id = locked.id AND n.id = ANY(%(ids)s::uuid[])
+    """,
     [("ids", "uuid[]")],
 )
 EXTEND = Statement(
     "notify_extend",
-    "UPDATE notifications AS n SET lease_until = now() + make_interval(secs => %(lease)s)"
-    " FROM unnest(%(ids)s::uuid[], %(tokens)s::uuid[]) AS c(id, token)"
-    " WHERE n.id = c.id AND n.id = ANY(%(ids)s::uuid[]) AND n.claim_token = c.token"
-    " AND n.status = 'sending'",
+    """
+    WITH locked AS (
+        SELECT n.id FROM notifications AS n
+        JOIN unnest(%(ids)s::uuid[], %(tokens)s::uuid[]) AS c(id, token) ON n.id = c.id
+        WHERE n.id = ANY(%(ids)s::uuid[]) AND n.claim_token = c.token AND n.status = 'sending'
+        ORDER BY n.id FOR UPDATE OF n
+    )
+    UPDATE notifications AS n SET lease_until = now() + make_interval(secs => %(lease)s)
+    FROM locked WHERE n.id = locked.id AND n.id = ANY(%(ids)s::uuid[])
+    """,
     [("lease", "float8"), ("ids", "uuid[]"), ("tokens", "uuid[]")],
 )
 EVENTS = Statement(
@@ -538,13 +554,18 @@ class StatusStore:
             notification_id,
         )
 
-    async def unpublished(self, db: Executor, older_than: float, limit: int) -> list[Row]:
-        """Rows accepted but not confirmed by the broker, oldest first; locked for this relay."""
+    async def unpublished(
+        self, db: Executor, older_than: float, limit: int, exclude: list[uuid.UUID] | None = None
+    ) -> list[Row]:
+        """Rows accepted but not confirmed by the broker, oldest first; locked for this relay.
+        `exclude`: rows the caller's own outbox is publishing (a long queue on a busy machine)."""
         return await db.fetch(
             f"SELECT {_PUBLIC_COLUMNS} FROM notifications"
             " WHERE publish_pending AND updated_at < now() - make_interval(secs => %s)"
+            " AND NOT (id = ANY(%s::uuid[]))"
             " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED",
             older_than,
+            exclude or [],
             limit,
         )
 

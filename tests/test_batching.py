@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
+import gateway
 from common import db
 from common.batching import Batcher
 from common.cache import CachedLookups, user_key
@@ -308,3 +309,23 @@ async def test_hot_statements_run_prepared_or_plain_and_survive_a_lost_session_s
                 await database.execute("DEALLOCATE ALL")  # the session loses them
         finally:
             await database.close()
+
+
+async def test_the_relay_leaves_alone_what_its_own_outbox_is_still_publishing(stack_factory: Any) -> None:
+    """On a busy machine the outbox's queue can hold rows longer than RELAY_AGE; the relay of the
+    same gateway must not publish them a second time, and takes them once they are let go."""
+    stack = await stack_factory(workers=False)
+    app = stack.apps["gateway"]
+    outbox, database = app[gateway.OUTBOX_KEY], app[gateway.DB_KEY]
+    store = StatusStore(database)
+    row = _new(f"relay-{uuid.uuid4().hex[:8]}", "held")
+    assert (await store.create_many([row]))[0] is not None
+    await database.execute(
+        "UPDATE notifications SET updated_at = now() - interval '1 minute' WHERE id = %s", row.id
+    )
+    outbox._in_hand.add(row.id)  # as if waiting in its queue
+    await outbox.relay_once()
+    assert (await store.get(row.id))["publish_pending"] is True  # type: ignore[index]
+    outbox._in_hand.discard(row.id)
+    await outbox.relay_once()
+    assert (await store.get(row.id))["publish_pending"] is False  # type: ignore[index]
