@@ -46,7 +46,7 @@ PUBLISH_BATCH = 500
 PUBLISH_TIMEOUT = 10.0
 # Rows waiting in memory to be published, at most; beyond, the relay publishes them from the
 # store: memory stays bounded whatever the broker does.
-MAX_BACKLOG = 5000
+MAX_BACKLOG = 1000
 # After a publish failed, requests leave publishing to the relay for this long (or until the
 # relay gets one through): a broker that does not answer must not cost every request a timeout.
 BROKER_SUSPECT_FOR = 5.0
