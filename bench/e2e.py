@@ -286,15 +286,14 @@ async def _profile_later(pid: int, seconds: float, out: Path) -> Path | None:
     return await report.profile(pid, seconds, out)
 
 
-async def raw_fcm(url: str, credentials: Path, opts: E2EOptions) -> dict[str, float]:
+async def _baseline(module: str, args: list[str], opts: E2EOptions) -> dict[str, float]:
+    """A baseline process (`bench.smtp_raw`, `bench.fcm_raw`) with the run's connections, count
+    and duration; its JSON result."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "bench.fcm_raw",
-        "--url",
-        url,
-        "--credentials",
-        str(credentials),
+        module,
+        *args,
         "--connections",
         str(opts.raw_connections),
         "--count",
@@ -306,47 +305,40 @@ async def raw_fcm(url: str, credentials: Path, opts: E2EOptions) -> dict[str, fl
     )
     out, _ = await asyncio.wait_for(proc.communicate(), opts.raw_duration + 60)
     if proc.returncode != 0:
-        raise RuntimeError("bench.fcm_raw failed")
+        raise RuntimeError(f"{module} failed")
     return dict(json.loads(out))
+
+
+async def raw_fcm(url: str, credentials: Path, opts: E2EOptions) -> dict[str, float]:
+    return await _baseline("bench.fcm_raw", ["--url", url, "--credentials", str(credentials)], opts)
 
 
 async def raw_smtp(port: int, opts: E2EOptions) -> dict[str, float]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.smtp_raw",
-        "--port",
-        str(port),
-        "--connections",
-        str(opts.raw_connections),
-        "--count",
-        str(opts.raw_count),
-        "--duration",
-        str(opts.raw_duration),
-        stdout=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), opts.raw_duration + 60)
-    if proc.returncode != 0:
-        raise RuntimeError("bench.smtp_raw failed")
-    return dict(json.loads(out))
+    return await _baseline("bench.smtp_raw", ["--port", str(port)], opts)
 
 
-def rss_table(section: report.Section, o: Outcome) -> bool:
-    """RSS at the start, when all was sent, at the end; True when every service's end is within
-    ± 10 % of its start."""
-    assert o.rss is not None
+def rss_table(
+    section: report.Section,
+    rss: dict[str, tuple[int, int, int]],
+    title: str,
+    middle: str = "all sent MiB",
+) -> bool:
+    """RSS (KiB) at the start, at a middle point, at the end; True when every process's end is
+    within ± 10 % of its start."""
     rows, flat = [], True
-    for name, (start, mid, end) in o.rss.items():
+    for name, (start, mid, end) in rss.items():
         change = 100 * (end - start) / start if start else 0.0
         flat = flat and abs(change) <= 10
         rows.append([name, *(fmt_num(v / 1024, 1) for v in (start, mid, end)), f"{change:+.1f} %"])
-    section.table(
-        ["process", "start MiB", "all sent MiB", "end MiB", "change"],
-        rows,
-        f"Resident memory (VmRSS) over “{o.label}”",
-    )
+    section.table(["process", "start MiB", middle, "end MiB", "change"], rows, title)
     return flat
+
+
+def _first_rss(section: report.Section, outcomes: list[Outcome]) -> bool | None:
+    first = outcomes[0] if outcomes else None
+    if first is None or not first.rss:
+        return None
+    return rss_table(section, first.rss, f"Resident memory (VmRSS) over “{first.label}”")
 
 
 def cpu_table(section: report.Section, outcomes: list[Outcome]) -> None:
@@ -472,7 +464,7 @@ async def run_email(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, 
     cpu_table(section, outcomes)
     per_delivered_table(section, outcomes)
     vacuum_note(section, pipe)
-    flat = rss_table(section, outcomes[0]) if outcomes and outcomes[0].rss else None
+    flat = _first_rss(section, outcomes)
 
     best = max(outcomes, key=lambda o: o.rate) if outcomes else None
     targets = []
@@ -555,7 +547,7 @@ async def run_push(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, A
     cpu_table(section, outcomes)
     per_delivered_table(section, outcomes)
     vacuum_note(section, pipe)
-    flat = rss_table(section, outcomes[0]) if outcomes and outcomes[0].rss else None
+    flat = _first_rss(section, outcomes)
     best = max(outcomes, key=lambda o: o.rate) if outcomes else None
     if best is not None:
         ratio = best.rate / raw["rate"] if raw["rate"] else 0

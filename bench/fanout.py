@@ -32,6 +32,7 @@ from bench.e2e import (
     Pipeline,
     cpu_table,
     outcome,
+    rss_table,
     status_counts,
     wait_delivered,
 )
@@ -237,21 +238,6 @@ async def _fan_out(env: BenchEnv, pipe: Pipeline, key: str, code: str, opts: Fan
     )
 
 
-def _rss_table(section: report.Section, run: FanoutRun) -> bool:
-    """True when every process ends within ± 10 % of where it started."""
-    rows, flat = [], True
-    for name, (start, mid, end) in run.rss.items():
-        change = 100 * (end - start) / start if start else 0.0
-        flat = flat and abs(change) <= 10
-        rows.append([name, *(fmt_num(v / 1024, 1) for v in (start, mid, end)), f"{change:+.1f} %"])
-    section.table(
-        ["process", "start MiB", "half delivered MiB", "end MiB", "change"],
-        rows,
-        f"Resident memory (VmRSS) over the fan-out to {run.subscribers:,}",
-    )
-    return flat
-
-
 async def run_fanout(
     env: BenchEnv, opts: FanoutOptions, record: bool, reference: Reference | None = None
 ) -> dict[str, Any]:
@@ -332,7 +318,12 @@ async def run_fanout(
         "Against the single-notification end-to-end email rate of the same run",
     )
     cpu_table(section, [*([reference.outcome] if reference.outcome else []), o])
-    flat = _rss_table(section, run)
+    flat = rss_table(
+        section,
+        run.rss,
+        f"Resident memory (VmRSS) over the fan-out to {run.subscribers:,}",
+        "half delivered MiB",
+    )
     once = run.delivered_at_stop == run.sink_received == run.subscribers
     section.table(
         ["target", "measured", "reached"],
