@@ -405,8 +405,9 @@ def _service_order(name: str) -> tuple[int, str]:
     return 5, name
 
 
-async def run_email(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, Any]:
-    section = report.Section("End to end, email")
+async def email_pipeline(env: BenchEnv, opts: E2EOptions) -> tuple[Pipeline, int]:
+    """The email setup every email run shares: the SMTP sink, the core services, one user and one
+    template; the pipeline and the sink's port."""
     port = free_port()
     sink = await env.start_argv(
         "smtp_sink", ["-m", "scripts.smtp_sink", "--quiet", "--port", str(port)], port, ready="tcp"
@@ -417,7 +418,33 @@ async def run_email(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, 
     pipe.worker_config = replace(env.config, smtp_port=port)
     user_id, code = await create_fixture(env, pipe.gateway, EMAIL_TEMPLATE)
     pipe.body = notification_body(user_id, code)
+    return pipe, port
 
+
+def baseline_tables(
+    section: report.Section, raw: dict[str, float], outcomes: list[Outcome], what: str, title: str
+) -> None:
+    """A baseline's figures and each run's ratio to it."""
+    section.table(
+        ["baseline", "sent", "seconds", "per second", "its CPU"],
+        [
+            [
+                what,
+                fmt_num(raw["sent"]),
+                fmt_num(raw["seconds"], 1),
+                fmt_num(raw["rate"]),
+                fmt_num(100 * raw.get("cpu", 0)) + " %",
+            ]
+        ],
+        title,
+    )
+    ratio_rows = [[o.label, fmt_num(o.rate), fmt_num(o.rate / raw["rate"], 2)] for o in outcomes]
+    section.table(["run", "delivered/s", "x the baseline"], ratio_rows, "Ratios")
+
+
+async def run_email(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, Any]:
+    section = report.Section("End to end, email")
+    pipe, port = await email_pipeline(env, opts)
     raw = await raw_smtp(port, opts)
     outcomes = []
     for i, n in enumerate(opts.workers):
@@ -440,21 +467,13 @@ async def run_email(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, 
         [e2e_row(o) for o in [*outcomes, *([open_run] if open_run else [])]],
         "Delivered (from the status store; latency = delivered_at - created_at)",
     )
-    section.table(
-        ["baseline", "sent", "seconds", "emails/s", "sender CPU"],
-        [
-            [
-                f"raw aiosmtplib, {opts.raw_connections} connections",
-                fmt_num(raw["sent"]),
-                fmt_num(raw["seconds"], 1),
-                fmt_num(raw["rate"]),
-                fmt_num(100 * raw.get("cpu", 0)) + " %",
-            ]
-        ],
+    baseline_tables(
+        section,
+        raw,
+        outcomes,
+        f"raw aiosmtplib, {opts.raw_connections} connections",
         "Baseline (same sink, same run; one process; an EmailMessage built per send)",
     )
-    ratio_rows = [[o.label, fmt_num(o.rate), fmt_num(o.rate / raw["rate"], 2)] for o in outcomes]
-    section.table(["run", "delivered/s", "x raw aiosmtplib"], ratio_rows, "Ratios")
     if open_run is not None:
         section.table(
             LOAD_HEADERS,
@@ -528,22 +547,14 @@ async def run_push(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, A
         "Delivered (one user, one FCM device; from the status store)",
     )
     section.note(f"The FCM server accepted {fcm_count:,} messages in all (warm-ups and baseline included).")
-    section.table(
-        ["baseline", "sent", "seconds", "requests/s", "client CPU"],
-        [
-            [
-                f"raw aiohttp FCM client, {opts.raw_connections} connections",
-                fmt_num(raw["sent"]),
-                fmt_num(raw["seconds"], 1),
-                fmt_num(raw["rate"]),
-                fmt_num(100 * raw.get("cpu", 0)) + " %",
-            ]
-        ],
+    baseline_tables(
+        section,
+        raw,
+        outcomes,
+        f"raw aiohttp FCM client, {opts.raw_connections} connections",
         "Baseline (same FCM server, same run; one process; the same messages:send request per"
         " notification, one OAuth2 token)",
     )
-    ratio_rows = [[o.label, fmt_num(o.rate), fmt_num(o.rate / raw["rate"], 2)] for o in outcomes]
-    section.table(["run", "delivered/s", "x raw FCM client"], ratio_rows, "Ratios")
     cpu_table(section, outcomes)
     per_delivered_table(section, outcomes)
     vacuum_note(section, pipe)

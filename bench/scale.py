@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from bench import report
-from bench.accept import EMAIL_TEMPLATE, create_fixture, measured, notification_body
-from bench.e2e import E2EOptions, Outcome, Pipeline
+from bench.accept import measured
+from bench.e2e import E2EOptions, Outcome, email_pipeline
 from bench.load import LoadResult, Spec, run_load
-from bench.stack import BenchEnv, Proc, free_port
+from bench.stack import BenchEnv, Proc
 from bench.stats import fmt_num
 from common.amqp import work_queue
 
@@ -39,16 +39,7 @@ def _cpu(cpu: dict[str, float], *prefixes: str) -> str:
 async def run_scale(env: BenchEnv, opts: ScaleOptions, record: bool) -> dict[str, Any]:
     e2e = opts.e2e or E2EOptions()
     section = report.Section("Scaling out: 1, 2 gateways; 1, 2, 4 email workers")
-    port = free_port()
-    sink = await env.start_argv(
-        "smtp_sink", ["-m", "scripts.smtp_sink", "--quiet", "--port", str(port)], port, ready="tcp"
-    )
-    pipe = Pipeline(env, "email", e2e)
-    pipe.sink = sink
-    pipe.core = await env.start_core()
-    pipe.worker_config = replace(env.config, smtp_port=port)
-    user_id, code = await create_fixture(env, pipe.gateway, EMAIL_TEMPLATE)
-    pipe.body = notification_body(user_id, code)
+    pipe, _ = await email_pipeline(env, e2e)
 
     gateways: list[Proc] = [pipe.gateway]
     accept: list[tuple[int, LoadResult, dict[str, float]]] = []
@@ -84,7 +75,8 @@ async def run_scale(env: BenchEnv, opts: ScaleOptions, record: bool) -> dict[str
         delivered.append((n, await pipe.run_n(label, n, sample=False, profile_dir=None)))
     for proc in pipe.core.values():
         await env.stop(proc)
-    await env.stop(sink)
+    if pipe.sink is not None:
+        await env.stop(pipe.sink)
 
     one = accept[0][1].rate if accept else 0.0
     section.table(
