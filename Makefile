@@ -15,7 +15,7 @@ help:
 	@echo "make lint      ruff, mypy, hadolint and actionlint"
 	@echo "make migrate   create missing databases and apply migrations"
 	@echo "make topology  declare the RabbitMQ exchange and queues"
-	@echo "make bench     run the benchmarks and append the figures to BENCHMARKS.md"
+	@echo "make bench     run the benchmarks and record the figures (BENCHMARKS.md, bench/history/)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

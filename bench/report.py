@@ -20,7 +20,6 @@ from bench.stats import fmt_num, markdown_table, text_table
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
-RESULTS_HEADING = "## Results"
 
 
 def machine() -> str:
@@ -46,7 +45,7 @@ def commit() -> str:
         ).stdout.strip()
         # BENCHMARKS.md itself changes as sections are appended: that is not a code change.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md", ":!bench/history"],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -106,12 +105,52 @@ class Section:
         return "\n".join(out)
 
 
+HISTORY = ROOT / "bench" / "history"
+LATEST_HEADING = "## Latest figures"
+
+
+def slug(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")[:60]
+
+
+def replace_latest(text: str, title: str, markdown: str) -> str:
+    """BENCHMARKS.md with `markdown` as the latest section of that title: the section of the same
+    title it held before is dropped (its run is already in bench/history/), any other kept."""
+    if LATEST_HEADING not in text:
+        text = text.rstrip() + f"\n\n{LATEST_HEADING}\n"
+    before, _, rest = text.partition(LATEST_HEADING + "\n")
+    # The latest block runs to the next second-level heading (or the end).
+    match = re.search(r"(?m)^## ", rest)
+    block, after = (rest[: match.start()], rest[match.start() :]) if match else (rest, "")
+    parts = re.split(r"(?m)^(?=### )", block)
+    intro, sections = parts[0], parts[1:]
+    kept = [part for part in sections if part.splitlines()[0].split(" — ")[0] != f"### {title}"]
+    kept.append(markdown.rstrip() + "\n\n")
+    kept.sort(key=lambda part: part.splitlines()[0])
+    return before + LATEST_HEADING + "\n" + intro + "".join(kept) + after
+
+
+def history_index() -> str:
+    """bench/history/README.md: every run recorded, newest first."""
+    lines = ["# Benchmark history", "", "One file per benchmark run, newest first; the latest of each kind is", "also in [BENCHMARKS.md](../../BENCHMARKS.md).", ""]
+    for file in sorted(HISTORY.glob("2*.md"), reverse=True):
+        first = file.read_text().splitlines()[0].lstrip("# ").strip()
+        lines.append(f"- [{first}]({file.name})")
+    return "\n".join(lines) + "\n"
+
+
 def append(section: Section) -> None:
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else f"# Benchmarks\n\n{RESULTS_HEADING}\n"
-    if RESULTS_HEADING not in text:
-        text = text.rstrip() + f"\n\n{RESULTS_HEADING}\n"
-    BENCHMARKS.write_text(text.rstrip() + "\n\n" + section.markdown().rstrip() + "\n")
-    print(f"\nbench: appended “{section.title}” to {BENCHMARKS.name}", flush=True)
+    """Record one run: its own file in bench/history/ (kept for good), and in BENCHMARKS.md as
+    the latest section of its title, replacing the one before, so the current figures stay on
+    the first screen rather than below two thousand lines of history."""
+    markdown = section.markdown()
+    HISTORY.mkdir(parents=True, exist_ok=True)
+    path = HISTORY / f"{section.started:%Y-%m-%d-%H%M}-{slug(section.title)}.md"
+    path.write_text("#" + markdown.rstrip().removeprefix("###") + "\n")
+    (HISTORY / "README.md").write_text(history_index())
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    BENCHMARKS.write_text(replace_latest(text, section.title, markdown))
+    print(f"\nbench: recorded “{section.title}” in {BENCHMARKS.name} and {path.relative_to(ROOT)}", flush=True)
 
 
 # --- profiles ------------------------------------------------------------------------------

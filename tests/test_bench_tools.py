@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.load import parse_response
-from bench.report import top_functions
+from bench.report import replace_latest, top_functions
 from bench.stack import cpu_seconds
 from bench.stats import latency_summary, percentile, planned_offsets
 
@@ -108,3 +108,17 @@ def test_a_process_cpu_counts_its_children(tmp_path: Path) -> None:
     finally:
         os.killpg(parent.pid, signal.SIGKILL)
         parent.wait()
+
+
+def test_a_new_run_replaces_the_latest_of_its_title_and_keeps_the_others() -> None:
+    text = (
+        "# Benchmarks\n\nmethod\n\n## Latest figures\n\nintro\n\n"
+        "### Gateway accept — 2026-01-01 10:00 UTC\n\nold accept\n\n"
+        "### End to end, email — 2026-01-01 10:05 UTC\n\nemail\n\n## After\n\nkept\n"
+    )
+    new = replace_latest(text, "Gateway accept", "### Gateway accept — 2026-02-02 11:00 UTC\n\nnew accept\n")
+    assert "old accept" not in new and "new accept" in new
+    assert "email" in new and new.endswith("## After\n\nkept\n") and "intro" in new
+    assert new.count("### Gateway accept") == 1
+    added = replace_latest(new, "Topic fan-out", "### Topic fan-out — 2026-02-02 12:00 UTC\n\nfan\n")
+    assert "fan" in added and "new accept" in added and added.index("## Latest figures") < added.index("fan")
