@@ -2,8 +2,8 @@
 
 Creates its own databases (notify_bench_*), RabbitMQ vhost (notify_bench) and Redis db (14),
 runs the chosen benchmarks against services started as processes on free 127.0.0.1 ports,
-prints the tables, records them (bench/history/ and the latest in BENCHMARKS.md), and removes what it created. Service logs and
-raw profiles stay in bench/results/<time>/ (not committed).
+prints the tables, records them (bench/history/ and the latest in BENCHMARKS.md), and removes
+what it created. Service logs and raw profiles stay in bench/results/<time>/ (not committed).
 """
 
 from __future__ import annotations
@@ -113,7 +113,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--loop", choices=("uvloop", "asyncio"), default=None, help="generator event loop")
     c.add_argument("--no-profile", action="store_true", help="skip py-spy profiles")
     c.add_argument("--log-level", default="INFO", help="services' LOG_LEVEL (default INFO, as deployed)")
-    c.add_argument("--no-record", action="store_true", help="print only; do not record in BENCHMARKS.md and bench/history/")
+    c.add_argument(
+        "--no-record", action="store_true", help="print only; record nothing (BENCHMARKS.md, bench/history/)"
+    )
     args = p.parse_args(argv)
     if args.loop is None:
         args.loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"

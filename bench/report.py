@@ -45,7 +45,16 @@ def commit() -> str:
         ).stdout.strip()
         # BENCHMARKS.md itself changes as sections are appended: that is not a code change.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md", ":!bench/history"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":!BENCHMARKS.md",
+                ":!bench/history",
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -132,7 +141,13 @@ def replace_latest(text: str, title: str, markdown: str) -> str:
 
 def history_index() -> str:
     """bench/history/README.md: every run recorded, newest first."""
-    lines = ["# Benchmark history", "", "One file per benchmark run, newest first; the latest of each kind is", "also in [BENCHMARKS.md](../../BENCHMARKS.md).", ""]
+    lines = [
+        "# Benchmark history",
+        "",
+        "One file per benchmark run, newest first; the latest of each kind is",
+        "also in [BENCHMARKS.md](../../BENCHMARKS.md).",
+        "",
+    ]
     for file in sorted(HISTORY.glob("2*.md"), reverse=True):
         first = file.read_text().splitlines()[0].lstrip("# ").strip()
         lines.append(f"- [{first}]({file.name})")
@@ -150,7 +165,8 @@ def append(section: Section) -> None:
     (HISTORY / "README.md").write_text(history_index())
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
     BENCHMARKS.write_text(replace_latest(text, section.title, markdown))
-    print(f"\nbench: recorded “{section.title}” in {BENCHMARKS.name} and {path.relative_to(ROOT)}", flush=True)
+    where = path.relative_to(ROOT)
+    print(f"\nbench: recorded “{section.title}” in {BENCHMARKS.name} and {where}", flush=True)
 
 
 # --- profiles ------------------------------------------------------------------------------
