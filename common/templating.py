@@ -543,3 +543,33 @@ def render_sync(
     if channel == "email" and not rendered.get("text_body"):
         rendered["text_body"] = html_to_text(rendered["body"])
     return rendered
+
+
+# --- expressions (workflow conditions) --------------------------------------------------------
+
+# Conditions see what a run knows and nothing else; a missing attribute is undefined (false in a
+# test, unequal to anything) rather than an error, so `payload.order.express` needs no guard.
+_EXPRESSIONS = _Environment(autoescape=False)
+_EXPRESSIONS.undefined = jinja2.ChainableUndefined
+
+
+def compile_expression(source: str) -> Callable[..., Any]:
+    """A sandboxed expression (the same checked sandbox as templates); raises
+    TemplateSyntaxError. Evaluating it may raise SecurityError (a budget) or TypeError."""
+    try:
+        return _EXPRESSIONS.compile_expression(source, undefined_to_none=False)
+    except RecursionError:
+        raise jinja2.TemplateSyntaxError("the expression is nested too deeply", 1) from None
+
+
+def expression_problem(source: str) -> str | None:
+    """What a budget check can tell of an expression from its source alone (see budget_errors)."""
+    try:
+        ast = _EXPRESSIONS.parse("{{ " + source + " }}")
+    except (jinja2.TemplateSyntaxError, RecursionError):
+        return None
+    for node in ast.find_all((nodes.Call, nodes.Filter, nodes.Mod, nodes.Pow, nodes.Mul)):
+        problem = _static_problem(node)
+        if problem is not None:
+            return problem
+    return None

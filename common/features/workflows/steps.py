@@ -1,0 +1,134 @@
+"""What a run does at its current step, as pure functions the engine calls.
+
+A run's steps are a list of states stored with the run (`workflow_runs.steps`), one per step of
+its pinned version, in the shape the API shows: `{name, type, status, due_at?, notification_id?,
+notification_status?, reason?}`. The engine (`engine.py`) reads a run, asks `next_action` what the
+current step needs, performs it (a notification, a timer) and writes the new states with a
+compare-and-set; everything here is deterministic for the same run, so a second engine that
+repeats a step decides the same and its notification is the same one (keyed by run and step).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from common.features.workflows.definition import MAX_DELAY, Definition, Step
+from common.templating import compile_expression
+
+FINAL_RUN = ("completed", "cancelled", "failed")
+ACTIVE_RUN = ("running", "waiting")
+STEP_STATUSES = ("pending", "waiting", "completed", "skipped", "failed", "cancelled")
+# A channel step's state once its notification is final.
+_STEP_OF_NOTIFICATION = {
+    "delivered": "completed",
+    "failed": "failed",
+    "skipped": "skipped",
+    "cancelled": "cancelled",
+}
+_NAMESPACE = uuid.UUID("6f1c3a52-6d0b-4f58-9a57-9a1e0d3c2b71")
+
+
+def initial_states(definition: Definition) -> list[dict[str, Any]]:
+    return [{"name": s.name, "type": s.type, "status": "pending"} for s in definition.steps]
+
+
+def notification_key(run_id: uuid.UUID, step: Step) -> tuple[uuid.UUID, str]:
+    """The id and request_id of the one notification a channel step of a run makes: derived, so
+    an engine that repeats the step after a crash asks the store for the same one. The U+001F
+    separator cannot occur in a client's request_id (common/validation.py)."""
+    return uuid.uuid5(_NAMESPACE, f"{run_id}:{step.name}"), f"workflow\x1f{run_id}\x1f{step.name}"
+
+
+def context(payload: Mapping[str, Any], recipient: Mapping[str, Any], states: list[dict[str, Any]]) -> dict:
+    """What conditions see: the trigger's payload, the recipient pinned at trigger, and each
+    earlier step by name; a channel step's `status` is its notification's final status."""
+    steps = {}
+    for state in states:
+        seen = dict(state)
+        if state.get("notification_status") is not None:
+            seen["status"] = state["notification_status"]
+        steps[state["name"]] = seen
+    return {"payload": payload, "recipient": recipient, "steps": steps, "digest": {}}
+
+
+def evaluate(source: str, scope: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """An expression's value, or (None, why it could not be evaluated)."""
+    try:
+        return compile_expression(source)(**scope), None
+    except Exception as exc:  # noqa: BLE001 - any failure of client code is the step's reason
+        return None, f"{type(exc).__name__}: {exc}"[:300]
+
+
+@dataclass(frozen=True)
+class Skip:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    until: datetime
+
+
+@dataclass(frozen=True)
+class Send:
+    """Make the step's notification (or find the one made before)."""
+
+
+@dataclass(frozen=True)
+class Done:
+    """The step is complete without waiting (a delay already past)."""
+
+
+Action = Skip | Wait | Send | Done
+
+
+def _until(step: Step, now: datetime, scope: Mapping[str, Any]) -> datetime | str:
+    if "duration" in step.options:
+        return now + timedelta(seconds=float(step.options["duration"]))
+    value, error = evaluate(str(step.options["until"]), scope)
+    if error:
+        return f"until could not be evaluated ({error})"
+    if isinstance(value, datetime):
+        when = value if value.tzinfo else value.replace(tzinfo=UTC)
+    else:
+        try:
+            when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            return f"until gave {str(value)[:80]!r}, not an RFC 3339 time"
+        if when.tzinfo is None:
+            return f"until gave {str(value)[:80]!r} without a UTC offset"
+    if when - now > timedelta(seconds=MAX_DELAY):
+        return f"until is more than {MAX_DELAY // 86400} days ahead"
+    return when
+
+
+def next_action(step: Step, scope: Mapping[str, Any], now: datetime) -> Action:
+    """What a pending step needs: skipped (condition false, or it cannot be evaluated), a wait,
+    a notification, or nothing more."""
+    if step.condition is not None:
+        value, error = evaluate(step.condition, scope)
+        if error:
+            return Skip(f"condition could not be evaluated: {error}")
+        if not value:
+            return Skip("condition false")
+    if step.type == "delay":
+        until = _until(step, now, scope)
+        if isinstance(until, str):
+            return Skip(until)
+        return Wait(until) if until > now else Done()
+    if step.channel is not None:
+        return Send()
+    raise ValueError(f"no action for step type {step.type!r}")
+
+
+def settle_channel(state: dict[str, Any], notification_status: str, error: str | None) -> None:
+    """A channel step whose notification is final takes its status (and its reason)."""
+    state["status"] = _STEP_OF_NOTIFICATION[notification_status]
+    state["notification_status"] = notification_status
+    state.pop("due_at", None)
+    if error and notification_status != "delivered":
+        state["reason"] = error
