@@ -18,7 +18,7 @@ import pytest
 
 from common import db
 from common.config import Config
-from common.db import Json, Row
+from common.db import Row
 from common.features.workflows.definition import Definition, Step, parse
 from common.features.workflows.engine import Engine, StepFailed
 from common.features.workflows.steps import initial_states, notification_key
@@ -161,7 +161,8 @@ async def test_every_run_completes_and_every_step_makes_one_notification(
     try:
         for _ in range(600):
             left = await database.fetchval(
-                "SELECT count(*) FROM workflow_runs WHERE project_id = %s AND status IN ('running', 'waiting')",
+                "SELECT count(*) FROM workflow_runs"
+                " WHERE project_id = %s AND status IN ('running', 'waiting')",
                 PROJECT,
             )
             if left == 0:
