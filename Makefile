@@ -6,11 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
 
-.PHONY: help venv browser run test screenshots lint format migrate topology bench clean
+.PHONY: help venv browser run test test-fast screenshots lint format migrate topology bench clean
 
 help:
 	@echo "make run       install, create databases, migrate, declare topology, start all services"
 	@echo "make test      run the test suite against the local PostgreSQL, Redis and RabbitMQ"
+	@echo "make test-fast run only the pure tests (no servers), in seconds"
 	@echo "make screenshots  run the console's browser tests, keeping their pictures in docs/console/"
 	@echo "make lint      ruff, mypy, hadolint and actionlint"
 	@echo "make migrate   create missing databases and apply migrations"
@@ -36,6 +37,10 @@ browser:
 
 test: venv browser
 	$(BIN)/python -m pytest
+
+# The pure tests: those using no fixture that needs a server (marked `stack` by tests/conftest.py).
+test-fast: venv
+	$(BIN)/python -m pytest -m "not stack" -q
 
 # The console's browser tests, keeping their pictures of each page in docs/console/.
 screenshots: venv browser

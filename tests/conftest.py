@@ -30,12 +30,65 @@ from scripts.localenv import rabbitmq_vhost
 from tests.smtp_sink import SmtpSink
 from topology import declare, table
 
-PREFIX = os.environ.get("NOTIFY_TEST_PREFIX", "notify_test")
+# Under pytest-xdist (`make test`) every worker has resources of its own: its databases and vhost
+# carry the worker's id (notify_test_gw0_users_db, vhost notify_test_gw0), and its Redis database
+# is TEST_REDIS_DB minus the worker's index (15, 14, 13, 12 for four workers). Servers a test
+# starts itself (SMTP sinks, proxies, a RabbitMQ cluster) take free ports and names of their own.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...; empty without xdist
+WORKER_INDEX = int(WORKER[2:]) if WORKER.startswith("gw") else 0
+BASE_PREFIX = os.environ.get("NOTIFY_TEST_PREFIX", "notify_test")
+PREFIX = f"{BASE_PREFIX}_{WORKER}" if WORKER else BASE_PREFIX
 PG = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
 AMQP_HOST = os.environ.get("TEST_RABBITMQ_HOST", "127.0.0.1")
-REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "15"))
+BASE_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "15"))
+REDIS_DB = BASE_REDIS_DB - WORKER_INDEX
 API_KEY = "test-client-key-0123456789"
 INTERNAL_TOKEN = "test-internal-token-0123456789"
+
+# Fixtures that need the real PostgreSQL, Redis or RabbitMQ, or start servers of their own: a test
+# that uses any of them (directly or through another fixture) is marked `stack`, and
+# `pytest -m "not stack"` (`make test-fast`) runs the others, the pure tests.
+STACK_FIXTURES = frozenset(
+    {
+        "base_config",
+        "amqp_channel",
+        "smtp_sink",
+        "stack_factory",
+        "stack",
+        "own_vhost",
+        "quorum_vhost",
+        "rabbit_cluster",
+        "browser",
+    }
+)
+
+
+def redis_dbs(workers: int, base: int = BASE_REDIS_DB) -> list[int]:
+    """The Redis databases `workers` workers use: base, base - 1, ...; never db 0 (the machine's
+    default, `make run`'s), nor below it."""
+    lowest = base - max(workers, 1) + 1
+    if lowest < 1:
+        raise pytest.UsageError(
+            f"TEST_REDIS_DB={base} with {workers} workers would use Redis databases {base} down to "
+            f"{lowest}; each worker takes one below TEST_REDIS_DB and none may be below 1: "
+            "raise TEST_REDIS_DB or run fewer workers (-n)"
+        )
+    return list(range(base, lowest - 1, -1))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is None:  # the controller (or a run without xdist): -n as given, when a number
+        numprocesses = getattr(config.option, "numprocesses", None)
+        workers = str(numprocesses) if isinstance(numprocesses, int) else "1"
+    redis_dbs(int(workers))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if STACK_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.stack)
 
 
 @pytest.fixture(scope="session")

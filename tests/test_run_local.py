@@ -37,6 +37,9 @@ def _run_local(env: dict[str, str], env_file: Path, timeout: float = 60) -> subp
 # --- dependencies --------------------------------------------------------------------------------
 
 
+# These two talk to the machine's own PostgreSQL, Redis and RabbitMQ at their default addresses
+# (all but the one pointed at a closed port must answer), through no fixture: marked by hand.
+@pytest.mark.stack
 @pytest.mark.parametrize(
     ("name", "package", "settings"),
     [
@@ -76,6 +79,7 @@ def test_an_unreachable_dependency_is_named_with_how_to_get_it(
     assert (tmp_path / ".env").exists()  # the first run's settings file, with its secrets
 
 
+@pytest.mark.stack
 def test_every_dependency_is_tried_at_once_and_named_once_per_address() -> None:
     closed = free_port()
     config = Config(
