@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # One image for every notify process; the command chooses which one runs:
 #   python gateway.py | user_service.py | template_service.py | email_worker.py | push_worker.py
-#   python -m common.migrate      (create and migrate the three databases, then exit)
+#   python -m common.data.migrate      (create and migrate the three databases, then exit)
 #   python -m topology            (declare the RabbitMQ exchange and queues, then exit)
 # Settings come from the environment at run time (see README "Settings"); none are baked in.
 

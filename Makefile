@@ -35,8 +35,11 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
 
+# The whole suite, on TEST_WORKERS processes (each with its own databases, vhost, Redis
+# database and ports: tests/conftest.py); most tests wait on servers, so more workers than cores.
+TEST_WORKERS ?= 4
 test: venv browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # The pure tests: those using no fixture that needs a server (marked `stack` by tests/conftest.py).
 test-fast: venv
@@ -58,7 +61,7 @@ format: venv
 	$(BIN)/ruff format .
 
 migrate: venv
-	$(BIN)/python -m common.migrate
+	$(BIN)/python -m common.data.migrate
 
 topology: venv
 	$(BIN)/python -m topology

@@ -1,6 +1,6 @@
 """Email worker (:8003): consumes email.queue and sends each notification by email.
 
-The consuming, retry and dead-letter logic is common/worker.py; this module is the delivery
+The consuming, retry and dead-letter logic is common/delivery/worker.py; this module is the delivery
 step: look up the address, render the template, build the message (HTML and text, with its
 ids and a signed one-click unsubscribe link), and send it through the providers in
 EMAIL_PROVIDERS order. A transient failure or an open circuit moves on to the next provider;
@@ -19,14 +19,15 @@ import aiohttp
 from aiohttp import web
 
 import topology
-from common import unsubscribe
 from common.config import Config, ConfigError, load_config
-from common.delivery import Delivered, DeliveryError, Job
-from common.http import CONFIG_KEY, METRICS_KEY
-from common.logs import setup_logging
+from common.delivery.interface import Delivered, DeliveryError, Job
+from common.delivery.worker import Preparer, worker_app
+from common.features.email_links import unsubscribe
+from common.keys import CONFIG_KEY, EMAIL_ROUTES_KEY, HTTP_KEY, METRICS_KEY
+from common.logs import project_var, setup_logging
 from common.metrics import Metrics
 from common.runner import run
-from common.worker import HTTP_KEY, Preparer, worker_app
+from common.sending.preferences import origin_of
 from providers.breaker import CircuitBreaker, State
 from providers.email import EmailProvider, HeaderInjection, OutgoingEmail, UnsupportedByProvider, message_id
 from providers.mailgun import MailgunProvider
@@ -42,9 +43,6 @@ class Route:
 
     provider: EmailProvider
     breaker: CircuitBreaker
-
-
-ROUTES_KEY = web.AppKey("email_routes", tuple)
 
 
 def check_settings(config: Config) -> None:
@@ -89,7 +87,7 @@ async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
         )
         for name in config.email_providers
     )
-    app[ROUTES_KEY] = routes
+    app[EMAIL_ROUTES_KEY] = routes
     log.info("email providers in failover order: %s", ", ".join(config.email_providers))
     try:
         yield
@@ -168,7 +166,7 @@ class EmailDelivery:
         self.config = app[CONFIG_KEY]
         self.metrics = app[METRICS_KEY]
         self.preparer = Preparer(app, "email")
-        self.routes: tuple[Route, ...] = app[ROUTES_KEY]
+        self.routes: tuple[Route, ...] = app[EMAIL_ROUTES_KEY]
 
     async def deliver(self, job: Job) -> Delivered:
         prepared = await self.preparer.prepare(job)
@@ -184,7 +182,12 @@ class EmailDelivery:
     def build(self, job: Job, to: str, parts: dict[str, str]) -> OutgoingEmail:
         config = self.config
         notification_id = str(job.notification_id)
-        token = unsubscribe.sign(config.unsubscribe_key, str(job.body["user_id"]), "email")
+        # A workflow's email turns off that workflow's category, not all email.
+        origin = origin_of(job.record)
+        category = origin.category if origin is not None else None
+        token = unsubscribe.sign(
+            config.unsubscribe_key, str(job.body["user_id"]), "email", project_var.get(), category
+        )
         return OutgoingEmail(
             to=to,
             sender=config.email_from,

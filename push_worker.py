@@ -1,6 +1,6 @@
 """Push worker (:8004): consumes push.queue and delivers to every device the user has.
 
-The consuming, retry and dead-letter logic is common/worker.py; this module is the delivery
+The consuming, retry and dead-letter logic is common/delivery/worker.py; this module is the delivery
 step: look up the user's devices, render the push template, fan out to FCM, OneSignal and Web
 Push, record a result per device, prune dead tokens, and retry only the devices that failed
 transiently.
@@ -17,25 +17,23 @@ from typing import Any
 from aiohttp import web
 
 import topology
-from common.batching import Batcher
-from common.clients import ServiceUnavailable
 from common.config import Config, ConfigError, load_config
-from common.delivery import Delivered, DeliveryError, Job
-from common.egress import allow_list, guarded_session
+from common.data.store import Event
+from common.delivery.egress import allow_list, guarded_session
+from common.delivery.interface import Delivered, DeliveryError, Job
+from common.delivery.worker import BATCH_WINDOW, Preparer, worker_app
 from common.faults import hold
-from common.http import CONFIG_KEY
+from common.group_commit import Batcher
+from common.keys import CONFIG_KEY, HTTP_KEY, PUSH_PROVIDERS_KEY, STORE_KEY
 from common.logs import setup_logging
+from common.lookups.clients import ServiceUnavailable
 from common.runner import run
-from common.store import Event
-from common.worker import BATCH_WINDOW, HTTP_KEY, STORE_KEY, Preparer, worker_app
 from providers.fcm import FcmProvider, fcm_credentials_problem
 from providers.onesignal import OneSignalProvider
 from providers.push import Device, DeviceResult, PushMessage, PushProvider
 from providers.webpush import WebPushProvider
 
 log = logging.getLogger("push_worker")
-
-PROVIDERS_KEY = web.AppKey("push_providers", dict)
 
 
 def check_settings(config: Config) -> None:
@@ -75,7 +73,7 @@ async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
         providers["webpush"] = WebPushProvider(
             webpush_session, config.vapid_private_key, config.vapid_subject, allowed
         )
-    app[PROVIDERS_KEY] = providers
+    app[PUSH_PROVIDERS_KEY] = providers
     log.info("push providers: %s", ", ".join(providers) or "none configured")
     try:
         yield
@@ -116,7 +114,7 @@ class PushDelivery:
         self.config: Config = app[CONFIG_KEY]
         self.store = app[STORE_KEY]
         self.preparer = Preparer(app, "push")
-        self.providers: dict[str, PushProvider] = app[PROVIDERS_KEY]
+        self.providers: dict[str, PushProvider] = app[PUSH_PROVIDERS_KEY]
         # The device results of the messages in flight go into the history together.
         self.history: Batcher[list[Event], None] = Batcher(self._write_events, delay=BATCH_WINDOW)
 

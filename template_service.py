@@ -10,15 +10,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
-from common import auth, db, resources, templating
-from common.cache import bump_template_generation
-from common.channels import CHANNELS
+from common import resources
 from common.config import Config, load_config
-from common.http import (
-    CONFIG_KEY,
+from common.data import db
+from common.keys import CONFIG_KEY, DB_KEY, REDIS_KEY, RENDER_KEY
+from common.logs import project_var, setup_logging
+from common.lookups.cache import bump_template_generation
+from common.rendering import templating
+from common.rendering.templating import PARTS, REQUIRED_PARTS, SINGLE_LINE_PARTS
+from common.runner import run
+from common.vocabulary import CHANNELS
+from common.web import auth
+from common.web.http import (
     PG_INT_MAX,
     ApiError,
     base_app,
@@ -29,17 +34,10 @@ from common.http import (
     read_json,
     strict_int,
 )
-from common.logs import setup_logging
-from common.renderer import RenderPool
-from common.runner import run
-from common.templating import PARTS, REQUIRED_PARTS, SINGLE_LINE_PARTS
-from common.validation import CODE_RE, LANGUAGE_RE, Fields, normalize_language
+from common.web.validation import CODE_RE, LANGUAGE_RE, Fields, normalize_language
 
 log = logging.getLogger("template_service")
 
-DB_KEY = web.AppKey("templates_db", db.Database)
-REDIS_KEY = web.AppKey("redis", aioredis.Redis)
-RENDER_KEY = web.AppKey("render_pool", RenderPool)
 
 MAX_SOURCE = 100_000
 _VERSION_COLUMNS = (
@@ -53,7 +51,7 @@ _VERSION_COLUMNS = (
 def _resolve(request: web.Request, presented: str) -> auth.Principal:
     if not auth.matches(request.app[CONFIG_KEY].internal_api_token, presented):
         raise auth.unauthorized()
-    return auth.Principal("internal", "internal")
+    return auth.Principal("internal", "internal", auth.project_header(request))
 
 
 # --- data access -----------------------------------------------------------------------------
@@ -78,7 +76,9 @@ async def _template(database: db.Executor, code: str) -> dict[str, Any]:
     if not CODE_RE.match(code):
         raise not_found(f"Template {code[:100]!r}")  # no such code can exist; spares the query
     row = await database.fetchrow(
-        "SELECT code, notification_type, default_language, created_at FROM templates WHERE code = %s",
+        "SELECT code, notification_type, default_language, created_at FROM templates"
+        " WHERE project_id = %s AND code = %s",
+        project_var.get(),
         code,
     )
     if row is None:
@@ -106,7 +106,9 @@ async def resolve(
     template = await _template(database, code)
     chain = _language_chain(language, template["default_language"])
     rows = await database.fetch(
-        "SELECT language, active_version FROM template_languages WHERE code = %s AND language = ANY(%s)",
+        "SELECT language, active_version FROM template_languages"
+        " WHERE project_id = %s AND code = %s AND language = ANY(%s)",
+        project_var.get(),
         code,
         chain,
     )
@@ -116,7 +118,8 @@ async def resolve(
         raise not_found(f"Template {code!r} in language {language!r}")
     row = await database.fetchrow(
         f"SELECT {_VERSION_COLUMNS} FROM template_versions"
-        " WHERE code = %s AND language = %s AND version = %s",
+        " WHERE project_id = %s AND code = %s AND language = %s AND version = %s",
+        project_var.get(),
         code,
         chosen,
         version or active[chosen],
@@ -159,18 +162,22 @@ async def create_template(request: web.Request) -> web.Response:
         fields.error(part, problem)
     fields.check()
     database = request.app[DB_KEY]
+    project = project_var.get()
     async with database.transaction() as tx:
         # Insert-or-nothing first: two creates of one new code at once then queue on the row
         # instead of both inserting (the second would be a unique violation).
         await tx.execute(
-            "INSERT INTO templates (code, notification_type, default_language) VALUES (%s, %s, %s)"
-            " ON CONFLICT (code) DO NOTHING",
+            "INSERT INTO templates (project_id, code, notification_type, default_language)"
+            " VALUES (%s, %s, %s, %s) ON CONFLICT (project_id, code) DO NOTHING",
+            project,
             code,
             channel,
             language,
         )
         existing = await tx.fetchrow(
-            "SELECT notification_type FROM templates WHERE code = %s FOR UPDATE", code
+            "SELECT notification_type FROM templates WHERE project_id = %s AND code = %s FOR UPDATE",
+            project,
+            code,
         )
         assert existing is not None
         if existing["notification_type"] != channel:
@@ -178,8 +185,9 @@ async def create_template(request: web.Request) -> web.Response:
                 409, "conflict", f"Template {code!r} exists as a {existing['notification_type']} template."
             )
         inserted = await tx.execute(
-            "INSERT INTO template_languages (code, language, active_version) VALUES (%s, %s, 1)"
-            " ON CONFLICT DO NOTHING",
+            "INSERT INTO template_languages (project_id, code, language, active_version)"
+            " VALUES (%s, %s, %s, 1) ON CONFLICT DO NOTHING",
+            project,
             code,
             language,
         )
@@ -191,9 +199,10 @@ async def create_template(request: web.Request) -> web.Response:
                 f"PUT /api/v1/templates/{code} adds a version.",
             )
         row = await tx.fetchrow(
-            f"INSERT INTO template_versions (code, language, version, subject, body, text_body,"
-            f" title, image_url, link, created_by) VALUES (%s, %s, 1, %s, %s, %s, %s, %s, %s, %s)"
-            f" RETURNING {_VERSION_COLUMNS}",
+            f"INSERT INTO template_versions (project_id, code, language, version, subject, body,"
+            f" text_body, title, image_url, link, created_by)"
+            f" VALUES (%s, %s, %s, 1, %s, %s, %s, %s, %s, %s, %s) RETURNING {_VERSION_COLUMNS}",
+            project,
             code,
             language,
             parts.get("subject"),
@@ -227,16 +236,21 @@ async def update_template(request: web.Request) -> web.Response:
     for part, problem in templating.budget_errors(channel, parts).items():
         fields.error(part, problem)
     fields.check()
+    project = project_var.get()
     async with database.transaction() as tx:
         current = await tx.fetchrow(
-            "SELECT active_version FROM template_languages WHERE code = %s AND language = %s FOR UPDATE",
+            "SELECT active_version FROM template_languages"
+            " WHERE project_id = %s AND code = %s AND language = %s FOR UPDATE",
+            project,
             code,
             language,
         )
         if current is None:
             # A new language of an existing template starts its own history at version 1.
             await tx.execute(
-                "INSERT INTO template_languages (code, language, active_version) VALUES (%s, %s, 0)",
+                "INSERT INTO template_languages (project_id, code, language, active_version)"
+                " VALUES (%s, %s, %s, 0)",
+                project,
                 code,
                 language,
             )
@@ -244,8 +258,9 @@ async def update_template(request: web.Request) -> web.Response:
         else:
             base = (
                 await tx.fetchrow(
-                    f"SELECT {_VERSION_COLUMNS} FROM template_versions WHERE code = %s AND language = %s"
-                    " AND version = %s",
+                    f"SELECT {_VERSION_COLUMNS} FROM template_versions"
+                    " WHERE project_id = %s AND code = %s AND language = %s AND version = %s",
+                    project,
                     code,
                     language,
                     current["active_version"],
@@ -263,12 +278,13 @@ async def update_template(request: web.Request) -> web.Response:
             )
         row = await tx.fetchrow(
             f"""
-            INSERT INTO template_versions (code, language, version, subject, body, text_body,
-                title, image_url, link, created_by)
-            SELECT %s, %s, coalesce(max(version), 0) + 1, %s, %s, %s, %s, %s, %s, %s
-            FROM template_versions WHERE code = %s AND language = %s
+            INSERT INTO template_versions (project_id, code, language, version, subject, body,
+                text_body, title, image_url, link, created_by)
+            SELECT %s, %s, %s, coalesce(max(version), 0) + 1, %s, %s, %s, %s, %s, %s, %s
+            FROM template_versions WHERE project_id = %s AND code = %s AND language = %s
             RETURNING {_VERSION_COLUMNS}
             """,
+            project,
             code,
             language,
             merged.get("subject"),
@@ -278,14 +294,16 @@ async def update_template(request: web.Request) -> web.Response:
             merged.get("image_url"),
             merged.get("link"),
             _principal_name(request),
+            project,
             code,
             language,
         )
         assert row is not None
         await tx.execute(
             "UPDATE template_languages SET active_version = %s, updated_at = now()"
-            " WHERE code = %s AND language = %s",
+            " WHERE project_id = %s AND code = %s AND language = %s",
             row["version"],
+            project,
             code,
             language,
         )
@@ -335,15 +353,18 @@ async def get_template(request: web.Request) -> web.Response:
 async def list_templates(request: web.Request) -> web.Response:
     page, limit = paging(request)
     database = request.app[DB_KEY]
-    total = await database.fetchval("SELECT count(*) FROM templates")
+    project = project_var.get()
+    total = await database.fetchval("SELECT count(*) FROM templates WHERE project_id = %s", project)
     rows = await database.fetch(
         """
         SELECT t.code, t.notification_type, t.default_language, t.created_at,
                coalesce(jsonb_object_agg(l.language, l.active_version)
                         FILTER (WHERE l.language IS NOT NULL), '{}') AS active_versions
-        FROM templates t LEFT JOIN template_languages l USING (code)
-        GROUP BY t.code ORDER BY t.code LIMIT %s OFFSET %s
+        FROM templates t LEFT JOIN template_languages l USING (project_id, code)
+        WHERE t.project_id = %s
+        GROUP BY t.project_id, t.code ORDER BY t.code LIMIT %s OFFSET %s
         """,
+        project,
         limit,
         (page - 1) * limit,
     )
@@ -358,16 +379,19 @@ async def list_versions(request: web.Request) -> web.Response:
     await _template(database, code)
     language = _language_param(request)
     total = await database.fetchval(
-        "SELECT count(*) FROM template_versions WHERE code = %s AND (%s::text IS NULL OR language = %s)",
+        "SELECT count(*) FROM template_versions"
+        " WHERE project_id = %s AND code = %s AND (%s::text IS NULL OR language = %s)",
+        project_var.get(),
         code,
         language,
         language,
     )
     rows = await database.fetch(
         f"SELECT {_VERSION_COLUMNS}, (v.version = l.active_version) AS active"
-        " FROM template_versions v JOIN template_languages l USING (code, language)"
-        " WHERE code = %s AND (%s::text IS NULL OR language = %s) ORDER BY language, version"
-        " LIMIT %s OFFSET %s",
+        " FROM template_versions v JOIN template_languages l USING (project_id, code, language)"
+        " WHERE project_id = %s AND code = %s AND (%s::text IS NULL OR language = %s)"
+        " ORDER BY language, version LIMIT %s OFFSET %s",
+        project_var.get(),
         code,
         language,
         language,
@@ -390,11 +414,13 @@ async def activate_version(request: web.Request) -> web.Response:
     fields.check()
     updated = await database.execute(
         "UPDATE template_languages SET active_version = %s, updated_at = now()"
-        " WHERE code = %s AND language = %s AND EXISTS (SELECT 1 FROM template_versions"
-        " WHERE code = %s AND language = %s AND version = %s)",
+        " WHERE project_id = %s AND code = %s AND language = %s AND EXISTS (SELECT 1 FROM"
+        " template_versions WHERE project_id = %s AND code = %s AND language = %s AND version = %s)",
         version,
+        project_var.get(),
         code,
         language,
+        project_var.get(),
         code,
         language,
         version,
@@ -416,11 +442,14 @@ async def render(request: web.Request) -> web.Response:
     ):
         fields.error("version", f"must be a whole number from 1 to {PG_INT_MAX}")
     variables = fields.object("variables")
+    # Who to preview it for (`recipient` in the template): id, name, email, phone, language,
+    # timezone, data; absent fields render empty.
+    recipient = fields.object("recipient")
     fields.check()
     row = await resolve(request.app[DB_KEY], code, language, version)
     channel = row["notification_type"]
     try:
-        rendered: dict[str, Any] = await request.app[RENDER_KEY].render(channel, row, variables)
+        rendered: dict[str, Any] = await request.app[RENDER_KEY].render(channel, row, variables, recipient)
     except templating.RenderError as exc:
         raise ApiError(
             422, exc.code, exc.message, data={"fields": exc.fields} if exc.fields else None
@@ -438,9 +467,9 @@ async def render(request: web.Request) -> web.Response:
 def create_app(config: Config) -> web.Application:
     app = base_app("template_service", config)
     app.middlewares.append(auth.middleware(_resolve))
-    app.cleanup_ctx.append(resources.database(DB_KEY, lambda c: c.templates_db_url, "postgres"))
-    app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
-    app.cleanup_ctx.append(resources.render_pool(RENDER_KEY))
+    app.cleanup_ctx.append(resources.database(lambda c: c.templates_db_url, "postgres"))
+    app.cleanup_ctx.append(resources.redis_client())
+    app.cleanup_ctx.append(resources.render_pool())
     r = app.router
     for path in ("/api/v1/templates", "/api/v1/templates/"):
         r.add_post(path, create_template)

@@ -7,30 +7,27 @@ the gateway and workers (internal token) or a user acting on their own data (acc
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import hmac
 import logging
-import os
-import re
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 
-from common import auth, db, resources
-from common.cache import ProfileCache
-from common.channels import CHANNELS
+from common import resources
 from common.config import Config, load_config
-from common.http import (
-    CONFIG_KEY,
-    METRICS_KEY,
+from common.data import db, preferences, users
+from common.keys import CONFIG_KEY, DB_KEY, LOGIN_LIMITER_KEY, METRICS_KEY, PROFILE_CACHE_KEY, REDIS_KEY
+from common.logs import project_var, setup_logging
+from common.lookups.cache import ProfileCache
+from common.lookups.clients import LOOKUP_LIMIT
+from common.runner import run
+from common.web import auth
+from common.web.devices import MAX_TOKEN, TOKEN_RE, parse_device
+from common.web.http import (
     ApiError,
     base_app,
     json_response,
@@ -40,85 +37,22 @@ from common.http import (
     read_json,
     validation_error,
 )
-from common.logs import setup_logging
-from common.ratelimit import RateLimiter
-from common.runner import run
-from common.schedule import quiet_hours_field
-from common.validation import (
-    Fields,
-    b64url_decode,
-    parse_uuid,
-)
+from common.web.passwords import DUMMY_HASH, check_password, hash_password
+from common.web.ratelimit import RateLimiter
+from common.web.validation import PHONE_RE, USER_ID_HINT, USER_ID_RE, Fields, parse_uuid
 
 log = logging.getLogger("user_service")
 
-DB_KEY = web.AppKey("users_db", db.Database)
-REDIS_KEY = web.AppKey("redis", aioredis.Redis)
-PLATFORMS = ("fcm", "onesignal", "webpush")
-# Printable ASCII, and short enough that (user, platform, token) fits a unique-index entry
-# (PostgreSQL refuses entries above ~2,700 bytes). Real tokens are ASCII: FCM ~160 characters,
-# OneSignal a UUID, a Web Push endpoint a URL.
-TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
-MAX_TOKEN = 2048
-_USER_COLUMNS = "id, name, email, preferences, language, timezone, created_at, updated_at"
-
-
-# --- passwords: scrypt, salted, run off the event loop --------------------------------------
-
-_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
-# Each hash costs ~16 MB and tens of ms of a core: at most this many at once, whatever the
-# number of logins arriving, and a bounded queue behind them (beyond it: 429, try again).
-HASH_THREADS = 2
-HASH_QUEUE = 32
-_HASH_POOL = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="scrypt")
-_hash_waiting = 0
-
-
-def _scrypt(password: str, salt: bytes) -> bytes:
-    return hashlib.scrypt(password.encode(), salt=salt, dklen=32, maxmem=64 * 1024**2, **_SCRYPT)
-
-
-async def _run_scrypt(password: str, salt: bytes) -> bytes:
-    global _hash_waiting
-    if _hash_waiting >= HASH_QUEUE:
-        raise ApiError(
-            429,
-            "rate_limited",
-            "Too many password checks at once; try again in a second.",
-            headers={"Retry-After": "1"},
-        )
-    _hash_waiting += 1
-    try:
-        return await asyncio.get_running_loop().run_in_executor(_HASH_POOL, _scrypt, password, salt)
-    finally:
-        _hash_waiting -= 1
-
-
-async def hash_password(password: str) -> str:
-    salt = os.urandom(16)
-    digest = await _run_scrypt(password, salt)
-    return f"scrypt${salt.hex()}${digest.hex()}"
-
-
-async def check_password(password: str, stored: str) -> bool:
-    _, salt, digest = stored.split("$")
-    candidate = await _run_scrypt(password, bytes.fromhex(salt))
-    return hmac.compare_digest(candidate, bytes.fromhex(digest))
-
-
-# A fixed hash to check against when the email is unknown, so both failures cost the same time.
-_DUMMY_HASH = "scrypt$" + "00" * 16 + "$" + "00" * 32
+MAX_DATA = 16 * 1024  # bytes of a user's custom attributes (`data`), serialized
+MAX_BULK = 1000  # users per bulk identify
+IDENTITY = frozenset({"name", "email", "phone", "language", "timezone", "preferences", "data"})
 
 
 # --- the cache ---------------------------------------------------------------------------------
 
 
-CACHE_KEY = web.AppKey("profile_cache", ProfileCache)
-LOGIN_LIMITER_KEY = web.AppKey("login_limiter", RateLimiter)
-
-
 async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[CACHE_KEY] = ProfileCache(app[REDIS_KEY], app[METRICS_KEY])
+    app[PROFILE_CACHE_KEY] = ProfileCache(app[REDIS_KEY], app[METRICS_KEY])
     config = app[CONFIG_KEY]
     app[LOGIN_LIMITER_KEY] = RateLimiter(app[REDIS_KEY], config.login_rate_limit, config.login_rate_window)
     yield
@@ -131,13 +65,12 @@ def _resolve(request: web.Request, presented: str) -> auth.Principal:
     """The internal token may do anything; a user's access token reaches only that user."""
     config = request.app[CONFIG_KEY]
     if auth.matches(config.internal_api_token, presented):
-        return auth.Principal("internal", "internal")
+        return auth.Principal("internal", "internal", auth.project_header(request))
     if request.path.startswith("/api/v1/auth/"):
         raise auth.unauthorized()  # login is reached through the gateway only
-    user_id = auth.verify_access_token(config.jwt_secret, presented)
-    if user_id is None:
+    principal = auth.verify_access_token(config.jwt_secret, presented)
+    if principal is None:
         raise auth.unauthorized()
-    principal = auth.Principal("user", user_id)
     target = request.match_info.get("user_id")
     if target is None or not principal.may_access_user(target):
         raise auth.forbidden()
@@ -147,39 +80,44 @@ def _resolve(request: web.Request, presented: str) -> auth.Principal:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _user_id(request: web.Request) -> uuid.UUID:
-    user_id = parse_uuid(request.match_info["user_id"])
-    if user_id is None:
-        raise not_found("User")
+def _user_id(request: web.Request) -> str:
+    """The client's own id for the user (USER_ID_RE); a 400 naming `id` for anything else."""
+    user_id = request.match_info["user_id"]
+    if not USER_ID_RE.match(user_id):
+        raise validation_error({"id": USER_ID_HINT})
     return user_id
 
 
-def _preferences(fields: Fields, name: str, *, partial: bool) -> dict[str, Any] | None:
-    value = fields.body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        fields.error(name, 'must be an object like {"email": true, "push": false}')
-        return None
-    prefs: dict[str, Any] = {}
-    for channel, enabled in value.items():
-        if channel == "quiet_hours":
-            # In the user's time zone; null turns them off (stored as null, so a merge clears them).
-            inner = Fields(value)
-            prefs[channel] = quiet_hours_field(inner)
-            for field, message in inner.errors.items():
-                fields.error(f"{name}.{field}", message)
-        elif channel not in CHANNELS:
-            known = ", ".join([*CHANNELS, "quiet_hours"])
-            fields.error(f"{name}.{channel}", f"is not a preference; use one of {known}")
-        elif not isinstance(enabled, bool):
-            fields.error(f"{name}.{channel}", "must be true or false")
-        else:
-            prefs[channel] = enabled
-    if not partial:
-        for channel in CHANNELS:
-            prefs.setdefault(channel, True)
-    return prefs
+def _identity(fields: Fields) -> dict[str, Any]:
+    """An identify's attributes, those given (a null or absent one is left as it is)."""
+    body = fields.body
+    given: dict[str, Any] = {}
+    if body.get("name") is not None:
+        given["name"] = fields.string("name", max_len=200)
+    if body.get("email") is not None:
+        given["email"] = fields.email("email")
+    if body.get("phone") is not None:
+        given["phone"] = fields.string(
+            "phone", max_len=32, pattern=PHONE_RE, hint="must be a phone number like +351912345678"
+        )
+    if body.get("language") is not None:
+        given["language"] = fields.language()
+    if body.get("timezone") is not None:
+        given["timezone"] = _timezone(fields)
+    prefs = preferences.parse(fields, "preferences", partial=True)
+    if prefs:
+        given["preferences"] = prefs
+    if body.get("data") is not None:
+        data = fields.object("data")
+        if len(orjson.dumps(data)) > MAX_DATA:
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"data is over {MAX_DATA} bytes.",
+                data={"fields": {"data": f"at most {MAX_DATA} bytes of JSON"}},
+            )
+        given["data"] = data
+    return given
 
 
 def _timezone(fields: Fields) -> str | None:
@@ -194,60 +132,11 @@ def _timezone(fields: Fields) -> str | None:
     return value
 
 
-def _device(body: dict[str, Any], allowed_hosts: tuple[str, ...]) -> tuple[str, str, dict[str, Any] | None]:
-    """Validate a device registration; returns (platform, token, subscription)."""
-    fields = Fields(body)
-    fields.unknown({"platform", "token", "subscription"})
-    platform = fields.string("platform", max_len=16)
-    if platform is not None and platform not in PLATFORMS:
-        fields.error("platform", f"must be one of {', '.join(PLATFORMS)}")
-    fields.check()
-    if platform == "webpush":
-        sub = fields.object("subscription", required=True)
-        fields.check()
-        endpoint = sub.get("endpoint")
-        endpoint = endpoint if isinstance(endpoint, str) else ""
-        url = urlsplit(endpoint)
-        # Plain http only for hosts the operator allow-listed (a local push service in tests).
-        allowed = url.scheme == "https" or (url.scheme == "http" and (url.hostname or "") in allowed_hosts)
-        if not allowed or not url.hostname:
-            fields.error("subscription.endpoint", "must be an https URL")
-        elif len(endpoint) > MAX_TOKEN or not TOKEN_RE.match(endpoint):
-            fields.error("subscription.endpoint", f"must be at most {MAX_TOKEN} ASCII characters")
-        keys = sub.get("keys")
-        keys = {k: v for k, v in keys.items() if isinstance(v, str)} if isinstance(keys, dict) else {}
-        p256dh = b64url_decode(keys.get("p256dh", ""))
-        if p256dh is None or len(p256dh) != 65 or p256dh[0] != 4:
-            fields.error("subscription.keys.p256dh", "must be base64url of a 65-byte P-256 public key")
-        secret = b64url_decode(keys.get("auth", ""))
-        if secret is None or len(secret) != 16:
-            fields.error("subscription.keys.auth", "must be base64url of a 16-byte secret")
-        fields.check()
-        subscription = {"endpoint": endpoint, "keys": {"p256dh": keys["p256dh"], "auth": keys["auth"]}}
-        return "webpush", endpoint, subscription
-    token = fields.string("token", max_len=MAX_TOKEN, pattern=TOKEN_RE, hint="must be printable ASCII")
-    fields.check()
-    assert platform is not None and token is not None
-    return platform, token, None
-
-
-async def _load_profile(database: db.Database, user_id: uuid.UUID) -> dict[str, Any] | None:
-    user = await database.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE id = %s", user_id)
-    if user is None:
-        return None
-    user["devices"] = await database.fetch(
-        "SELECT id, platform, token, subscription, created_at FROM devices"
-        " WHERE user_id = %s ORDER BY created_at, id",
-        user_id,
-    )
-    return user
-
-
-async def _profile(request: web.Request, user_id: uuid.UUID) -> dict[str, Any]:
-    cache = request.app[CACHE_KEY]
+async def _profile(request: web.Request, user_id: str) -> dict[str, Any]:
+    cache = request.app[PROFILE_CACHE_KEY]
     profile = await cache.get(user_id)
     if profile is None:
-        profile = await _load_profile(request.app[DB_KEY], user_id)
+        profile = await users.load_profile(request.app[DB_KEY], user_id)
         if profile is None:
             raise not_found("User")
         # Round-trip through JSON so the cached and uncached answers are the same shape.
@@ -256,64 +145,130 @@ async def _profile(request: web.Request, user_id: uuid.UUID) -> dict[str, Any]:
     return profile
 
 
-async def _add_device(
-    database: db.Executor, user_id: uuid.UUID, platform: str, token: str, sub: dict[str, Any] | None
-) -> dict[str, Any]:
-    # The same token registered twice is one device: the second call returns the first row.
-    row = await database.fetchrow(
-        """
-        INSERT INTO devices (user_id, platform, token, subscription) VALUES (%s, %s, %s, %s)
-        ON CONFLICT (user_id, platform, token) DO UPDATE SET subscription = EXCLUDED.subscription
-        RETURNING id, platform, token, subscription, created_at
-        """,
-        user_id,
-        platform,
-        token,
-        db.Json(sub) if sub is not None else None,
-    )
-    assert row is not None
-    return row
-
-
 # --- handlers ------------------------------------------------------------------------------------
 
 
 async def create_user(request: web.Request) -> web.Response:
+    """`POST /api/v1/users/`: with the client's own `id` (409 if it exists), or without one (a
+    UUID is assigned, as before ids were the client's); a password only for users who log in."""
     body = await read_json(request)
     fields = Fields(body)
-    fields.unknown({"name", "email", "password", "push_token", "preferences", "language", "timezone"})
-    name = fields.string("name", max_len=200)
-    email = fields.email("email")
-    password = fields.string("password", min_len=8, max_len=256)
+    fields.unknown({"id", "password", "push_token", *IDENTITY})
+    user_id = fields.user_id("id", required=False) or str(uuid.uuid4())
+    given = _identity(fields)
+    password = fields.string("password", required=False, min_len=8, max_len=256)
     push_token = fields.string(
         "push_token", required=False, max_len=MAX_TOKEN, pattern=TOKEN_RE, hint="must be printable ASCII"
     )
-    prefs = _preferences(fields, "preferences", partial=False) or dict.fromkeys(CHANNELS, True)
-    language = fields.language() or "en"
-    timezone = _timezone(fields) or "UTC"
     fields.check()
-    assert name and email and password
-    password_hash = await hash_password(password)
-    database = request.app[DB_KEY]
-    try:
-        async with database.transaction() as tx:
-            user = await tx.fetchrow(
-                f"INSERT INTO users (name, email, password_hash, preferences, language, timezone)"
-                f" VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_USER_COLUMNS}",
-                name,
-                email,
-                password_hash,
-                db.Json(prefs),
-                language,
-                timezone,
+    password_hash = await hash_password(password) if password else None
+    async with request.app[DB_KEY].transaction() as tx:
+        user = await tx.fetchrow(
+            f"INSERT INTO users (project_id, id, name, email, phone, password_hash, preferences, language,"
+            f" timezone, data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            f" ON CONFLICT (project_id, id) DO NOTHING RETURNING {users.USER_COLUMNS}",
+            project_var.get(),
+            user_id,
+            given.get("name"),
+            given.get("email"),
+            given.get("phone"),
+            password_hash,
+            db.Json({**users.DEFAULT_PREFERENCES, **given.get("preferences", {})}),
+            given.get("language") or "en",
+            given.get("timezone") or "UTC",
+            db.Json(given.get("data") or {}),
+        )
+        if user is None:
+            raise ApiError(
+                409, "conflict", f"User {user_id!r} already exists; PUT /api/v1/users/{{id}} updates."
             )
-            assert user is not None
-            user["devices"] = (
-                [await _add_device(tx, user["id"], "fcm", push_token, None)] if push_token else []
-            )
-    except db.UniqueViolation:
-        raise ApiError(409, "conflict", f"A user with email {email!r} already exists.") from None
+        user["devices"] = [await users.add_device(tx, user_id, "fcm", push_token, None)] if push_token else []
+    await request.app[PROFILE_CACHE_KEY].invalidate(user_id)
     return json_response(user, "user created", status=201)
+
+
+async def identify_user(request: web.Request) -> web.Response:
+    """`PUT /api/v1/users/{id}`: create (201) or update (200) the user, in one call."""
+    user_id = _user_id(request)
+    fields = Fields(await read_json(request))
+    fields.unknown(IDENTITY)
+    given = _identity(fields)
+    fields.check()
+    created, _ = await users.upsert(request.app[DB_KEY], project_var.get(), [{"id": user_id, **given}])
+    await request.app[PROFILE_CACHE_KEY].invalidate(user_id)
+    profile = await _profile(request, user_id)
+    if user_id in created:
+        return json_response(profile, "user created", status=201)
+    return json_response(profile, "user updated")
+
+
+async def bulk_identify(request: web.Request) -> web.Response:
+    """`POST /api/v1/users/bulk {"users": [...]}`: up to MAX_BULK identifies in a few statements;
+    each bad item rejected by its index; an id listed twice counts the first time."""
+    if request[auth.PRINCIPAL_KEY].kind != "internal":
+        raise auth.forbidden()
+    body = await read_json(request)
+    items = body.get("users")
+    if isinstance(items, list) and len(items) > MAX_BULK:
+        raise ApiError(
+            413, "too_many_users", f"At most {MAX_BULK} users per request; this one has {len(items)}."
+        )
+    if not isinstance(items, list) or not items:
+        raise validation_error({"users": f"must be a list of 1 to {MAX_BULK} users, each with an id"})
+    good: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        raw_id = item.get("id") if isinstance(item, dict) else None
+        if not isinstance(item, dict):
+            rejected.append({"index": index, "id": None, "error": "must be an object with an id"})
+            continue
+        fields = Fields(item)
+        fields.unknown({"id", *IDENTITY})
+        user_id = fields.user_id("id")
+        try:
+            given = _identity(fields)
+        except ApiError as exc:
+            fields.error("data", exc.message)
+            given = {}
+        if fields.errors:
+            problem = "; ".join(f"{k}: {v}" for k, v in fields.errors.items())
+            rejected.append({"index": index, "id": raw_id, "error": problem})
+        elif user_id in seen:
+            rejected.append(
+                {"index": index, "id": user_id, "error": f"listed before, at index {seen[user_id]}"}
+            )
+        else:
+            assert user_id is not None
+            seen[user_id] = index
+            good.append({"id": user_id, **given})
+    created, updated = (
+        await users.upsert(request.app[DB_KEY], project_var.get(), good) if good else (set(), set())
+    )
+    await request.app[PROFILE_CACHE_KEY].invalidate_many([u["id"] for u in good])
+    return json_response(
+        {"created": len(created), "updated": len(updated), "rejected": rejected}, "users identified"
+    )
+
+
+async def user_token(request: web.Request) -> web.Response:
+    """`POST /api/v1/users/{id}/token`, for a client's backend (not a user's own token): an
+    access token for that user, with the scope of a login (their profile, preferences, devices)."""
+    if request[auth.PRINCIPAL_KEY].kind != "internal":
+        raise auth.forbidden()
+    user_id = _user_id(request)
+    await _profile(request, user_id)  # 404 for a user that does not exist
+    config = request.app[CONFIG_KEY]
+    token = auth.issue_access_token(config.jwt_secret, user_id, config.jwt_ttl_seconds, project_var.get())
+    return json_response(
+        {
+            "access_token": token,
+            "token_type": "bearer",
+            "expires_in": config.jwt_ttl_seconds,
+            "user_id": user_id,
+        },
+        "token issued",
+    )
 
 
 async def list_users(request: web.Request) -> web.Response:
@@ -321,16 +276,16 @@ async def list_users(request: web.Request) -> web.Response:
         raise auth.forbidden()
     page, limit = paging(request)
     database = request.app[DB_KEY]
-    total = await database.fetchval("SELECT count(*) FROM users")
+    project = project_var.get()
+    total = await database.fetchval("SELECT count(*) FROM users WHERE project_id = %s", project)
     rows = await database.fetch(
-        f"SELECT {_USER_COLUMNS} FROM users ORDER BY created_at, id LIMIT %s OFFSET %s",
+        f"SELECT {users.USER_COLUMNS} FROM users WHERE project_id = %s"
+        " ORDER BY created_at, id LIMIT %s OFFSET %s",
+        project,
         limit,
         (page - 1) * limit,
     )
     return json_response(rows, "users", meta=page_meta(int(total), limit, page))
-
-
-MAX_LOOKUP = 1000
 
 
 async def lookup_users(request: web.Request) -> web.Response:
@@ -339,26 +294,30 @@ async def lookup_users(request: web.Request) -> web.Response:
     if request[auth.PRINCIPAL_KEY].kind != "internal":
         raise auth.forbidden()
     ids = (await read_json(request)).get("ids")
-    if not isinstance(ids, list) or len(ids) > MAX_LOOKUP:
-        raise validation_error({"ids": f"must be a list of at most {MAX_LOOKUP} user ids"})
-    wanted = [u for raw in ids if isinstance(raw, str) and (u := parse_uuid(raw)) is not None]
+    if not isinstance(ids, list) or len(ids) > LOOKUP_LIMIT:
+        raise validation_error({"ids": f"must be a list of at most {LOOKUP_LIMIT} user ids"})
+    wanted = [u for u in ids if isinstance(u, str) and USER_ID_RE.match(u)]
     database = request.app[DB_KEY]
-    users = await database.fetch(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ANY(%s)", wanted)
+    project = project_var.get()
+    found = await database.fetch(
+        f"SELECT {users.USER_COLUMNS} FROM users WHERE project_id = %s AND id = ANY(%s)", project, wanted
+    )
     devices = await database.fetch(
         "SELECT user_id, id, platform, token, subscription, created_at FROM devices"
-        " WHERE user_id = ANY(%s) ORDER BY created_at, id",
+        " WHERE project_id = %s AND user_id = ANY(%s) ORDER BY created_at, id",
+        project,
         wanted,
     )
     by_user: dict[Any, list[dict[str, Any]]] = {}
     for device in devices:
         by_user.setdefault(device.pop("user_id"), []).append(device)
-    for user in users:
+    for user in found:
         user["devices"] = by_user.get(user["id"], [])
     # Cached as a single read caches them: the worker delivering to each of these users next
     # (a bulk send or fan-out, one message per user) then finds the profile in Redis instead
     # of calling this service once per message.
-    await request.app[CACHE_KEY].put_many(users)
-    return json_response(users, "users")
+    await request.app[PROFILE_CACHE_KEY].put_many(orjson.loads(orjson.dumps(found)))
+    return json_response(found, "users")
 
 
 async def get_user(request: web.Request) -> web.Response:
@@ -369,47 +328,44 @@ async def update_user(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     body = await read_json(request)
     fields = Fields(body)
-    fields.unknown({"name", "email", "password", "preferences", "language", "timezone"})
-    changes: dict[str, Any] = {}
-    if "name" in body:
-        changes["name"] = fields.string("name", max_len=200)
-    if "email" in body:
-        changes["email"] = fields.email("email")
+    fields.unknown({"password", *IDENTITY})
+    given = _identity(fields)
     if "password" in body:
         password = fields.string("password", min_len=8, max_len=256)
-    if "language" in body:
-        changes["language"] = fields.language()
-    if "timezone" in body:
-        changes["timezone"] = _timezone(fields)
-    prefs = _preferences(fields, "preferences", partial=True)
     fields.check()
+    prefs = given.pop("preferences", None)
+    data = given.pop("data", None)
+    changes: dict[str, Any] = dict(given)
     if "password" in body:
         changes["password_hash"] = await hash_password(password or "")
     sets = [f"{column} = %s" for column in changes]
     args: list[Any] = list(changes.values())
     if prefs:
-        sets.append("preferences = preferences || %s")
+        sets.append(preferences.MERGE_PREFERENCES)
         args.append(db.Json(prefs))
-    database = request.app[DB_KEY]
-    try:
-        row = await database.fetchrow(
-            f"UPDATE users SET {', '.join([*sets, 'updated_at = now()'])} WHERE id = %s RETURNING id",
-            *args,
-            user_id,
-        )
-    except db.UniqueViolation:
-        raise ApiError(409, "conflict", f"A user with email {changes['email']!r} already exists.") from None
+    if data is not None:
+        sets.append("data = data || %s")
+        args.append(db.Json(data))
+    row = await request.app[DB_KEY].fetchrow(
+        f"UPDATE users SET {', '.join([*sets, 'updated_at = now()'])} WHERE project_id = %s AND id = %s"
+        " RETURNING id",
+        *args,
+        project_var.get(),
+        user_id,
+    )
     if row is None:
         raise not_found("User")
-    await request.app[CACHE_KEY].invalidate(user_id)
+    await request.app[PROFILE_CACHE_KEY].invalidate(user_id)
     return json_response(await _profile(request, user_id), "user updated")
 
 
 async def delete_user(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     # Devices go with the user (ON DELETE CASCADE), and so does the cached profile.
-    deleted = await request.app[DB_KEY].execute("DELETE FROM users WHERE id = %s", user_id)
-    await request.app[CACHE_KEY].invalidate(user_id)
+    deleted = await request.app[DB_KEY].execute(
+        "DELETE FROM users WHERE project_id = %s AND id = %s", project_var.get(), user_id
+    )
+    await request.app[PROFILE_CACHE_KEY].invalidate(user_id)
     if not deleted:
         raise not_found("User")
     return json_response({"id": user_id}, "user deleted")
@@ -424,7 +380,7 @@ async def put_preferences(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     body = await read_json(request)
     fields = Fields({"preferences": body})
-    prefs = _preferences(fields, "preferences", partial=True)
+    prefs = preferences.parse(fields, "preferences", partial=True)
     if fields.errors:
         # Name the field as the caller sent it: "email", not "preferences.email".
         fields.errors = {k.removeprefix("preferences."): v for k, v in fields.errors.items()}
@@ -433,12 +389,13 @@ async def put_preferences(request: web.Request) -> web.Response:
         fields.error("email", 'send at least one channel, e.g. {"email": false}')
         fields.check()
     row = await request.app[DB_KEY].fetchrow(
-        "UPDATE users SET preferences = preferences || %s, updated_at = now() WHERE id = %s"
-        " RETURNING preferences",
+        f"UPDATE users SET {preferences.MERGE_PREFERENCES}, updated_at = now()"
+        " WHERE project_id = %s AND id = %s RETURNING preferences",
         db.Json(prefs),
+        project_var.get(),
         user_id,
     )
-    await request.app[CACHE_KEY].invalidate(user_id)
+    await request.app[PROFILE_CACHE_KEY].invalidate(user_id)
     if row is None:
         raise not_found("User")
     return json_response(row["preferences"], "preferences updated")
@@ -447,16 +404,21 @@ async def put_preferences(request: web.Request) -> web.Response:
 async def add_device(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     config = request.app[CONFIG_KEY]
-    platform, token, subscription = _device(await read_json(request), config.webpush_allowed_hosts)
+    platform, token, subscription = parse_device(await read_json(request), config.webpush_allowed_hosts)
     async with request.app[DB_KEY].transaction() as tx:
         # The user's row is locked so two registrations at once cannot both pass the cap.
-        if await tx.fetchval("SELECT 1 FROM users WHERE id = %s FOR UPDATE", user_id) is None:
+        project = project_var.get()
+        found = await tx.fetchval(
+            "SELECT 1 FROM users WHERE project_id = %s AND id = %s FOR UPDATE", project, user_id
+        )
+        if found is None:
             raise not_found("User")
         count = await tx.fetchval(
             "SELECT count(*) FILTER (WHERE NOT (platform = %s AND token = %s)) FROM devices"
-            " WHERE user_id = %s",
+            " WHERE project_id = %s AND user_id = %s",
             platform,
             token,
+            project,
             user_id,
         )
         if count >= config.max_devices_per_user:
@@ -467,8 +429,8 @@ async def add_device(request: web.Request) -> web.Response:
                 " (MAX_DEVICES_PER_USER); remove one first.",
                 data={"limit": config.max_devices_per_user},
             )
-        device = await _add_device(tx, user_id, platform, token, subscription)
-    await request.app[CACHE_KEY].invalidate(user_id)
+        device = await users.add_device(tx, user_id, platform, token, subscription)
+    await request.app[PROFILE_CACHE_KEY].invalidate(user_id)
     return json_response(device, "device registered", status=201)
 
 
@@ -483,11 +445,14 @@ async def delete_device(request: web.Request) -> web.Response:
     deleted = 0
     if device_id is not None:
         deleted = await request.app[DB_KEY].execute(
-            "DELETE FROM devices WHERE id = %s AND user_id = %s", device_id, user_id
+            "DELETE FROM devices WHERE id = %s AND project_id = %s AND user_id = %s",
+            device_id,
+            project_var.get(),
+            user_id,
         )
     if not deleted:
         raise not_found("Device")
-    await request.app[CACHE_KEY].invalidate(user_id)
+    await request.app[PROFILE_CACHE_KEY].invalidate(user_id)
     return json_response({"id": device_id}, "device removed")
 
 
@@ -517,28 +482,51 @@ async def _throttle_login(request: web.Request, email: str) -> None:
             )
 
 
+LOGIN_CANDIDATES = 5  # users of one address with a password whose hash a login checks, at most
+
+
 async def login(request: web.Request) -> web.Response:
+    """Email and password, among the project's users that have a password (`project`, default
+    "default"). Several users may share an address: each candidate's password is checked (a
+    bounded few); exactly one matching logs in, more than one is `409 ambiguous_login` (the
+    client logs them in by id with `POST /api/v1/users/{id}/token` instead)."""
     body = await read_json(request)
     fields = Fields(body)
+    fields.unknown({"email", "password", "project"})
     email = fields.string("email", max_len=254)
     password = fields.string("password", max_len=256)
+    project = (
+        fields.string(
+            "project", required=False, max_len=63, pattern=auth.PROJECT_RE, hint="must be a project name"
+        )
+        or "default"
+    )
     fields.check()
     assert email is not None and password is not None
     await _throttle_login(request, email)
-    row = await request.app[DB_KEY].fetchrow(
-        "SELECT id, password_hash FROM users WHERE lower(email) = lower(%s)", email
+    rows = await request.app[DB_KEY].fetch(
+        "SELECT id, password_hash FROM users WHERE project_id = %s AND lower(email) = lower(%s)"
+        " AND password_hash IS NOT NULL ORDER BY created_at LIMIT %s",
+        project,
+        email,
+        LOGIN_CANDIDATES,
     )
-    valid = await check_password(password, row["password_hash"] if row else _DUMMY_HASH)
-    if row is None or not valid:
+    matching = []
+    for row in rows or [{"id": None, "password_hash": DUMMY_HASH}]:  # the same cost when none
+        if await check_password(password, row["password_hash"]) and row["id"] is not None:
+            matching.append(row["id"])
+    if not matching:
         raise ApiError(401, "invalid_credentials", "Email or password is wrong.")
+    if len(matching) > 1:
+        raise ApiError(409, "ambiguous_login", "Several users share this email and password; log in by id.")
     config = request.app[CONFIG_KEY]
-    token = auth.issue_access_token(config.jwt_secret, row["id"], config.jwt_ttl_seconds)
+    token = auth.issue_access_token(config.jwt_secret, matching[0], config.jwt_ttl_seconds, project)
     return json_response(
         {
             "access_token": token,
             "token_type": "bearer",
             "expires_in": config.jwt_ttl_seconds,
-            "user_id": row["id"],
+            "user_id": matching[0],
         },
         "logged in",
     )
@@ -547,15 +535,18 @@ async def login(request: web.Request) -> web.Response:
 def create_app(config: Config) -> web.Application:
     app = base_app("user_service", config)
     app.middlewares.append(auth.middleware(_resolve))
-    app.cleanup_ctx.append(resources.database(DB_KEY, lambda c: c.users_db_url, "postgres"))
-    app.cleanup_ctx.append(resources.redis_client(REDIS_KEY))
+    app.cleanup_ctx.append(resources.database(lambda c: c.users_db_url, "postgres"))
+    app.cleanup_ctx.append(resources.redis_client())
     app.cleanup_ctx.append(cache_ctx)
     r = app.router
     for path in ("/api/v1/users", "/api/v1/users/"):
         r.add_post(path, create_user)
         r.add_get(path, list_users)
     r.add_post("/api/v1/users/lookup", lookup_users)
+    r.add_post("/api/v1/users/bulk", bulk_identify)
     r.add_get("/api/v1/users/{user_id}", get_user)
+    r.add_put("/api/v1/users/{user_id}", identify_user)
+    r.add_post("/api/v1/users/{user_id}/token", user_token)
     r.add_patch("/api/v1/users/{user_id}", update_user)
     r.add_delete("/api/v1/users/{user_id}", delete_user)
     r.add_get("/api/v1/users/{user_id}/preferences", get_preferences)

@@ -23,8 +23,8 @@ from bench import report
 from bench.load import SEQ, LoadResult, Spec, run_load
 from bench.stack import BenchEnv, CpuMeter, Proc, api, free_port
 from bench.stats import fmt_num
-from common import db
-from common.amqp import work_queue
+from common.broker.amqp import work_queue
+from common.data import db
 
 
 @dataclass

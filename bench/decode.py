@@ -19,8 +19,8 @@ from typing import Annotated, Any
 import msgspec
 import orjson
 
-from common.http import MAX_JSON_DEPTH, ApiError, _deeper_than
-from common.notifications import parse
+from common.sending.parsing import parse
+from common.web.http import MAX_JSON_DEPTH, ApiError, _deeper_than
 
 Code = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")]
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]

@@ -39,7 +39,7 @@ from bench.e2e import (
 from bench.load import LoadResult, run_load
 from bench.stack import VACUUM, VACUUM_EVERY, BenchEnv, CpuMeter, Proc, api, free_port
 from bench.stats import fmt_num
-from common import db
+from common.data import db
 
 SUBSCRIBE_CHUNK = 1000  # the API's limit per call
 SUBSCRIBE_CALLS_AT_ONCE = 4

@@ -21,7 +21,7 @@ from bench.e2e import E2EOptions, Outcome, email_pipeline
 from bench.load import LoadResult, Spec, run_load
 from bench.stack import BenchEnv, Proc
 from bench.stats import fmt_num
-from common.amqp import work_queue
+from common.broker.amqp import work_queue
 
 
 @dataclass

@@ -27,9 +27,10 @@ import aio_pika
 import aiohttp
 import redis.asyncio as aioredis
 
-from common import amqp, db
+from common.broker import amqp
 from common.config import Config
-from common.migrate import databases, migrate_all
+from common.data import db
+from common.data.migrate import databases, migrate_all
 from scripts.localenv import config_env, free_port, rabbitmq_vhost
 from topology import declare
 
@@ -73,7 +74,7 @@ def _stat(pid: int | str) -> list[str]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process and its live descendants have used so far: a worker's
-    render processes (`common/renderer.py`) work for it, so their CPU is part of its cost."""
+    render processes (`common/rendering/renderer.py`) work for it, so their CPU is part of its cost."""
     children: dict[int, list[int]] = {}
     for path in Path("/proc").glob("[0-9]*"):
         try:

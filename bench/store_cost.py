@@ -18,8 +18,8 @@ import uuid
 from collections.abc import Awaitable
 from pathlib import Path
 
-from common import db
-from common.store import Claim, NewNotification, Outcome, StatusStore
+from common.data import db
+from common.data.store import Claim, NewNotification, Outcome, StatusStore
 
 URL = os.environ.get("STORE_COST_DB_URL", "postgresql://postgres@127.0.0.1:5432/notify_bench_store_cost")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -38,7 +38,7 @@ def notification() -> NewNotification:
         client_id="bench",
         request_id=uuid.uuid4().hex,
         body_hash="h",
-        user_id=uuid.uuid4(),
+        user_id=str(uuid.uuid4()),
         notification_type="email",
         template_code="welcome",
         language="en",

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -27,6 +28,11 @@ _SECRET_WORDS = ("KEY", "SECRET", "PASSWORD", "TOKEN")
 
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
+
+
+def max_attempts(retry_delays: Sequence[float]) -> int:
+    """Attempts in all: the first, and one after each retry delay."""
+    return len(retry_delays) + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +121,24 @@ class Config:
     console_secret: str = ""
 
     @property
+    def client_keys(self) -> tuple[tuple[str, str], ...]:
+        """GATEWAY_API_KEYS as (project, key): an entry `project:key` belongs to that project, a
+        bare key to project `default`. Several keys of one project share its data."""
+        return tuple(_project_key(entry) for entry in self.gateway_api_keys)
+
+    @property
+    def console_client_keys(self) -> tuple[tuple[str, str], ...]:
+        """CONSOLE_KEYS as (project, key), like GATEWAY_API_KEYS."""
+        return tuple(_project_key(entry) for entry in self.console_keys)
+
+    @property
     def rabbitmq_urls(self) -> tuple[str, ...]:
         """RABBITMQ_URL as a list: one URL, or one per node of a cluster (comma-separated)."""
         return _csv(self.rabbitmq_url)
 
     @property
     def max_attempts(self) -> int:
-        return len(self.retry_delays) + 1
+        return max_attempts(self.retry_delays)
 
     @property
     def unsubscribe_key(self) -> str:
@@ -197,6 +214,16 @@ def _port(raw: str) -> int:
     if not 0 < value < 65536:
         raise ValueError("must be a port number between 1 and 65535")
     return value
+
+
+_PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def _project_key(entry: str) -> tuple[str, str]:
+    project, sep, key = entry.partition(":")
+    if sep and key and _PROJECT_NAME.match(project):
+        return project, key
+    return "default", entry
 
 
 def _csv(raw: str) -> tuple[str, ...]:

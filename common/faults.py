@@ -22,9 +22,9 @@ from typing import TypeVar
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from redis.exceptions import RedisError
 
-from common.amqp import Unroutable
-from common.clients import ServiceUnavailable
-from common.db import DatabaseError
+from common.broker.amqp import Unroutable
+from common.data.db import DatabaseError
+from common.lookups.clients import ServiceUnavailable
 
 INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
     DatabaseError,

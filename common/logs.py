@@ -20,6 +20,13 @@ correlation_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 notification_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "notification_id", default=None
 )
+# The project a request, a message or a loop's row acts for: set by the auth middleware (from
+# the principal), by a worker (from its job) and by the gateway's loops (from each row), and
+# carried to the user and template services on every call (`X-Project`), so every query there
+# is scoped by it. "default" for a deployment that never names one.
+PROJECT_HEADER = "X-Project"
+DEFAULT_PROJECT = "default"
+project_var: contextvars.ContextVar[str] = contextvars.ContextVar("project", default=DEFAULT_PROJECT)
 
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from common.config import Config
-from common.http import SERVICE_KEY
+from common.keys import SERVICE_KEY
 
 
 def run(app: web.Application, config: Config, default_port: int) -> None:

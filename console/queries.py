@@ -1,15 +1,15 @@
-"""What the console reads from the status store beyond what `common/store.py` offers the API:
+"""What the console reads from the status store beyond what `common/data/store.py` offers the API:
 counts for the overview, a keyset-paged search, the recent failures."""
 
 from __future__ import annotations
 
-import base64
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from common.db import Database, Row
+from common.data.db import Database, Row
+from common.web import cursors
 
 # What a list shows of each notification; the store's columns that a newer schema adds (send_at)
 # are read only when they exist, see `Queries.columns`.
@@ -25,25 +25,12 @@ class Page:
     next_cursor: str | None
 
 
-def encode_cursor(created_at: datetime, notification_id: uuid.UUID) -> str:
-    raw = f"{created_at.isoformat()}|{notification_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID] | None:
-    """The (created_at, id) a cursor names; None for anything that is not one of ours."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        when, _, ident = raw.partition("|")
-        found = datetime.fromisoformat(when), uuid.UUID(ident)
-    except ValueError:
-        return None
-    return found if found[0].tzinfo is not None else None
-
-
 class Queries:
-    def __init__(self, db: Database) -> None:
+    """The console's reads, all of one project's notifications (the signed-in session's)."""
+
+    def __init__(self, db: Database, project: str) -> None:
         self.db = db
+        self.project = project
 
     async def counts(self) -> dict[str, dict[str, int]]:
         """Notifications accepted in the last hour and the last day, by their status now."""
@@ -51,7 +38,9 @@ class Queries:
             "SELECT status,"
             " count(*) FILTER (WHERE created_at > now() - interval '1 hour') AS hour,"
             " count(*) AS day"
-            " FROM notifications WHERE created_at > now() - interval '1 day' GROUP BY status"
+            " FROM notifications WHERE client_id = %s AND created_at > now() - interval '1 day'"
+            " GROUP BY status",
+            self.project,
         )
         return {r["status"]: {"hour": int(r["hour"]), "day": int(r["day"])} for r in rows}
 
@@ -65,8 +54,9 @@ class Queries:
                                        date_trunc('minute', now()), interval '1 minute') AS minute
             ), recent AS (
                 SELECT created_at, delivered_at FROM notifications
-                WHERE created_at > date_trunc('minute', now()) - make_interval(mins => %(n)s)
-                   OR delivered_at > date_trunc('minute', now()) - make_interval(mins => %(n)s)
+                WHERE client_id = %(project)s AND (
+                    created_at > date_trunc('minute', now()) - make_interval(mins => %(n)s)
+                    OR delivered_at > date_trunc('minute', now()) - make_interval(mins => %(n)s))
             )
             SELECT m.minute,
                 (SELECT count(*) FROM recent WHERE date_trunc('minute', created_at) = m.minute) AS accepted,
@@ -74,24 +64,24 @@ class Queries:
                     AS delivered
             FROM m ORDER BY m.minute
             """,
-            {"n": minutes},
+            {"n": minutes, "project": self.project},
         )
 
     async def search(
         self, *, q: str, status: str | None, after: tuple[datetime, uuid.UUID] | None, limit: int
     ) -> Page:
         """Newest first, `limit` at a time; `after` is where the previous page ended. `q` is a
-        notification id or a user id (a UUID), or a request_id."""
-        where: list[str] = []
-        args: dict[str, Any] = {"limit": limit + 1}
+        notification id, a user id or a request_id."""
+        where: list[str] = ["client_id = %(project)s"]
+        args: dict[str, Any] = {"limit": limit + 1, "project": self.project}
         if q:
             try:
                 ident = uuid.UUID(q)
             except ValueError:
-                where.append("request_id = %(q)s")
+                where.append("(user_id = %(q)s OR request_id = %(q)s)")
                 args["q"] = q
             else:
-                where.append("(id = %(ident)s OR user_id = %(ident)s OR request_id = %(q)s)")
+                where.append("(id = %(ident)s OR user_id = %(q)s OR request_id = %(q)s)")
                 args.update(ident=ident, q=q)
         if status:
             where.append("status = %(status)s")
@@ -99,7 +89,7 @@ class Queries:
         if after is not None:
             where.append("(created_at, id) < (%(after_at)s, %(after_id)s)")
             args.update(after_at=after[0], after_id=after[1])
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause = f"WHERE {' AND '.join(where)}"
         rows = await self.db.fetch(
             f"SELECT {_LIST_COLUMNS} FROM notifications {clause}"
             " ORDER BY created_at DESC, id DESC LIMIT %(limit)s",
@@ -110,8 +100,9 @@ class Queries:
     async def failures(self, limit: int = 50) -> list[Row]:
         """The most recent failures, newest failure first."""
         return await self.db.fetch(
-            f"SELECT {_LIST_COLUMNS} FROM notifications WHERE status = 'failed'"
+            f"SELECT {_LIST_COLUMNS} FROM notifications WHERE client_id = %s AND status = 'failed'"
             " ORDER BY updated_at DESC, id DESC LIMIT %s",
+            self.project,
             limit,
         )
 
@@ -121,16 +112,22 @@ class Queries:
             "SELECT d.event_type, d.status, d.attempts, d.last_status_code, d.last_error,"
             " d.created_at, d.delivered_at, e.url"
             " FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id"
-            " WHERE d.notification_id = %s ORDER BY d.seq",
+            " WHERE d.notification_id = %s AND d.client_id = %s ORDER BY d.seq",
             notification_id,
+            self.project,
         )
 
     async def failed_total(self) -> int:
-        return int(await self.db.fetchval("SELECT count(*) FROM notifications WHERE status = 'failed'") or 0)
+        return int(
+            await self.db.fetchval(
+                "SELECT count(*) FROM notifications WHERE client_id = %s AND status = 'failed'", self.project
+            )
+            or 0
+        )
 
 
 def _page(rows: list[Row], limit: int) -> Page:
     more = len(rows) > limit
     rows = rows[:limit]
-    cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more and rows else None
+    cursor = cursors.encode(rows[-1]["created_at"], rows[-1]["id"]) if more and rows else None
     return Page(rows, cursor)

@@ -17,7 +17,7 @@ from email.mime.text import MIMEText
 from email.utils import make_msgid
 from typing import Protocol
 
-from common.delivery import DeliveryError
+from common.delivery.interface import DeliveryError
 
 
 class HeaderInjection(ValueError):

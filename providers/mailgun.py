@@ -13,8 +13,8 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from common.bounces import Bounce
 from common.config import Config
+from common.delivery.interface import Bounce
 from providers.email import OutgoingEmail, connection_failure, http_failure
 
 

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from common.bounces import Bounce
 from common.config import Config
+from common.delivery.interface import Bounce
 from providers.email import OutgoingEmail, connection_failure, http_failure
 
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import aiosmtplib
 
 from common.config import Config
-from common.delivery import DeliveryError
+from common.delivery.interface import DeliveryError
 from providers.email import OutgoingEmail, UnsupportedByProvider, is_transient
 
 log = logging.getLogger("providers.smtp")

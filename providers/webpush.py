@@ -1,9 +1,9 @@
 """Web Push (RFC 8030) with VAPID (RFC 8292) and aes128gcm payload encryption (RFC 8291).
 
 Subscription endpoints are URLs supplied by users, so every request goes through the SSRF guard
-of `common/egress.py` (https to a public address, no redirects); hosts in WEBPUSH_ALLOWED_HOSTS
+of `common/delivery/egress.py` (https to a public address, no redirects); hosts in WEBPUSH_ALLOWED_HOSTS
 are exempt (local tests).
-The push service's reply is read as `common/egress.py` reads any: at most 64 KiB, never
+The push service's reply is read as `common/delivery/egress.py` reads any: at most 64 KiB, never
 decompressed, and at most a few connections to one host.
 """
 
@@ -18,7 +18,7 @@ import orjson
 from py_vapid import Vapid
 from pywebpush import WebPusher
 
-from common.egress import NonPublicAddress, UnsafeEndpoint, check_endpoint, read_capped
+from common.delivery.egress import NonPublicAddress, UnsafeEndpoint, check_endpoint, read_capped
 from providers.push import Device, DeviceResult, PushMessage, http_outcome, retry_after_seconds
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from common.amqp import FAILED_QUEUE, connect
+from common.broker.amqp import FAILED_QUEUE, connect
 from common.config import load_config
 
 

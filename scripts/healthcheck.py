@@ -4,7 +4,7 @@ It asks the service this container runs for `GET /health/live` (liveness: the pr
 `/health` is the readiness view with every dependency). The port is `$PORT`, else the default
 port of the service named on the container's command line (`python email_worker.py` → 8003), so
 the image's HEALTHCHECK is right for every service without per-service settings. A container
-running a one-shot job (`python -m common.migrate`, `python -m topology`) has nothing to check
+running a one-shot job (`python -m common.data.migrate`, `python -m topology`) has nothing to check
 and is reported healthy. Only the standard library: it runs every few seconds.
 """
 

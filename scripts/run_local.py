@@ -27,8 +27,8 @@ from types import FrameType
 from urllib.parse import urlsplit
 
 from common.config import Config, ConfigError
-from common.db import DatabaseError
-from common.migrate import migrate_all
+from common.data.db import DatabaseError
+from common.data.migrate import migrate_all
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = ROOT / ".env"
@@ -36,7 +36,7 @@ SERVICES = ("user_service", "template_service", "gateway", "email_worker", "push
 # Long enough for a loaded machine's loopback or LAN, short enough that a dependency that drops
 # packets does not make `make run` look hung.
 CONNECT_TIMEOUT = 1.5
-# Workers finish their in-flight messages within 20 s of SIGTERM (common/worker.py).
+# Workers finish their in-flight messages within 20 s of SIGTERM (common/delivery/worker.py).
 STOP_TIMEOUT = 25.0
 POLL_INTERVAL = 0.2
 DEBIAN_PACKAGES = {"PostgreSQL": "postgresql", "Redis": "redis-server", "RabbitMQ": "rabbitmq-server"}

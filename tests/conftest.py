@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,10 +23,10 @@ import gateway
 import push_worker
 import template_service
 import user_service
-from common import db
-from common.amqp import FAILED_QUEUE
+from common.broker.amqp import FAILED_QUEUE
 from common.config import Config
-from common.migrate import databases, migrate_all
+from common.data import db
+from common.data.migrate import databases, migrate_all
 from scripts.localenv import rabbitmq_vhost
 from tests.smtp_sink import SmtpSink
 from topology import declare, table
@@ -89,6 +90,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if STACK_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.stack)
+    # The longest tests first: xdist hands tests out in this order, and a minutes-long one
+    # handed out last would leave the other workers idle while it runs alone.
+    items.sort(key=lambda item: not any(slow in item.nodeid for slow in LONGEST))
+
+
+# Tests that take minutes each (schemathesis parts, a RabbitMQ cluster, a fan-out killed halfway).
+LONGEST = (
+    "test_schemathesis_finds_no_server_error",
+    "test_rabbit_cluster.py",
+    "test_a_fanout_killed_half_way",
+    "test_send_at_local_and_quiet_hours",
+    "test_black_holes.py::test_postgres_black_hole",
+    "test_black_holes.py::test_rabbitmq_black_hole",
+)
 
 
 @pytest.fixture(scope="session")
@@ -160,21 +175,23 @@ class Stack:
     urls: dict[str, str]
     smtp: SmtpSink
 
-    def headers(self, **extra: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {API_KEY}", **extra}
+    def headers(self, key: str = API_KEY, **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}", **extra}
 
-    async def create_user(self, **fields: Any) -> dict[str, Any]:
+    async def create_user(self, key: str = API_KEY, **fields: Any) -> dict[str, Any]:
         body = {
             "name": "Ada Lovelace",
             "email": f"ada-{time.time_ns()}@example.com",
             "password": "correct horse battery",
             **fields,
         }
-        response = await self.gateway.post("/api/v1/users/", json=body, headers=self.headers())
+        response = await self.gateway.post("/api/v1/users/", json=body, headers=self.headers(key))
         assert response.status == 201, await response.text()
         return (await response.json())["data"]
 
-    async def create_template(self, code: str | None = None, **fields: Any) -> dict[str, Any]:
+    async def create_template(
+        self, code: str | None = None, key: str = API_KEY, **fields: Any
+    ) -> dict[str, Any]:
         body = {
             "code": code or f"welcome-{time.time_ns()}",
             "notification_type": "email",
@@ -183,7 +200,7 @@ class Stack:
             "body": "<p>Hello {{ name }}, start here: <a href='{{ link }}'>{{ link }}</a></p>",
             **fields,
         }
-        response = await self.gateway.post("/api/v1/templates/", json=body, headers=self.headers())
+        response = await self.gateway.post("/api/v1/templates/", json=body, headers=self.headers(key))
         assert response.status == 201, await response.text()
         return (await response.json())["data"]
 
@@ -193,15 +210,34 @@ class Stack:
         )
         return response.status, await response.json(), response.headers
 
-    async def notification(self, notification_id: str) -> dict[str, Any]:
-        response = await self.gateway.get(f"/api/v1/notifications/{notification_id}", headers=self.headers())
+    async def send_email(
+        self, user_id: str, template_code: str, key: str = API_KEY, **fields: Any
+    ) -> tuple[int, dict[str, Any], Any]:
+        """An email notification to one user, with the variables the default template needs
+        (`fields` adds or replaces any part of the body)."""
+        body = {
+            "notification_type": "email",
+            "user_id": user_id,
+            "template_code": template_code,
+            "variables": {"name": "Ada", "link": "https://example.com"},
+            "request_id": f"req-{uuid.uuid4()}",
+            **fields,
+        }
+        return await self.send(body, Authorization=f"Bearer {key}")
+
+    async def notification(self, notification_id: str, key: str = API_KEY) -> dict[str, Any]:
+        response = await self.gateway.get(
+            f"/api/v1/notifications/{notification_id}", headers=self.headers(key)
+        )
         assert response.status == 200, await response.text()
         return (await response.json())["data"]
 
-    async def wait_for(self, notification_id: str, *statuses: str, timeout: float = 15) -> dict[str, Any]:
+    async def wait_for(
+        self, notification_id: str, *statuses: str, timeout: float = 15, key: str = API_KEY
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
-            record = await self.notification(notification_id)
+            record = await self.notification(notification_id, key)
             if record["status"] in statuses:
                 return record
             if time.monotonic() > deadline:

@@ -4,6 +4,7 @@ response that breaks the schema."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from common.openapi import load_spec
+from common.web.openapi import load_spec
 from tests.conftest import API_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,51 +51,116 @@ async def test_the_document_describes_every_route_and_nothing_else(stack_factory
     assert page.status == 200 and "POST</span> <code>/api/v1/notifications/</code>" in text
 
 
-@pytest.mark.timeout(900)  # 200 examples per operation, both modes, on a 2-core machine: minutes
+# The property-based run, split by the API's parts so that the suite's workers share it (one run
+# of every operation took 8 minutes alone); each part still gets 200 examples per operation, in
+# both modes, and the stateful phase along the document's links where the part has some.
+PARTS = {
+    "notifications": r"^/api/v1/(notifications/($|\{)|\{channel\})",
+    "bulk": r"^/api/v1/(notifications/bulk|batches|topics)",
+    "users": r"^/api/v1/(users|auth)",
+    "templates": r"^/api/v1/templates",
+    "webhooks": r"^/api/v1/(webhooks|unsubscribe)",
+    "workflows": r"^/api/v1/(workflows|workflow-runs)",
+    "service": r"^/(health|openapi|docs|metrics)",
+}
+
+
+# The parts whose links the stateful phase must follow: their operations create what the linked
+# ones read (a user, a template). Elsewhere it runs too, but what a link needs (a notification
+# accepted, a batch made) is rarely generated in a run's budget, so covering one is not required.
+FOLLOWED = {"users", "templates"}
+
+
+def _part_of(path: str) -> list[str]:
+    return [name for name, pattern in PARTS.items() if re.search(pattern, path)]
+
+
+def test_every_documented_path_is_in_exactly_one_part_of_the_property_run() -> None:
+    paths = load_spec()["paths"]
+    assert {path: _part_of(path) for path in paths if len(_part_of(path)) != 1} == {}
+
+
+def _has_links(part: str) -> bool:
+    return any(
+        "links" in response
+        for path, item in load_spec()["paths"].items()
+        if _part_of(path) == [part]
+        for operation in item.values()
+        if isinstance(operation, dict)
+        for response in operation.get("responses", {}).values()
+        if isinstance(response, dict)
+    )
+
+
+@pytest.mark.timeout(900)  # 200 examples per operation on a 2-core machine shared with others
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+@pytest.mark.parametrize("part", sorted(PARTS))
 async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
-    stack_factory: Any, tmp_path: Path
+    stack_factory: Any, tmp_path: Path, part: str, mode: str
 ) -> None:
     stack = await stack_factory(workers=False)
     await stack.create_user()
-    await stack.create_template("welcome")
+    # The template the examples name; one an earlier part's run (same database) made will do.
+    made = await stack.gateway.post(
+        "/api/v1/templates/",
+        json={
+            "code": "welcome",
+            "notification_type": "email",
+            "subject": "Hi {{ name }}",
+            "body": "<p>Hi</p>",
+        },
+        headers=stack.headers(),
+    )
+    assert made.status in (201, 409), await made.text()
     base = str(stack.gateway.make_url("")).rstrip("/")
     conformance = (
         "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
     )
-    # 200 examples per operation, then the stateful phase along the links.
     # Valid data: every answer must match the document. Invalid data (which may even turn a
     # path into another route, e.g. an empty {code}): never a 500, always a clear 4xx.
-    for mode, checks in (("positive", conformance), ("negative", "not_a_server_error")):
-        command = [
-            str(Path(sys.executable).parent / "st"),
-            "run",
-            f"{base}/openapi.json",
-            "--header",
-            f"Authorization: Bearer {API_KEY}",
-            "--mode",
-            mode,
-            "--checks",
-            checks,
-            "--max-examples",
-            "200",
-            "--seed",
-            "7",
-            "--workers",
-            "2",
-            "--request-timeout",
-            "10",
-            "--suppress-health-check",
-            "all",
-            "--report",
-            "junit",
-            "--report-dir",
-            str(tmp_path / mode),
-        ]
-        result = await asyncio.to_thread(
-            subprocess.run, command, cwd=ROOT, capture_output=True, text=True, timeout=900
-        )
-        assert result.returncode == 0, f"{mode}: " + result.stdout[:8000] + result.stderr[-2000:]
-        assert re.search(r"[1-9]\d* generated", result.stdout), result.stdout[-2000:]
-        if mode == "positive":
-            # The stateful phase followed the document's links (create → read, change, render).
-            assert re.search(r"API Links: +[1-9]\d* covered", result.stdout), result.stdout[-2000:]
+    checks = conformance if mode == "positive" else "not_a_server_error"
+    command = [
+        str(Path(sys.executable).parent / "st"),
+        "run",
+        f"{base}/openapi.json",
+        "--header",
+        f"Authorization: Bearer {API_KEY}",
+        "--include-path-regex",
+        PARTS[part],
+        "--mode",
+        mode,
+        "--checks",
+        checks,
+        "--max-examples",
+        os.environ.get("ST_EXAMPLES", "200"),
+        "--seed",
+        "7",
+        "--workers",
+        "2",
+        "--request-timeout",
+        "10",
+        "--suppress-health-check",
+        "all",
+        "--report",
+        "junit",
+        "--report-dir",
+        str(tmp_path / mode),
+    ]
+    # No coverage phase: schemathesis 4.32.5 fails inside it (a KeyError in its own generator,
+    # "inconsistent results") on free-form string path parameters such as the client's user ids;
+    # the fuzzing phase still sends every operation its 200 examples.
+    # The other parts have no such parameter and keep it (the service part needs it: nothing else
+    # there can be made invalid; the templates part's links are followed from what it creates).
+    with_user_ids = {"users", "notifications", "bulk"}
+    phases = ["examples", "fuzzing"] if part in with_user_ids else ["examples", "coverage", "fuzzing"]
+    if part in FOLLOWED or _has_links(part):
+        phases.append("stateful")
+    command += ["--phases", ",".join(phases)]
+    result = await asyncio.to_thread(
+        subprocess.run, command, cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, f"{part}/{mode}: " + result.stdout[:8000] + result.stderr[-2000:]
+    assert re.search(r"[1-9]\d* generated", result.stdout), result.stdout[-2000:]
+    if mode == "positive" and part in FOLLOWED:
+        # The stateful phase followed the document's links (create → read, change, render).
+        assert re.search(r"API Links: +[1-9]\d* covered", result.stdout), result.stdout[-2000:]

@@ -15,14 +15,14 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-import gateway
-from common import db
-from common.batching import Batcher
-from common.cache import CachedLookups, user_key
-from common.clients import ServiceClient
+from common import keys
 from common.config import Config
-from common.ratelimit import RateLimiter
-from common.store import Claim, NewNotification, Outcome, StatusStore
+from common.data import db
+from common.data.store import Claim, NewNotification, Outcome, StatusStore
+from common.group_commit import Batcher
+from common.lookups.cache import CachedLookups, user_key
+from common.lookups.clients import ServiceClient
+from common.web.ratelimit import RateLimiter
 from tests.conftest import API_KEY, Stack
 from tests.processes import ServiceProcess
 from tests.tcp_proxy import TcpProxy
@@ -36,7 +36,7 @@ def _new(client: str, request_id: str, **fields: Any) -> NewNotification:
         client_id=client,
         request_id=request_id,
         body_hash="h",
-        user_id=uuid.uuid4(),
+        user_id=str(uuid.uuid4()),
         notification_type="email",
         template_code="t",
         language="en",
@@ -316,7 +316,7 @@ async def test_the_relay_leaves_alone_what_its_own_outbox_is_still_publishing(st
     same gateway must not publish them a second time, and takes them once they are let go."""
     stack = await stack_factory(workers=False)
     app = stack.apps["gateway"]
-    outbox, database = app[gateway.OUTBOX_KEY], app[gateway.DB_KEY]
+    outbox, database = app[keys.OUTBOX_KEY], app[keys.DB_KEY]
     store = StatusStore(database)
     row = _new(f"relay-{uuid.uuid4().hex[:8]}", "held")
     assert (await store.create_many([row]))[0] is not None

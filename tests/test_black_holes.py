@@ -23,10 +23,10 @@ import aio_pika
 import orjson
 import pytest
 
-from common import db
-from common.amqp import EXCHANGE, work_queue
+from common.broker.amqp import EXCHANGE, work_queue
 from common.config import Config
-from common.http import METRICS_KEY
+from common.data import db
+from common.keys import METRICS_KEY
 from scripts.localenv import rabbitmq_vhost
 from tests.conftest import PREFIX, Stack
 from tests.processes import ServiceProcess

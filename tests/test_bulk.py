@@ -17,9 +17,10 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from common import amqp, db
-from common.batches import BATCHES_KEY, FANOUT_KEY
-from common.cache import user_key
+from common.broker import amqp
+from common.data import db
+from common.keys import BATCHES_KEY, FANOUT_KEY
+from common.lookups.cache import user_key
 from tests.conftest import API_KEY, Stack
 from tests.processes import ServiceProcess
 
@@ -132,7 +133,7 @@ async def test_bulk_rejects_a_missing_variable_one_by_one_and_over_the_limit_who
     too_many = {**body, "request_id": "big", "recipients": [{"user_id": str(uuid.uuid4())}] * 1001}
     status, answer, _ = await _post(stack, "/api/v1/notifications/bulk", too_many)
     assert status == 413 and "1000" in answer["message"]
-    bad = {**body, "request_id": "bad", "recipients": [{"user_id": "nope"}]}
+    bad = {**body, "request_id": "bad", "recipients": [{"user_id": "not an id!"}]}
     status, answer, _ = await _post(stack, "/api/v1/notifications/bulk", bad)
     assert status == 400 and "recipients[0].user_id" in answer["data"]["fields"]
 
@@ -361,13 +362,21 @@ async def test_a_large_topic_fans_out_under_back_pressure_with_bounded_memory(
     assert status == 202 and answer["data"]["total"] == count
     batch_id = answer["data"]["batch_id"]
     queue = await amqp_channel.get_queue(amqp.work_queue("email"))
-    # No worker: the fan-out stops near the bound and waits.
-    await asyncio.sleep(3.0)
+
+    # No worker: the fan-out fills the queue up to near the bound, then stops there and waits.
+    # (amqp_channel is not robust: its passive declare counts now.)
+    async def depth() -> int:
+        declared = await amqp_channel.declare_queue(queue.name, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+
+    filled = time.monotonic() + 30
+    while await depth() < 3000 and time.monotonic() < filled:  # noqa: ASYNC110 - polling a broker
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(2.0)  # time for it to go past the bound, if it would
     held = await _batch(stack, batch_id)
     assert held["fanned_out"] is False
-    depth = (await amqp_channel.declare_queue(queue.name, passive=True)).declaration_result.message_count
-    # (amqp_channel is not robust: its passive declare counts now.)
-    assert 3000 <= depth <= 3000 + 2 * fanout.page, depth
+    now = await depth()
+    assert 3000 <= now <= 3000 + 2 * fanout.page, now
     # A consumer takes the messages: the fan-out goes on to the end, each recipient published.
     seen: set[str] = set()
     deadline = time.monotonic() + 120

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import aio_pika
 import pytest
 
-from common import amqp
-from common.amqp import FAILED_QUEUE
+from common.broker import amqp
+from common.broker.amqp import FAILED_QUEUE
 from common.config import Config, ConfigError
 from scripts.localenv import rabbitmq_vhost
 from tests.conftest import PREFIX

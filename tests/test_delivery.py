@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.delivery import DeliveryError, Fail, Retry, decide
+from common.delivery.interface import DeliveryError, Fail, Retry, decide
 
 DELAYS = (1.0, 5.0, 25.0)  # 4 attempts
 
@@ -41,7 +41,7 @@ def test_a_deferral_waits_in_the_first_queue_and_keeps_its_attempt() -> None:
 
 
 def test_a_lost_message_is_sent_again_with_the_attempt_it_carried() -> None:
-    from common.delivery import redrive_attempt
+    from common.delivery.interface import redrive_attempt
 
     assert redrive_attempt("pending", 3, 4) == 1  # a manual retry starts over
     assert redrive_attempt("sending", 2, 4) == 2  # its worker is gone: the same attempt

@@ -17,8 +17,8 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from common.config import Config
+from common.data.migrate import databases
 from common.metrics import Metrics
-from common.migrate import databases
 from scripts import compose_env, healthcheck
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,7 +221,7 @@ def test_secrets_are_never_committed(services: dict[str, dict[str, Any]]) -> Non
 
 def test_each_command_starts_a_module_that_exists(services: dict[str, dict[str, Any]]) -> None:
     expected = {name: ["python", f"{name}.py"] for name in DESIGN_PORTS}
-    expected |= {"migrate": ["python", "-m", "common.migrate"], "topology": ["python", "-m", "topology"]}
+    expected |= {"migrate": ["python", "-m", "common.data.migrate"], "topology": ["python", "-m", "topology"]}
     ours = _ours(services)
     assert set(ours) == set(expected)
     for name, service in ours.items():
@@ -554,7 +554,7 @@ def test_healthcheck_finds_the_service_of_the_container() -> None:
         healthcheck.live_url(["python", "gateway.py"], {"PORT": "9000"})
         == "http://127.0.0.1:9000/health/live"
     )
-    assert healthcheck.live_url(["python", "-m", "common.migrate"], env) is None
+    assert healthcheck.live_url(["python", "-m", "common.data.migrate"], env) is None
     assert healthcheck.live_url(["python", "-m", "topology"], {"PORT": "8000"}) is None
 
 

@@ -13,8 +13,8 @@ import orjson
 import pytest
 from prometheus_client import generate_latest
 
-from common.amqp import work_queue
-from common.http import METRICS_KEY
+from common.broker.amqp import work_queue
+from common.keys import METRICS_KEY
 from tests.conftest import API_KEY, INTERNAL_TOKEN, Stack, failed_queue_messages
 
 
@@ -136,40 +136,41 @@ async def test_twenty_concurrent_identical_requests_make_one_notification(stack:
     assert len(listed["data"]) == 1 and listed["meta"]["has_next"] is False
 
 
-async def test_idempotency_keys_are_scoped_per_api_key(stack_factory: Any) -> None:
-    stack = await stack_factory(workers=False, gateway_api_keys=("key-one-aaaaaaaa", "key-two-bbbbbbbb"))
-    headers = {"Authorization": "Bearer key-one-aaaaaaaa"}
-    user = (
-        await (
-            await stack.gateway.post(
-                "/api/v1/users/",
-                headers=headers,
-                json={
-                    "name": "Scoped",
-                    "email": f"s-{time.time_ns()}@example.com",
-                    "password": "long enough pw",
-                },
-            )
-        ).json()
-    )["data"]
+async def test_idempotency_keys_are_scoped_per_project(stack_factory: Any) -> None:
+    """Two projects may use one request_id; two keys of one project share its idempotency keys."""
+    keys = ("key-one-aaaaaaaa", "two:key-two-bbbbbbbb", "two:key-three-cccccccc")
+    stack = await stack_factory(workers=False, gateway_api_keys=keys)
     code = f"scoped-{time.time_ns()}"
-    await stack.gateway.post(
-        "/api/v1/templates/",
-        headers=headers,
-        json={
-            "code": code,
-            "notification_type": "email",
-            "subject": "Hi",
-            "body": "<p>Hi</p>",
-        },
-    )
-    request = _notification(user["id"], code)
-    one = await stack.gateway.post("/api/v1/notifications/", json=request, headers=headers)
-    two = await stack.gateway.post(
-        "/api/v1/notifications/", json=request, headers={"X-API-Key": "key-two-bbbbbbbb"}
-    )
-    assert one.status == two.status == 202
-    assert (await one.json())["data"]["notification_id"] != (await two.json())["data"]["notification_id"]
+    request_id = f"same-{time.time_ns()}"
+    ids = []
+    for key in ("key-one-aaaaaaaa", "key-two-bbbbbbbb", "key-three-cccccccc"):
+        headers = {"Authorization": f"Bearer {key}"}
+        if key != "key-three-cccccccc":  # the third key's project has them already
+            user = (
+                await (
+                    await stack.gateway.post(
+                        "/api/v1/users/",
+                        headers=headers,
+                        json={
+                            "name": "Scoped",
+                            "email": f"s-{time.time_ns()}@example.com",
+                            "password": "long enough pw",
+                        },
+                    )
+                ).json()
+            )["data"]
+            created = await stack.gateway.post(
+                "/api/v1/templates/",
+                headers=headers,
+                json={"code": code, "notification_type": "email", "subject": "Hi", "body": "<p>Hi</p>"},
+            )
+            assert created.status == 201, await created.text()
+        request = {**_notification(user["id"], code), "request_id": request_id}
+        sent = await stack.gateway.post("/api/v1/notifications/", json=request, headers=headers)
+        assert sent.status == 202, await sent.text()
+        ids.append(((await sent.json())["data"]["notification_id"], sent.headers.get("Idempotent-Replayed")))
+    (first, _), (second, _), (third, replayed) = ids
+    assert first != second and third == second and replayed == "true"
 
 
 @pytest.mark.parametrize(
@@ -201,7 +202,7 @@ async def test_missing_or_wrong_api_key_is_401(stack_factory: Any, headers: dict
     [
         ({"notification_type": "sms"}, "notification_type"),
         ({"notification_type": None}, "notification_type"),
-        ({"user_id": "not-a-uuid"}, "user_id"),
+        ({"user_id": "not a user id"}, "user_id"),
         ({"user_id": 42}, "user_id"),
         ({"template_code": ""}, "template_code"),
         ({"template_code": "bad code/../x"}, "template_code"),

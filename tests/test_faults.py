@@ -15,7 +15,7 @@ import aio_pika
 import orjson
 import pytest
 
-from common.amqp import EXCHANGE
+from common.broker.amqp import EXCHANGE
 from tests.conftest import API_KEY, Stack, failed_queue_messages
 from tests.processes import ServiceProcess
 from tests.smtp_sink import free_port
@@ -202,9 +202,12 @@ async def test_a_failed_notification_can_be_retried_once(stack: Stack) -> None:
     assert listing.status == 405
 
 
-async def test_rate_limit_per_api_key(stack_factory: Any) -> None:
+async def test_rate_limit_per_project(stack_factory: Any) -> None:
     stack = await stack_factory(
-        workers=False, rate_limit=5, rate_limit_window=60.0, gateway_api_keys=(API_KEY, "second-key-abcdef")
+        workers=False,
+        rate_limit=5,
+        rate_limit_window=60.0,
+        gateway_api_keys=(API_KEY, "second:second-key-abcdef"),
     )
     for i in range(5):
         response = await stack.gateway.get("/api/v1/notifications/", headers=stack.headers())

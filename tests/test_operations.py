@@ -43,7 +43,7 @@ async def test_health_names_each_dependency(stack: Stack) -> None:
 
 
 async def test_health_is_503_naming_rabbitmq_when_it_cannot_be_reached(stack_factory: Any) -> None:
-    from gateway import BROKER_KEY
+    from common.keys import BROKER_KEY
 
     stack = await stack_factory(workers=False)
     await stack.gateway.app[BROKER_KEY].connection.close()
@@ -61,7 +61,7 @@ async def test_health_is_503_naming_rabbitmq_when_it_cannot_be_reached(stack_fac
 async def test_metrics_count_accepted_delivered_failed_retried(stack: Stack) -> None:
     from prometheus_client import generate_latest
 
-    from common.http import METRICS_KEY
+    from common.web.http import METRICS_KEY
 
     stack.smtp.script = ["451 later"]
     user = await stack.create_user()

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from common.config import Config, ConfigError
-from common.egress import (
+from common.delivery.egress import (
     REPLY_CAP,
     GuardedResolver,
     NonPublicAddress,

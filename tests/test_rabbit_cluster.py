@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from common.http import METRICS_KEY
+from common.delivery.worker import BROKER_KEY as WORKER_BROKER
+from common.keys import BROKER_KEY as GATEWAY_BROKER
+from common.keys import METRICS_KEY
 from common.metrics import Metrics
-from common.worker import BROKER_KEY as WORKER_BROKER
-from gateway import BROKER_KEY as GATEWAY_BROKER
 from scripts.rabbit_cluster import Cluster, installed
 from tests.conftest import PREFIX
 from tests.test_faults import received_at_least, send_many, wait_delivered

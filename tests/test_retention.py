@@ -9,7 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from common import db, retention
+from common.data import db, retention
 from tests.conftest import Stack
 from tests.test_faults import send_many, wait_delivered
 

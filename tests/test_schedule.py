@@ -18,8 +18,9 @@ from standardwebhooks import Webhook
 
 import email_worker
 import gateway
-from common.amqp import work_queue
-from common.http import METRICS_KEY
+from common import keys
+from common.broker.amqp import work_queue
+from common.keys import METRICS_KEY
 from tests.conftest import Stack
 from tests.processes import ServiceProcess
 from tests.test_webhooks import Receiver, receiver  # noqa: F401 - the receiver fixture
@@ -314,7 +315,7 @@ async def test_ten_thousand_due_at_once_are_each_published_once_by_two_dispatche
     second = TestServer(gateway.create_app(stack.config), host="127.0.0.1")
     await second.start_server()
     user = await stack.create_user()
-    database = stack.apps["gateway"][gateway.DB_KEY]
+    database = stack.apps["gateway"][keys.DB_KEY]
     tag = uuid.uuid4().hex
     # Stored as the gateway stores a scheduled notification, all due in the same second.
     rows = await database.fetch(
@@ -393,8 +394,8 @@ async def test_a_dispatch_lost_mid_batch_is_still_sent_once(stack: Stack) -> Non
         assert status == 202 and body["data"]["status"] == "scheduled"
         ids.append(uuid.UUID(body["data"]["notification_id"]))
     after_commit, before_commit = ids
-    database = stack.apps["gateway"][gateway.DB_KEY]
-    store = stack.apps["gateway"][gateway.STORE_KEY]
+    database = stack.apps["gateway"][keys.DB_KEY]
+    store = stack.apps["gateway"][keys.STORE_KEY]
     lock = "SELECT id FROM notifications WHERE id = %s FOR UPDATE"
 
     # Another dispatcher holds both when they fall due (the gateway's own skips them), then dies:
@@ -454,7 +455,7 @@ async def test_a_gateway_killed_while_dispatching_loses_nothing_and_sends_each_o
     code = (await stack.create_template())["code"]
     dispatching = ServiceProcess("gateway.py", stack.config, tmp_path / "gateway.log")
     await dispatching.start()
-    database = stack.apps["gateway"][gateway.DB_KEY]
+    database = stack.apps["gateway"][keys.DB_KEY]
     tag = uuid.uuid4().hex
     try:
         rows = await database.fetch(
@@ -462,7 +463,7 @@ async def test_a_gateway_killed_while_dispatching_loses_nothing_and_sends_each_o
             INSERT INTO notifications (id, client_id, request_id, body_hash, user_id,
                 notification_type, template_code, language, template_version, variables, priority,
                 status, correlation_id, send_at)
-            SELECT gen_random_uuid(), 'killed', %s || '-' || g, 'x', %s, 'email', %s, 'en', 1,
+            SELECT gen_random_uuid(), 'default', %s || '-' || g, 'x', %s, 'email', %s, 'en', 1,
                 '{"name": "N", "link": "l"}', 0, 'scheduled', %s, now() + interval '2 seconds'
             FROM generate_series(1, %s) AS g
             RETURNING id
@@ -499,7 +500,7 @@ async def test_a_gateway_killed_while_dispatching_loses_nothing_and_sends_each_o
 
 
 async def wait_all_delivered(stack: Stack, ids: list[uuid.UUID], timeout: float) -> None:
-    database = stack.apps["gateway"][gateway.DB_KEY]
+    database = stack.apps["gateway"][keys.DB_KEY]
     deadline = time.monotonic() + timeout
     while True:
         done = await database.fetchval(

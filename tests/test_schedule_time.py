@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from common.schedule import UTC_ZONE, QuietHours, When, next_local, plan, recheck, zone
+from common.sending.schedule import UTC_ZONE, QuietHours, When, next_local, plan, recheck, zone
 
 NEW_YORK = ZoneInfo("America/New_York")
 LISBON = ZoneInfo("Europe/Lisbon")

@@ -10,7 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from common.templating import _COMPILED, SizedCache, compile_source
+from common.lru import LRU
+from common.rendering.templating import _COMPILED, compile_source
 from tests.conftest import Stack
 
 
@@ -254,15 +255,15 @@ async def test_a_worker_fails_a_hostile_notification_and_carries_on(stack: Stack
 
 
 def test_the_compiled_template_cache_is_bounded_by_bytes() -> None:
-    cache: SizedCache[str, str] = SizedCache(1_000_000)
+    cache: LRU[str, str] = LRU(1_000_000)
     for n in range(50):
         cache.put(f"k{n}", "v", 100_000)
-    assert cache.bytes <= 1_000_000 and len(cache) == 10
+    assert cache.size <= 1_000_000 and len(cache) == 10
     assert cache.get("k49") == "v" and cache.get("k0") is None
     for n in range(200):
         source = f"{{{{ name }}}} {n} " + "x" * 90_000
         compile_source(source, True)
-    assert _COMPILED.bytes <= _COMPILED.max_bytes
+    assert _COMPILED.size <= _COMPILED.limit
 
 
 async def test_script_is_escaped_in_html_and_intact_in_text(stack: Stack) -> None:

@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from common import db
+from common.data import db
 from tests.conftest import API_KEY, INTERNAL_TOKEN, Stack
 from tests.tcp_proxy import TcpProxy
 from tests.test_faults import via
@@ -104,8 +104,8 @@ async def _endpoint(stack: Stack, url: str, events: list[str], key: str = API_KE
 
 
 async def _deliver(stack: Stack, key: str = API_KEY) -> dict[str, Any]:
-    user = await stack.create_user()
-    template = await stack.create_template()
+    user = await stack.create_user(key)
+    template = await stack.create_template(key=key)
     status, body, _ = await stack.send(
         {
             "notification_type": "email",
@@ -117,9 +117,8 @@ async def _deliver(stack: Stack, key: str = API_KEY) -> dict[str, Any]:
         Authorization=f"Bearer {key}",
     )
     assert status == 202, body
-    notification_id = body["data"]["notification_id"]
-    # Read with the API key that sent it: notifications are not (yet) scoped per key.
-    return await stack.wait_for(notification_id, "delivered")
+    # Read with the key that sent it: a notification is its project's.
+    return await stack.wait_for(body["data"]["notification_id"], "delivered", key=key)
 
 
 async def _deliveries(stack: Stack, endpoint_id: str, key: str = API_KEY, **query: str) -> Any:
@@ -165,6 +164,8 @@ async def test_a_delivered_email_produces_one_signed_event(stack_factory: Any, r
         "error": None,
         "provider": "smtp",
         "attempts": 1,
+        "workflow_run_id": None,  # the run and step that made it, for a workflow's notification
+        "step": None,
     }
     assert datetime.fromisoformat(event["timestamp"]) > datetime.now(UTC) - timedelta(minutes=1)
     assert got.headers["webhook-id"].startswith("msg_")
@@ -221,7 +222,7 @@ async def test_retried_until_received_with_the_same_webhook_id(
 async def test_each_api_key_sees_only_its_own_endpoints_and_events(
     stack_factory: Any, receiver: Receiver
 ) -> None:
-    stack = await _stack(stack_factory, gateway_api_keys=(API_KEY, OTHER_KEY))
+    stack = await _stack(stack_factory, gateway_api_keys=(API_KEY, f"other:{OTHER_KEY}"))
     mine = await _endpoint(stack, receiver.url("/mine"), ["notification.delivered"])
     theirs = await _endpoint(stack, receiver.url("/theirs"), ["notification.delivered"], key=OTHER_KEY)
     my_record = await _deliver(stack)

@@ -11,7 +11,7 @@
 A worker moves a message that failed transiently to `<channel>.retry.<attempt>`; when its TTL
 runs out RabbitMQ dead-letters it back to the work queue. Permanent failures and exhausted
 retries are published to failed.queue with the reason in the headers. Client webhook deliveries
-(`common/webhooks.py`) follow the same pattern on queues of their own, dead-lettered to
+(`common/features/webhooks/delivery.py`) follow the same pattern on queues of their own, dead-lettered to
 webhooks.failed.
 
 QUEUE_TYPE=quorum (a cluster) makes every queue, work, retry and failed (the webhooks' too), a
@@ -28,7 +28,7 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel, ExchangeType
 
-from common.amqp import (
+from common.broker.amqp import (
     EXCHANGE,
     FAILED_QUEUE,
     FAILED_ROUTING_KEY,
@@ -39,8 +39,8 @@ from common.amqp import (
     retry_queue,
     work_queue,
 )
-from common.channels import CHANNELS
 from common.config import Config
+from common.vocabulary import CHANNELS
 
 # How many times a quorum queue hands out one message before it dead-letters it (to failed.queue;
 # the reconciler republishes its notification later, from the store). A message goes back to

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from common import amqp
+from common.broker import amqp
 from common.config import Config, load_config
 from topology import TopologyConflict, declare
 

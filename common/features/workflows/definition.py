@@ -16,9 +16,9 @@ from typing import Any
 import jinja2
 import jinja2.nodes as nodes
 
-from common.channels import CHANNELS
-from common.templating import expression_problem
-from common.validation import CODE_RE, LANGUAGE_RE, normalize_language
+from common.rendering.templating import expression_problem
+from common.vocabulary import CHANNELS
+from common.web.validation import CODE_RE, LANGUAGE_RE, normalize_language
 
 MAX_STEPS = 20
 MAX_DELAY = 30 * 24 * 3600  # seconds: a run finishes well inside the notifications' retention

@@ -20,15 +20,15 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from common.background import sleep
-from common.db import Row
+from common.data.db import Row
 from common.faults import is_infrastructure
 from common.features.workflows.definition import Definition, Step
 from common.features.workflows.steps import Done, Send, Skip, Wait, context, next_action, settle_channel
 from common.features.workflows.store import WorkflowStore
+from common.vocabulary import FINAL_STATUSES
 
 log = logging.getLogger("workflows.engine")
 
-FINAL_NOTIFICATION = ("delivered", "failed", "skipped", "cancelled")
 LEASE = 30.0  # seconds an engine holds a run it took; then another may take it
 RECHECK = 30.0  # seconds before a waiting channel step is looked at again without a wake-up
 BATCH = 200  # runs taken per round
@@ -45,7 +45,7 @@ class Sender(Protocol):
         a row with at least `id`, `status`, `error`. Raises StepFailed."""
         ...
 
-    async def cancel(self, notification_id: uuid.UUID) -> None:
+    async def cancel(self, project_id: str, notification_id: uuid.UUID) -> None:
         """Cancel a notification the run made, if it has not gone out yet."""
         ...
 
@@ -137,7 +137,7 @@ class Engine:
             if state["status"] == "waiting":
                 if step.channel is not None:
                     found = notifications.get(uuid.UUID(state["notification_id"]))
-                    if found is None or found["status"] not in FINAL_NOTIFICATION:
+                    if found is None or found["status"] not in FINAL_STATUSES:
                         await self._wait_notification(run, index, states, uuid.UUID(state["notification_id"]))
                         return
                     settle_channel(state, found["status"], found.get("error"))
@@ -166,7 +166,7 @@ class Engine:
                     index += 1
                     continue
                 state["notification_id"] = str(made["id"])
-                if made["status"] not in FINAL_NOTIFICATION:
+                if made["status"] not in FINAL_STATUSES:
                     state["status"] = "waiting"
                     await self._wait_notification(run, index, states, made["id"])
                     return
@@ -206,7 +206,7 @@ class Engine:
             return
         current = await self.store.run(run["project_id"], run["id"])
         if current is not None and current["status"] == "cancelled":
-            await self.sender.cancel(made)
+            await self.sender.cancel(run["project_id"], made)
 
 
 Starter = Callable[[asyncio.Event], Awaitable[None]]

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from common.features.workflows.definition import MAX_DELAY, Definition, Step
-from common.templating import compile_expression
+from common.rendering.templating import compile_expression
 
 FINAL_RUN = ("completed", "cancelled", "failed")
 ACTIVE_RUN = ("running", "waiting")
@@ -39,7 +39,7 @@ def initial_states(definition: Definition) -> list[dict[str, Any]]:
 def notification_key(run_id: uuid.UUID, step: Step) -> tuple[uuid.UUID, str]:
     """The id and request_id of the one notification a channel step of a run makes: derived, so
     an engine that repeats the step after a crash asks the store for the same one. The U+001F
-    separator cannot occur in a client's request_id (common/validation.py)."""
+    separator cannot occur in a client's request_id (common/web/validation.py)."""
     return uuid.uuid5(_NAMESPACE, f"{run_id}:{step.name}"), f"workflow\x1f{run_id}\x1f{step.name}"
 
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from common.db import Database, Json, Row
+from common.data.db import Database, Json, Row
 from common.features.workflows.definition import Definition
 from common.features.workflows.steps import ACTIVE_RUN
+from common.vocabulary import FINAL_STATUSES, sql_list
 
 _ACTIVE = "('running', 'waiting')"
 RUN_COLUMNS = (
@@ -277,7 +278,7 @@ class WorkflowStore:
                 updated_at = now(),
                 due_at = CASE WHEN EXISTS (
                     SELECT 1 FROM notifications WHERE id = %s
-                      AND status IN ('delivered', 'failed', 'skipped', 'cancelled'))
+                      AND status IN ({sql_list(FINAL_STATUSES)}))
                   THEN now() ELSE now() + make_interval(secs => %s) END
             WHERE id = %s AND revision = %s AND status IN {_ACTIVE}
             """,

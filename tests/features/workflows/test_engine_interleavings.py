@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from common import db
 from common.config import Config
-from common.db import Row
+from common.data import db
+from common.data.db import Row
 from common.features.workflows.definition import Definition, Step, parse
 from common.features.workflows.engine import Engine, StepFailed
 from common.features.workflows.steps import initial_states, notification_key
@@ -69,7 +69,7 @@ class TableSender:
         assert row is not None
         return row
 
-    async def cancel(self, notification_id: uuid.UUID) -> None:
+    async def cancel(self, project_id: str, notification_id: uuid.UUID) -> None:
         self.cancelled.append(notification_id)
         await self.db.execute(
             "UPDATE notifications SET status = 'cancelled' WHERE id = %s AND status = 'pending'",

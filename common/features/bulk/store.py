@@ -1,0 +1,245 @@
+"""The SQL of one request, many recipients: `batches` (a bulk request, a notification to a
+topic), `topics` and `topic_subscribers` (notifications_db), and the ids of a batch's recipients."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from common.data import db
+from common.vocabulary import FINAL_STATUSES
+
+_BATCH_COLUMNS = (
+    "id, client_id, request_id, body_hash, kind, topic_key, payload, total, rejected, result, "
+    "fanout_cursor, fanned_out_at, fanout_attempts, fanout_error, failed_at, created_at, updated_at"
+)
+
+
+def notification_id(batch_id: uuid.UUID, user_id: uuid.UUID | str) -> uuid.UUID:
+    """A recipient's notification id: the same for the same batch and user, every time."""
+    return uuid.uuid5(batch_id, str(user_id))
+
+
+# Between a batch's request_id and a recipient's user id in the recipient's idempotency key. A
+# client's request_id cannot hold it (REQUEST_ID_RE refuses control characters), so no single
+# notification's key can equal a recipient's, whatever the client picks.
+RECIPIENT_SEPARATOR = "\x1f"  # ASCII unit separator
+
+
+def recipient_request_id(request_id: str, user_id: uuid.UUID | str) -> str:
+    """A batch recipient's request_id: the same for the same request and user, every time."""
+    return f"{request_id}{RECIPIENT_SEPARATOR}{user_id}"
+
+
+class BatchStore:
+    def __init__(self, database: db.Database) -> None:
+        self.db = database
+
+    # batches
+
+    async def create(
+        self,
+        *,
+        client_id: str,
+        request_id: str,
+        body_hash: str,
+        kind: str,
+        topic_key: str | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> tuple[db.Row, bool]:
+        """The batch for (client_id, request_id), and whether this call created it. A topic's
+        total is its subscriber count at this moment (the fan-out sends to those)."""
+        row = await self.db.fetchrow(
+            f"""
+            INSERT INTO batches (id, client_id, request_id, body_hash, kind, topic_key, payload, total)
+            VALUES (%s, %s, %s, %s, %s, %s, %s,
+                    CASE WHEN %s::text IS NULL THEN 0 ELSE (SELECT count(*) FROM topic_subscribers
+                         WHERE client_id = %s AND topic_key = %s) END)
+            ON CONFLICT (client_id, request_id) DO NOTHING
+            RETURNING {_BATCH_COLUMNS}
+            """,
+            uuid.uuid4(),
+            client_id,
+            request_id,
+            body_hash,
+            kind,
+            topic_key,
+            orjson.dumps(payload or {}).decode(),
+            topic_key,
+            client_id,
+            topic_key,
+        )
+        if row is not None:
+            return row, True
+        existing = await self.by_request(client_id, request_id)
+        if existing is None:  # deleted meanwhile: not expected, but not a crash either
+            raise ConnectionError("batch vanished while being created")
+        return existing, False
+
+    async def by_request(self, client_id: str, request_id: str) -> db.Row | None:
+        return await self.db.fetchrow(
+            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE client_id = %s AND request_id = %s",
+            client_id,
+            request_id,
+        )
+
+    async def get(self, batch_id: uuid.UUID) -> db.Row | None:
+        return await self.db.fetchrow(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = %s", batch_id)
+
+    async def finish_bulk(self, batch_id: uuid.UUID, result: dict[str, Any]) -> None:
+        await self.db.execute(
+            "UPDATE batches SET result = %s, total = %s, rejected = %s, updated_at = now() WHERE id = %s",
+            orjson.dumps(result).decode(),
+            result["total"],
+            len(result["rejected"]),
+            batch_id,
+        )
+
+    async def advance(self, batch_id: uuid.UUID, cursor: str, rejected: int) -> None:
+        """Move a fan-out's cursor forward (never back: a second consumer on the same batch
+        only ever repeats pages, which insert nothing)."""
+        await self.db.execute(
+            "UPDATE batches SET fanout_cursor = %s, rejected = rejected + %s, updated_at = now()"
+            " WHERE id = %s AND (fanout_cursor IS NULL OR fanout_cursor < %s)",
+            cursor,
+            rejected,
+            batch_id,
+            cursor,
+        )
+
+    async def fanned_out(self, batch_id: uuid.UUID) -> None:
+        await self.db.execute(
+            "UPDATE batches SET fanned_out_at = coalesce(fanned_out_at, now()), updated_at = now()"
+            " WHERE id = %s",
+            batch_id,
+        )
+
+    async def failed_attempt(self, batch_id: uuid.UUID, reason: str) -> int | None:
+        """Count one failed try of a fan-out, with its reason; how many so far (None: no batch)."""
+        return await self.db.fetchval(
+            "UPDATE batches SET fanout_attempts = fanout_attempts + 1, fanout_error = %s,"
+            " updated_at = now() WHERE id = %s RETURNING fanout_attempts",
+            reason[:2000],
+            batch_id,
+        )
+
+    async def fail(self, batch_id: uuid.UUID) -> None:
+        await self.db.execute(
+            "UPDATE batches SET failed_at = coalesce(failed_at, now()), updated_at = now() WHERE id = %s",
+            batch_id,
+        )
+
+    async def counts(self, batch_id: uuid.UUID) -> tuple[dict[str, int], datetime | None]:
+        """Its notifications by status, and when the last became final (None while any is not)."""
+        rows = await self.db.fetch(
+            "SELECT status, count(*) AS n, max(updated_at) AS last FROM notifications"
+            " WHERE batch_id = %s GROUP BY status",
+            batch_id,
+        )
+        by_status = {r["status"]: int(r["n"]) for r in rows}
+        done = all(r["status"] in FINAL_STATUSES for r in rows)
+        last = max((r["last"] for r in rows), default=None) if done else None
+        return by_status, last
+
+    async def existing(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+        rows = await self.db.fetch("SELECT id, status FROM notifications WHERE id = ANY(%s)", ids)
+        return {r["id"]: r["status"] for r in rows}
+
+    async def stalled_fanouts(self, older_than: float) -> list[uuid.UUID]:
+        rows = await self.db.fetch(
+            "SELECT id FROM batches WHERE kind = 'topic' AND fanned_out_at IS NULL AND failed_at IS NULL"
+            " AND updated_at < now() - make_interval(secs => %s) ORDER BY updated_at LIMIT 100",
+            older_than,
+        )
+        return [r["id"] for r in rows]
+
+    async def touch(self, batch_ids: list[uuid.UUID]) -> None:
+        await self.db.execute("UPDATE batches SET updated_at = now() WHERE id = ANY(%s)", batch_ids)
+
+    # topics
+
+    async def put_topic(self, client_id: str, key: str, name: str) -> tuple[db.Row, bool]:
+        row = await self.db.fetchrow(
+            """
+            INSERT INTO topics (client_id, key, name) VALUES (%s, %s, %s)
+            ON CONFLICT (client_id, key) DO UPDATE SET name = EXCLUDED.name, updated_at = now()
+            RETURNING key, name, created_at, updated_at, (xmax = 0) AS created
+            """,
+            client_id,
+            key,
+            name,
+        )
+        assert row is not None
+        return row, bool(row.pop("created"))
+
+    async def topic(self, client_id: str, key: str) -> db.Row | None:
+        return await self.db.fetchrow(
+            "SELECT key, name, created_at, updated_at, (SELECT count(*) FROM topic_subscribers s"
+            " WHERE s.client_id = t.client_id AND s.topic_key = t.key) AS subscribers"
+            " FROM topics t WHERE client_id = %s AND key = %s",
+            client_id,
+            key,
+        )
+
+    async def topic_exists(self, client_id: str, key: str) -> bool:
+        return bool(
+            await self.db.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM topics WHERE client_id = %s AND key = %s)", client_id, key
+            )
+        )
+
+    async def subscribe(self, client_id: str, key: str, user_ids: list[str]) -> int:
+        """Adds the ones not yet subscribed; returns how many were added."""
+        rows = await self.db.fetch(
+            """
+            INSERT INTO topic_subscribers (client_id, topic_key, user_id)
+            SELECT %s, %s, u FROM unnest(%s::text[]) AS u
+            ON CONFLICT DO NOTHING RETURNING user_id
+            """,
+            client_id,
+            key,
+            user_ids,
+        )
+        return len(rows)
+
+    async def unsubscribe(self, client_id: str, key: str, user_id: str) -> bool:
+        return (
+            await self.db.execute(
+                "DELETE FROM topic_subscribers WHERE client_id = %s AND topic_key = %s AND user_id = %s",
+                client_id,
+                key,
+                user_id,
+            )
+            > 0
+        )
+
+    async def subscribers(
+        self,
+        client_id: str,
+        key: str,
+        *,
+        after: str | None,
+        limit: int,
+        as_of: datetime | None = None,
+    ) -> list[db.Row]:
+        """A page of subscribers by user_id after `after` (keyset); `as_of` leaves out those
+        who subscribed later (a fan-out sends to the subscribers of its moment)."""
+        return await self.db.fetch(
+            """
+            SELECT user_id, created_at FROM topic_subscribers
+            WHERE client_id = %s AND topic_key = %s
+              AND (%s::text IS NULL OR user_id > %s::text)
+              AND (%s::timestamptz IS NULL OR created_at <= %s::timestamptz)
+            ORDER BY user_id LIMIT %s
+            """,
+            client_id,
+            key,
+            after,
+            after,
+            as_of,
+            as_of,
+            limit,
+        )

@@ -1,0 +1,30 @@
+"""The words every service, the topology, the store and the API agree on: channels, statuses and
+the events a client's webhook can hear. A new channel is one line here (and its worker)."""
+
+from __future__ import annotations
+
+CHANNELS = ("email", "push")
+# A route segment matching a channel, e.g. "/api/v1/{channel:email|push}/status".
+CHANNEL_PATTERN = "|".join(CHANNELS)
+
+# A notification's life: accepted as scheduled/pending (or skipped), then sending and retrying,
+# and it ends in one of the final ones.
+STATUSES = ("scheduled", "pending", "sending", "retrying", "delivered", "failed", "skipped", "cancelled")
+FINAL_STATUSES = ("delivered", "failed", "skipped", "cancelled")
+# The statuses from which a failed notification's retry makes no sense: it ended otherwise.
+ENDED_OTHERWISE = ("delivered", "skipped", "cancelled")
+
+
+def sql_list(values: tuple[str, ...]) -> str:
+    """A tuple of these words as an SQL list literal, for statements built once at import."""
+    return ", ".join(f"'{v}'" for v in values)
+
+
+# What a client's status webhook may subscribe to: one per final status, and a bounce.
+EVENT_TYPES = (
+    "notification.delivered",
+    "notification.failed",
+    "notification.bounced",
+    "notification.skipped",
+    "notification.cancelled",
+)
