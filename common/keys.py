@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from common.features.bulk.store import BatchStore
     from common.features.webhooks.store import WebhookStore
     from common.features.workflows.engine import Engine
+    from common.features.workflows.fanout import TopicFanout
     from common.features.workflows.store import WorkflowStore
     from common.group_commit import Batcher
     from common.lookups.cache import CachedLookups, ProfileCache
@@ -71,6 +72,7 @@ FANOUT_KEY: web.AppKey[Fanout] = web.AppKey("fanout")
 WEBHOOKS_KEY: web.AppKey[WebhookStore] = web.AppKey("webhooks")
 WORKFLOWS_KEY: web.AppKey[WorkflowStore] = web.AppKey("workflows")
 WORKFLOW_ENGINE_KEY: web.AppKey[Engine] = web.AppKey("workflow_engine")
+WORKFLOW_FANOUT_KEY: web.AppKey[TopicFanout] = web.AppKey("workflow_fanout")
 CONSOLE_TEMPLATES_KEY: web.AppKey[jinja2.Environment] = web.AppKey("console_templates")
 
 # The user service

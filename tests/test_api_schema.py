@@ -151,7 +151,7 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     # the fuzzing phase still sends every operation its 200 examples.
     # The other parts have no such parameter and keep it (the service part needs it: nothing else
     # there can be made invalid; the templates part's links are followed from what it creates).
-    with_user_ids = {"users", "notifications", "bulk"}
+    with_user_ids = {"users", "notifications", "bulk", "workflows"}
     phases = ["examples", "fuzzing"] if part in with_user_ids else ["examples", "coverage", "fuzzing"]
     if part in FOLLOWED or _has_links(part):
         phases.append("stateful")

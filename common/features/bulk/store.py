@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from common.data import db
+from common.data import db, topics
 from common.vocabulary import FINAL_STATUSES
 
 _BATCH_COLUMNS = (
@@ -185,11 +185,7 @@ class BatchStore:
         )
 
     async def topic_exists(self, client_id: str, key: str) -> bool:
-        return bool(
-            await self.db.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM topics WHERE client_id = %s AND key = %s)", client_id, key
-            )
-        )
+        return await topics.exists(self.db, client_id, key)
 
     async def subscribe(self, client_id: str, key: str, user_ids: list[str]) -> int:
         """Adds the ones not yet subscribed; returns how many were added."""
@@ -217,29 +213,6 @@ class BatchStore:
         )
 
     async def subscribers(
-        self,
-        client_id: str,
-        key: str,
-        *,
-        after: str | None,
-        limit: int,
-        as_of: datetime | None = None,
+        self, client_id: str, key: str, *, after: str | None, limit: int, as_of: datetime | None = None
     ) -> list[db.Row]:
-        """A page of subscribers by user_id after `after` (keyset); `as_of` leaves out those
-        who subscribed later (a fan-out sends to the subscribers of its moment)."""
-        return await self.db.fetch(
-            """
-            SELECT user_id, created_at FROM topic_subscribers
-            WHERE client_id = %s AND topic_key = %s
-              AND (%s::text IS NULL OR user_id > %s::text)
-              AND (%s::timestamptz IS NULL OR created_at <= %s::timestamptz)
-            ORDER BY user_id LIMIT %s
-            """,
-            client_id,
-            key,
-            after,
-            after,
-            as_of,
-            as_of,
-            limit,
-        )
+        return await topics.subscribers(self.db, client_id, key, after=after, limit=limit, as_of=as_of)

@@ -15,14 +15,17 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from common import background
+from common.data import topics
 from common.features.workflows import definition as definitions
 from common.features.workflows.engine import Engine
+from common.features.workflows.fanout import FanoutStore, TopicFanout
 from common.features.workflows.sender import StepSender
 from common.features.workflows.steps import FINAL_RUN, initial_states
 from common.features.workflows.store import NewRun, WorkflowStore
@@ -37,6 +40,7 @@ from common.keys import (
     STORE_KEY,
     USERS_KEY,
     WORKFLOW_ENGINE_KEY,
+    WORKFLOW_FANOUT_KEY,
     WORKFLOWS_KEY,
 )
 from common.logs import correlation_id_var
@@ -204,11 +208,21 @@ async def activate_version(request: web.Request) -> web.Response:
 # --- triggers ----------------------------------------------------------------------------------
 
 
-def _parse_trigger(body: dict[str, Any]) -> tuple[list[str], dict[str, Any], str, str | None]:
+@dataclass(frozen=True)
+class Trigger:
+    users: list[str]  # empty for a topic
+    topic: str | None
+    payload: dict[str, Any]
+    request_id: str
+    cancellation_key: str | None
+
+
+def _parse_trigger(body: dict[str, Any]) -> Trigger:
     fields = Fields(body)
     fields.unknown({"to", "payload", "request_id", "cancellation_key"})
     to = body.get("to")
     users: list[str] = []
+    topic: str | None = None
     if isinstance(to, str):
         to = [to]
     if isinstance(to, list) and to:
@@ -220,9 +234,14 @@ def _parse_trigger(body: dict[str, Any]) -> tuple[list[str], dict[str, Any], str
             else:
                 users.append(user_id)
     elif isinstance(to, dict) and "topic" in to:
-        fields.error("to", "a topic is not a recipient of workflow triggers yet; give user ids")
+        if set(to) != {"topic"}:
+            fields.error("to", 'a topic is given as {"topic": "<key>"} and nothing else')
+        elif not isinstance(to["topic"], str) or not CODE_RE.match(to["topic"]):
+            fields.error("to.topic", "must be a topic key: letters, digits, '.', '_' or '-', at most 100")
+        else:
+            topic = to["topic"]
     else:
-        fields.error("to", "is required: a user id or a list of up to 1,000")
+        fields.error("to", 'is required: a user id, a list of up to 1,000, or {"topic": "<key>"}')
     payload = fields.object("payload")
     if payload and len(orjson.dumps(payload)) > MAX_PAYLOAD:
         raise ApiError(
@@ -240,18 +259,23 @@ def _parse_trigger(body: dict[str, Any]) -> tuple[list[str], dict[str, Any], str
     )  # fmt: skip
     fields.check()
     assert request_id is not None
-    return list(dict.fromkeys(users)), payload, request_id, cancellation_key
+    return Trigger(list(dict.fromkeys(users)), topic, payload, request_id, cancellation_key)
 
 
 async def trigger(request: web.Request) -> web.Response:
     project = require(request, "client").project
     key = _key(request)
     body = await read_json(request)
-    users, payload, request_id, cancellation_key = _parse_trigger(body)
+    parsed = _parse_trigger(body)
+    users, payload, request_id, cancellation_key = (
+        parsed.users, parsed.payload, parsed.request_id, parsed.cancellation_key,
+    )  # fmt: skip
     store = request.config_dict[WORKFLOWS_KEY]
     workflow = await store.get(project, key)
     if workflow is None:
         raise not_found("Workflow")
+    if parsed.topic is not None:
+        return await _trigger_topic(request, project, key, int(workflow["version"]), parsed)
     found = definitions.Definition.from_json(workflow["definition"])
     try:
         known = await profiles(request.config_dict[REDIS_KEY], request.config_dict[USERS_KEY], users)
@@ -297,6 +321,77 @@ async def trigger(request: web.Request) -> web.Response:
     )
 
 
+async def _trigger_topic(
+    request: web.Request, project: str, key: str, version: int, parsed: Trigger
+) -> web.Response:
+    """A topic's trigger: the fan-out stored (the engine's fan-out makes the runs) and 202 with
+    its `batch_id`; its runs are listed with `GET /api/v1/workflow-runs/?batch_id=`."""
+    assert parsed.topic is not None
+    if not await topics.exists(request.config_dict[DB_KEY], project, parsed.topic):
+        raise not_found("Topic")
+    to = {"topic": parsed.topic}
+    body_hash = parsing.body_hash(
+        {"to": to, "payload": parsed.payload, "cancellation_key": parsed.cancellation_key}
+    )
+    fanout = request.config_dict[WORKFLOW_FANOUT_KEY]
+    row, created = await fanout.fanouts.create(
+        {
+            "id": uuid.uuid4(),
+            "project_id": project,
+            "workflow_key": key,
+            "version": version,
+            "topic_key": parsed.topic,
+            "request_id": parsed.request_id,
+            "body_hash": body_hash,
+            "cancellation_key": parsed.cancellation_key,
+            "payload": parsed.payload,
+            "correlation_id": correlation_id_var.get() or uuid.uuid4().hex,
+        }
+    )
+    if row["body_hash"] != body_hash:
+        raise ApiError(
+            422,
+            "idempotency_conflict",
+            f"request_id {parsed.request_id!r} was already used with a different body.",
+        )
+    if created:
+        fanout.wake.set()
+    log.info("workflow %s triggered for topic %s: fan-out %s", key, parsed.topic, row["id"])
+    return json_response(
+        _fanout_view(row),
+        "workflow triggered for a topic" if created else "workflow already triggered (idempotent replay)",
+        status=202,
+        headers=None if created else {"Idempotent-Replayed": "true"},
+    )
+
+
+def _fanout_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "batch_id": row["id"],
+        "workflow_key": row["workflow_key"],
+        "version": row["version"],
+        "topic": row["topic_key"],
+        "status": "done" if row["done_at"] is not None else "fanning_out",
+        "runs_made": row["runs"],
+        "subscribers_unknown": row["rejected"],
+        # The shape of a trigger's answer; the runs come later (`?batch_id=` lists them).
+        "runs": [],
+        "rejected": [],
+        "created_at": row["created_at"],
+        "done_at": row["done_at"],
+    }
+
+
+async def get_fanout(request: web.Request) -> web.Response:
+    project = require(request, "client").project
+    batch_id = parse_uuid(request.match_info["batch_id"])
+    fanouts = request.config_dict[WORKFLOW_FANOUT_KEY].fanouts
+    row = await fanouts.get(project, batch_id) if batch_id else None
+    if row is None or row["workflow_key"] != _key(request):
+        raise not_found("Workflow batch")
+    return json_response(_fanout_view(row), "workflow batch")
+
+
 async def cancel(request: web.Request) -> web.Response:
     project = require(request, "client").project
     key = _key(request)
@@ -332,6 +427,7 @@ def run_view(row: dict[str, Any]) -> dict[str, Any]:
         "user_id": row["user_id"],
         "request_id": row["request_id"],
         "cancellation_key": row["cancellation_key"],
+        "batch_id": row["batch_id"],
         "status": row["status"],
         "reason": row["reason"],
         "payload": row["payload"],
@@ -361,10 +457,21 @@ async def list_runs(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in RUN_STATUSES:
         fields.error("status", f"must be one of {', '.join(RUN_STATUSES)}")
+    batch_id = None
+    if "batch_id" in request.query:
+        batch_id = parse_uuid(request.query["batch_id"])
+        if batch_id is None:
+            fields.error("batch_id", "must be a UUID (a topic trigger's batch_id)")
     fields.check()
     after = cursors.decode_cursor(request.query.get("after"), False)
     rows, has_next = await request.config_dict[WORKFLOWS_KEY].runs_page(
-        project, workflow_key=workflow_key, user_id=user_id, status=status, limit=limit, after=after
+        project,
+        workflow_key=workflow_key,
+        user_id=user_id,
+        status=status,
+        batch_id=batch_id,
+        limit=limit,
+        after=after,
     )
     cursor = cursors.encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if has_next else None
     return json_response(
@@ -376,7 +483,10 @@ async def list_runs(request: web.Request) -> web.Response:
 
 
 async def _engine_loop(app: web.Application, stopping: asyncio.Event) -> None:
-    await app[WORKFLOW_ENGINE_KEY].loop(stopping, app[CONFIG_KEY].dispatch_interval)
+    interval = app[CONFIG_KEY].dispatch_interval
+    await asyncio.gather(
+        app[WORKFLOW_ENGINE_KEY].loop(stopping, interval), app[WORKFLOW_FANOUT_KEY].loop(stopping, interval)
+    )
 
 
 _running = background.loop("workflow-engine", _engine_loop)
@@ -390,7 +500,10 @@ async def engine(app: web.Application) -> AsyncIterator[None]:
         app[STORE_KEY], app[ACCEPT_BATCH_KEY], app[LOOKUPS_KEY], app[OUTBOX_KEY], app[METRICS_KEY]
     )
     app[WORKFLOWS_KEY] = store
-    app[WORKFLOW_ENGINE_KEY] = Engine(store, sender)
+    engine = app[WORKFLOW_ENGINE_KEY] = Engine(store, sender)
+    app[WORKFLOW_FANOUT_KEY] = TopicFanout(
+        FanoutStore(app[DB_KEY]), store, app[REDIS_KEY], app[USERS_KEY], engine.wake.set
+    )
     async for _ in _running(app):
         yield
 
@@ -405,6 +518,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/v1/workflows/{key}/versions/{version}/activate", activate_version)
     r.add_post("/api/v1/workflows/{key}/trigger", trigger)
     r.add_post("/api/v1/workflows/{key}/cancel", cancel)
+    r.add_get("/api/v1/workflows/{key}/batches/{batch_id}", get_fanout)
     for path in ("/api/v1/workflow-runs", "/api/v1/workflow-runs/"):
         r.add_get(path, list_runs)
     r.add_get("/api/v1/workflow-runs/{run_id}", get_run)

@@ -314,6 +314,7 @@ class WorkflowStore:
         status: str | None,
         limit: int,
         after: tuple[datetime, uuid.UUID] | None,
+        batch_id: uuid.UUID | None = None,
     ) -> tuple[list[Row], bool]:
         rows = await self.db.fetch(
             f"""
@@ -322,6 +323,7 @@ class WorkflowStore:
               AND (%s::text IS NULL OR workflow_key = %s)
               AND (%s::text IS NULL OR user_id = %s)
               AND (%s::text IS NULL OR status = %s)
+              AND (%s::uuid IS NULL OR batch_id = %s::uuid)
               AND (%s::timestamptz IS NULL OR (created_at, id) < (%s, %s::uuid))
             ORDER BY created_at DESC, id DESC LIMIT %s
             """,
@@ -332,6 +334,8 @@ class WorkflowStore:
             user_id,
             status,
             status,
+            str(batch_id) if batch_id else None,
+            str(batch_id) if batch_id else None,
             after[0] if after else None,
             after[0] if after else None,
             str(after[1]) if after else None,
