@@ -37,9 +37,11 @@ browser:
 
 # The whole suite, on TEST_WORKERS processes (each with its own databases, vhost, Redis
 # database and ports: tests/conftest.py); most tests wait on servers, so more workers than cores.
+# One test handed out at a time (the longest first, tests/conftest.py), so no worker is left
+# holding a queue of long ones while the others sit idle.
 TEST_WORKERS ?= 4
 test: venv browser
-	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxschedchunk 1
 
 # The pure tests: those using no fixture that needs a server (marked `stack` by tests/conftest.py).
 test-fast: venv

@@ -90,19 +90,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if STACK_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.stack)
-    # The longest tests first: xdist hands tests out in this order, and a minutes-long one
-    # handed out last would leave the other workers idle while it runs alone.
-    items.sort(key=lambda item: not any(slow in item.nodeid for slow in LONGEST))
+    # The longest tests first, longest of all first: xdist hands tests out in this order, and a
+    # minute-long one handed out last would leave the other workers idle while it runs alone.
+    items.sort(key=_rank)
 
 
-# Tests that take minutes each (schemathesis parts, a RabbitMQ cluster, a fan-out killed halfway).
+def _rank(item: pytest.Item) -> int:
+    return next((rank for rank, slow in enumerate(LONGEST) if slow in item.nodeid), len(LONGEST))
+
+
+# The tests that take longest (tens of seconds each: `pytest --durations=30`), longest first;
+# most wait on a clock or a fault rather than use a core.
 LONGEST = (
-    "test_schemathesis_finds_no_server_error",
+    "templates-negative",
+    "test_a_gateway_killed_while_dispatching_loses_nothing",
+    "test_send_at_local_and_quiet_hours",
+    "bulk-negative",
+    "users-negative",
+    "notifications-negative",
     "test_rabbit_cluster.py",
     "test_a_fanout_killed_half_way",
-    "test_send_at_local_and_quiet_hours",
     "test_black_holes.py::test_postgres_black_hole",
     "test_black_holes.py::test_rabbitmq_black_hole",
+    "test_a_large_topic_fans_out_under_back_pressure",
+    "test_black_holes.py::test_redis_black_hole",
+    "test_schemathesis_finds_no_server_error",
+    "test_ten_thousand_due_at_once",
+    "test_a_fan_out_whose_gateway_is_sigkilled",
+    "test_broker_cut_at_gateway_and_worker",
 )
 
 

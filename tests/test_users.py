@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from common.data import db
 from common.keys import METRICS_KEY
 from tests.conftest import Stack
 from tests.smtp_sink import free_port
@@ -329,3 +330,18 @@ async def test_the_user_service_itself_accepts_only_internal_or_user_tokens(stac
         url, headers={"Authorization": f"Bearer {stack.config.internal_api_token}"}
     ) as response:
         assert response.status == 200
+
+
+async def test_login_against_a_hash_written_by_hand_is_refused_not_a_500(stack: Stack) -> None:
+    # A row another tool wrote (an import, a fix by hand) holds no hash of ours: it matches nothing.
+    email = f"{uuid.uuid4().hex}@example.com"
+    users_db = await db.connect(stack.config.users_db_url)
+    try:
+        await users_db.execute(
+            "INSERT INTO users (name, email, password_hash) VALUES ('Hand', %s, 'x')", email
+        )
+    finally:
+        await users_db.close()
+    response = await stack.gateway.post("/api/v1/auth/login", json={"email": email, "password": "x"})
+    assert response.status == 401, await response.text()
+    assert (await response.json())["error"] == "invalid_credentials"

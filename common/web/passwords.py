@@ -47,9 +47,19 @@ async def hash_password(password: str) -> str:
 
 
 async def check_password(password: str, stored: str) -> bool:
-    _, salt, digest = stored.split("$")
-    candidate = await _run_scrypt(password, bytes.fromhex(salt))
-    return hmac.compare_digest(candidate, bytes.fromhex(digest))
+    """Whether `password` matches `stored` ("scrypt$<salt>$<digest>"). A stored value of another
+    shape (a row written by hand or by an import) matches nothing, at the same cost."""
+    try:
+        scheme, salt_hex, digest_hex = stored.split("$")
+        salt, digest = bytes.fromhex(salt_hex), bytes.fromhex(digest_hex)
+        usable = scheme == "scrypt" and len(salt) > 0 and len(digest) > 0
+    except ValueError:
+        usable = False
+    if not usable:
+        _, salt_hex, digest_hex = DUMMY_HASH.split("$")
+        salt, digest = bytes.fromhex(salt_hex), bytes.fromhex(digest_hex)
+    candidate = await _run_scrypt(password, salt)
+    return hmac.compare_digest(candidate, digest) and usable
 
 
 # A fixed hash to check against when the email is unknown, so both failures cost the same time.
