@@ -14,6 +14,11 @@ FINAL_STATUSES = ("delivered", "failed", "skipped", "cancelled")
 # The statuses from which a failed notification's retry makes no sense: it ended otherwise.
 ENDED_OTHERWISE = ("delivered", "skipped", "cancelled")
 
+# A workflow run's life: running or waiting (on a timer or its step's notification), then final.
+ACTIVE_RUN = ("running", "waiting")
+FINAL_RUN = ("completed", "cancelled", "failed")
+RUN_STATUSES = ACTIVE_RUN + FINAL_RUN
+
 
 def sql_list(values: tuple[str, ...]) -> str:
     """A tuple of these words as an SQL list literal, for statements built once at import."""

@@ -22,6 +22,7 @@ from common.keys import CONSOLE_SESSION_KEY, CONSOLE_TEMPLATES_KEY
 from common.logs import project_var
 from common.lookups.clients import ServiceUnavailable
 from common.web.http import ApiError
+from console import workflows
 from console.directory import (
     activate,
     activate_confirm,
@@ -219,5 +220,6 @@ def create_app() -> web.Application:
     r.add_get("/users/{user_id}", user)
     r.add_post("/users/{user_id}/preferences", save_preferences)
     r.add_post("/users/{user_id}/devices/{device_id}/remove", remove_device)
+    workflows.add_routes(app)
     r.add_static("/static", HERE / "static", append_version=False)
     return app

@@ -42,6 +42,9 @@ NOTICES = {
     "not_retried": "Nothing was requeued: only failed notifications can be retried.",
     "cancelled": "The notification is cancelled; it will not be sent.",
     "not_cancelled": "Not cancelled: a worker has it already, or it is final.",
+    "run_cancelled": "The run is cancelled: no further step runs, and what it made that was not out"
+    " is cancelled too.",
+    "run_not_cancelled": "Not cancelled: the run has finished already.",
     "activated": "Version {n} is now the active version.",
     "device_removed": "The device was removed.",
     "preferences_saved": "Preferences saved.",

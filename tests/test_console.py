@@ -5,6 +5,7 @@ phone) and photographed; `make screenshots` keeps the photographs in docs/consol
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import time
@@ -625,6 +626,7 @@ async def test_every_page_fits_a_phone(stack_factory: Any, browser: Browser, scr
         "/console/templates",
         f"/console/templates/{template['code']}",
         f"/console/users/{user['id']}",
+        "/console/workflows",
     ):
         await console.goto(path)  # checks: labelled, no CSP refusal, no sideways scrolling
     await console.goto("/console")
@@ -675,3 +677,124 @@ async def test_cancel_a_scheduled_notification_and_see_quiet_hours(
 
     await console.goto(f"/console/users/{user['id']}")
     await expect(page.locator('[data-field="quiet_hours"]')).to_contain_text("22:00 to 07:00")
+
+
+# --- workflows ---------------------------------------------------------------------------------------
+
+
+async def _run_state(stack: Stack, run_id: str) -> dict[str, Any]:
+    response = await stack.gateway.get(f"/api/v1/workflow-runs/{run_id}", headers=stack.headers())
+    assert response.status == 200, await response.text()
+    return dict((await response.json())["data"])
+
+
+async def test_workflows_their_versions_and_a_run_as_a_timeline_with_cancel(
+    stack_factory: Any, browser: Browser, screenshots: Path
+) -> None:
+    stack = await stack_factory()
+    user = await stack.create_user()
+    template = await stack.create_template()
+    key = f"onboarding-{uuid.uuid4().hex[:8]}"
+    steps = [
+        {"name": "vip", "type": "email", "template_code": template["code"], "if": "payload.vip"},
+        {"name": "hello", "type": "email", "template_code": template["code"]},
+        {"name": "wait", "type": "delay", "duration": "PT1H"},
+        {"name": "later", "type": "email", "template_code": template["code"]},
+    ]
+    for name in ("Onboarding, first draft", "Onboarding"):
+        response = await stack.gateway.put(
+            f"/api/v1/workflows/{key}",
+            json={"name": name, "category": "onboarding", "steps": steps},
+            headers=stack.headers(),
+        )
+        assert response.status in (200, 201), await response.text()
+    response = await stack.gateway.post(
+        f"/api/v1/workflows/{key}/trigger",
+        json={
+            "to": user["id"],
+            "payload": {"name": "Ada", "link": "https://example.com", "vip": False},
+            "request_id": f"console-{uuid.uuid4()}",
+        },
+        headers=stack.headers(),
+    )
+    assert response.status == 202, await response.text()
+    [made] = (await response.json())["data"]["runs"]
+    run_id = made["run_id"]
+    # The run reaches its delay: the first email delivered, the second an hour away.
+    for _ in range(200):
+        state = await _run_state(stack, run_id)
+        if state["status"] == "waiting" and state["steps"][2]["status"] == "waiting":
+            break
+        await asyncio.sleep(0.1)
+    assert state["steps"][1]["notification_status"] == "delivered", state
+    hello_id = state["steps"][1]["notification_id"]
+
+    console = await open_console(browser, stack, screenshots)
+    await console.sign_in()
+    page = console.page
+    await page.get_by_role("link", name="Workflows").click()
+    await expect(page.get_by_role("heading", level=1)).to_have_text("Workflows")
+    row = page.locator(f'tr[data-workflow="{key}"]')
+    await expect(row.locator("td.num").first).to_have_text("v2")
+    await console.check()
+    await console.shot("workflows")
+
+    await row.get_by_role("link", name=key).click()
+    await expect(page.get_by_role("heading", level=1)).to_have_text(f"Workflow {key}")
+    await expect(page.locator('li[data-version="2"] .status-active')).to_have_text("active")
+    await expect(page.locator('li[data-version="1"] .status-active')).to_have_count(0)
+    await expect(page.locator('li[data-version="1"]')).to_contain_text("Onboarding, first draft")
+    await expect(page.locator(f'tr[data-run="{run_id}"]')).to_contain_text("waiting")
+    await console.check()
+    await console.shot("workflow")
+    # Only runs of the status asked for.
+    await page.get_by_label("Status").select_option("completed")
+    await page.get_by_role("button", name="Show runs").click()
+    await expect(page.locator(f'tr[data-run="{run_id}"]')).to_have_count(0)
+    await page.get_by_label("Status").select_option("waiting")
+    await page.get_by_role("button", name="Show runs").click()
+    await page.get_by_role("link", name=run_id[:8], exact=True).click()
+
+    await expect(page.get_by_role("heading", level=1)).to_have_text(f"Workflow run {run_id}")
+    await console.check()
+    vip, hello, wait, later = (
+        page.locator(f'li[data-step="{s}"]') for s in ("vip", "hello", "wait", "later")
+    )
+    await expect(vip.locator(".status")).to_have_text("skipped")
+    await expect(vip.locator(".detail")).to_have_text("condition false")
+    await expect(hello.locator(".status").first).to_have_text("completed")
+    await expect(wait).to_contain_text("the run is here")
+    due = datetime.fromisoformat(state["steps"][2]["due_at"])
+    await expect(wait.locator("time")).to_have_text(due.strftime("%Y-%m-%d %H:%M:%S UTC"))
+    await expect(later.locator(".status")).to_have_text("pending")
+    await console.shot("workflow-run")
+
+    # The step's notification is one click away.
+    await hello.get_by_role("link").click()
+    await expect(page.get_by_role("heading", level=1)).to_have_text(f"Notification {hello_id}")
+    await page.go_back()
+
+    await page.get_by_role("button", name="Cancel this run").click()
+    await expect(page.get_by_role("status")).to_contain_text("The run is cancelled")
+    await expect(page.locator("p.lead .status").first).to_have_text("cancelled")
+    await expect(later.locator(".status")).to_have_text("cancelled")
+    await expect(page.get_by_role("button", name="Cancel this run")).to_have_count(0)
+    await console.check()
+    state = await _run_state(stack, run_id)
+    assert state["status"] == "cancelled" and state["reason"].startswith("cancelled in the console")
+    assert [s["status"] for s in state["steps"]] == ["skipped", "completed", "cancelled", "cancelled"]
+    assert len(stack.smtp.to(user["email"])) == 1  # the later email never goes
+
+    # A run cancelled again, or one that does not exist, changes nothing and says so.
+    async with aiohttp.ClientSession() as http:
+        cookies = {c["name"]: c["value"] for c in await console.context.cookies()}
+        async with http.get(console.url(f"/console/workflow-runs/{uuid.uuid4()}"), cookies=cookies) as answer:
+            assert answer.status == 404
+        async with http.get(console.url("/console/workflows/no%20such"), cookies=cookies) as answer:
+            assert answer.status == 404
+        async with http.get(console.url(f"/console/workflows/{key}?status=lost"), cookies=cookies) as answer:
+            assert answer.status == 400
+        async with http.post(
+            console.url(f"/console/workflow-runs/{run_id}/cancel"), cookies=cookies, data={"csrf_token": "x"}
+        ) as answer:
+            assert answer.status == 403  # no form of ours: refused before anything changes

@@ -27,7 +27,7 @@ from common.features.workflows import definition as definitions
 from common.features.workflows.engine import Engine
 from common.features.workflows.fanout import FanoutStore, TopicFanout
 from common.features.workflows.sender import StepSender
-from common.features.workflows.steps import FINAL_RUN, initial_states
+from common.features.workflows.steps import initial_states
 from common.features.workflows.store import NewRun, WorkflowStore
 from common.keys import (
     ACCEPT_BATCH_KEY,
@@ -48,7 +48,7 @@ from common.lookups.cache import profiles
 from common.lookups.clients import ServiceUnavailable
 from common.sending import parsing
 from common.sending.decision import recipient_of
-from common.vocabulary import FINAL_STATUSES
+from common.vocabulary import FINAL_RUN, RUN_STATUSES
 from common.web import cursors
 from common.web.auth import require
 from common.web.http import (
@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 
 MAX_RECIPIENTS = parsing.MAX_RECIPIENTS
 MAX_PAYLOAD = 64 * 1024  # bytes of a trigger's payload, as JSON
-RUN_STATUSES = ("running", "waiting", "completed", "cancelled", "failed")
 KEY_HINT = "must be a workflow key: letters, digits, '.', '_' or '-', at most 100"
 
 
@@ -401,19 +400,15 @@ async def cancel(request: web.Request) -> web.Response:
     user_id = fields.user_id("user_id", required=False)
     fields.check()
     assert cancellation_key is not None
-    cancelled = await request.config_dict[WORKFLOWS_KEY].cancel(project, key, cancellation_key, user_id)
-    # What the runs made and is not out yet (scheduled, or pending and not claimed) stops too.
-    status = request.config_dict[STORE_KEY]
-    made = [
-        uuid.UUID(s["notification_id"])
-        for run in cancelled
-        for s in run["steps"]
-        if s.get("notification_id") and s.get("notification_status") not in FINAL_STATUSES
-    ]
-    for notification_id in made:
-        await status.cancel(notification_id, project)
-    log.info("workflow %s: %d runs cancelled by key", key, len(cancelled))
-    return json_response({"cancelled": len(cancelled)}, f"{len(cancelled)} runs cancelled")
+    cancelled = await request.config_dict[WORKFLOW_ENGINE_KEY].cancel(
+        project,
+        reason="cancelled by cancellation_key",
+        workflow_key=key,
+        cancellation_key=cancellation_key,
+        user_id=user_id,
+    )
+    log.info("workflow %s: %d runs cancelled by key", key, cancelled)
+    return json_response({"cancelled": cancelled}, f"{cancelled} runs cancelled")
 
 
 # --- runs --------------------------------------------------------------------------------------

@@ -175,6 +175,33 @@ class Engine:
         await self._write(run, "completed", index, states)
         self.counters.completed += 1
 
+    async def cancel(
+        self,
+        project_id: str,
+        *,
+        reason: str,
+        run_id: uuid.UUID | None = None,
+        workflow_key: str | None = None,
+        cancellation_key: str | None = None,
+        user_id: str | None = None,
+    ) -> int:
+        """The runs chosen stopped before their next step (`WorkflowStore.cancel`), and what they
+        made that is not out yet (scheduled, or pending and not claimed) cancelled too; how many
+        runs stopped. The API's cancel by key and the console's cancel of one run both come here."""
+        cancelled = await self.store.cancel(
+            project_id,
+            reason=reason,
+            run_id=run_id,
+            workflow_key=workflow_key,
+            cancellation_key=cancellation_key,
+            user_id=user_id,
+        )
+        for run in cancelled:
+            for state in run["steps"]:
+                if state.get("notification_id") and state.get("notification_status") not in FINAL_STATUSES:
+                    await self.sender.cancel(project_id, uuid.UUID(state["notification_id"]))
+        return len(cancelled)
+
     async def _wait_notification(
         self, run: Row, index: int, states: list[dict[str, Any]], notification_id: uuid.UUID
     ) -> None:

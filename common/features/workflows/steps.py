@@ -19,8 +19,6 @@ from typing import Any
 from common.features.workflows.definition import MAX_DELAY, Definition, Step
 from common.rendering.templating import compile_expression
 
-FINAL_RUN = ("completed", "cancelled", "failed")
-ACTIVE_RUN = ("running", "waiting")
 STEP_STATUSES = ("pending", "waiting", "completed", "skipped", "failed", "cancelled")
 # A channel step's state once its notification is final.
 _STEP_OF_NOTIFICATION = {

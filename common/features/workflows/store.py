@@ -17,10 +17,9 @@ from typing import Any
 
 from common.data.db import Database, Json, Row
 from common.features.workflows.definition import Definition
-from common.features.workflows.steps import ACTIVE_RUN
-from common.vocabulary import FINAL_STATUSES, sql_list
+from common.vocabulary import ACTIVE_RUN, FINAL_STATUSES, sql_list
 
-_ACTIVE = "('running', 'waiting')"
+_ACTIVE = f"({sql_list(ACTIVE_RUN)})"
 RUN_COLUMNS = (
     "id, project_id, workflow_key, version, user_id, request_id, body_hash, cancellation_key, batch_id, "
     "status, step_index, revision, due_at, waiting_on, payload, recipient, steps, reason, "
@@ -344,29 +343,48 @@ class WorkflowStore:
         return rows[:limit], len(rows) > limit
 
     async def cancel(
-        self, project_id: str, workflow_key: str, cancellation_key: str, user_id: str | None
+        self,
+        project_id: str,
+        *,
+        reason: str,
+        run_id: uuid.UUID | None = None,
+        workflow_key: str | None = None,
+        cancellation_key: str | None = None,
+        user_id: str | None = None,
     ) -> list[Row]:
-        """Every unfinished run with that key stopped (its revision moves, so an engine holding
-        one drops what it decided); the runs are returned with the notifications they made."""
+        """Every unfinished run chosen (one by `run_id`, or those of a workflow with a
+        cancellation key, optionally of one user) stopped; its revision moves, so an engine
+        holding one drops what it decided. The runs are returned with the notifications they
+        made. Called with neither a run nor a cancellation key, it stops nothing."""
+        if run_id is None and (workflow_key is None or cancellation_key is None):
+            return []
         return await self.db.fetch(
             f"""
             UPDATE workflow_runs
-            SET status = 'cancelled', reason = 'cancelled by cancellation_key', due_at = NULL,
+            SET status = 'cancelled', reason = %s, due_at = NULL,
                 revision = revision + 1, updated_at = now(),
                 steps = (SELECT coalesce(jsonb_agg(CASE WHEN s->>'status' IN ('pending', 'waiting')
                              THEN s || '{{"status": "cancelled", "reason": "run cancelled"}}'::jsonb
                              ELSE s END ORDER BY n), '[]'::jsonb)
                          FROM jsonb_array_elements(steps) WITH ORDINALITY AS t(s, n))
-            WHERE project_id = %s AND workflow_key = %s AND cancellation_key = %s
-              AND (%s::text IS NULL OR user_id = %s) AND status IN {_ACTIVE}
+            WHERE project_id = %s AND status IN {_ACTIVE}
+              AND (%s::uuid IS NULL OR id = %s::uuid)
+              AND (%s::text IS NULL OR workflow_key = %s)
+              AND (%s::text IS NULL OR cancellation_key = %s)
+              AND (%s::text IS NULL OR user_id = %s)
             RETURNING id, steps
             """,
+            reason,
             project_id,
+            str(run_id) if run_id else None,
+            str(run_id) if run_id else None,
             workflow_key,
+            workflow_key,
+            cancellation_key,
             cancellation_key,
             user_id,
             user_id,
         )
 
 
-__all__ = ["ACTIVE_RUN", "NewRun", "WorkflowStore"]
+__all__ = ["NewRun", "WorkflowStore"]

@@ -157,7 +157,12 @@ async def test_every_run_completes_and_every_step_makes_one_notification(
 
     engines = [asyncio.create_task(engine_life()) for _ in range(3)]
     await asyncio.sleep(0.3)
-    cancelled = await store.cancel(PROJECT, "wf", "c7", None)
+    cancelled = await store.cancel(PROJECT, reason="by key", workflow_key="wf", cancellation_key="c7")
+    await asyncio.sleep(rng.uniform(0, 0.2))
+    # One run stopped on its own, as the console does, while engines hold it or not.
+    cancelled += await store.cancel(PROJECT, reason="in the console", run_id=runs[rng.randrange(80)].id)
+    # Neither a run nor a key chosen: nothing stops.
+    assert await store.cancel(PROJECT, reason="nothing", workflow_key="wf") == []
     try:
         for _ in range(600):
             left = await database.fetchval(
