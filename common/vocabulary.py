@@ -16,7 +16,8 @@ ENDED_OTHERWISE = ("delivered", "skipped", "cancelled")
 
 # A workflow run's life: running or waiting (on a timer or its step's notification), then final.
 ACTIVE_RUN = ("running", "waiting")
-FINAL_RUN = ("completed", "cancelled", "failed")
+# merged: its event joined another run's digest window; throttled: a throttle step held it back.
+FINAL_RUN = ("completed", "cancelled", "failed", "merged", "throttled")
 RUN_STATUSES = ACTIVE_RUN + FINAL_RUN
 
 

@@ -48,6 +48,9 @@ _REDACT = (
            reason = CASE WHEN status IN ('running', 'waiting') THEN 'user erased' ELSE reason END,
            status = CASE WHEN status IN ('running', 'waiting') THEN 'cancelled' ELSE status END
        WHERE project_id = %(project)s AND user_id = %(user)s""",
+    # Their digest windows (with the payloads they held) and throttle places.
+    """DELETE FROM workflow_digests WHERE project_id = %(project)s AND user_id = %(user)s""",
+    """DELETE FROM workflow_throttle_passes WHERE project_id = %(project)s AND user_id = %(user)s""",
 )
 
 

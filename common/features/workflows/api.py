@@ -425,6 +425,8 @@ def run_view(row: dict[str, Any]) -> dict[str, Any]:
         "batch_id": row["batch_id"],
         "status": row["status"],
         "reason": row["reason"],
+        # The run whose digest this run's event joined (status merged).
+        "merged_into": row["merged_into"],
         "payload": row["payload"],
         "steps": row["steps"],
         # When a waiting run is next looked at (its timer); null once it is final.
@@ -440,7 +442,23 @@ async def get_run(request: web.Request) -> web.Response:
     row = await request.config_dict[WORKFLOWS_KEY].run(project, run_id) if run_id else None
     if row is None:
         raise not_found("Workflow run")
+    await _count_open_windows(request, [row])
     return json_response(run_view(row), "workflow run")
+
+
+async def _count_open_windows(request: web.Request, rows: list[dict[str, Any]]) -> None:
+    """A digest step still waiting for its window shows the events gathered so far (`count`);
+    a closed one says its final count already."""
+    waiting = [
+        s for row in rows for s in row["steps"] if s.get("type") == "digest" and s["status"] == "waiting"
+    ]
+    if not waiting:
+        return
+    counts = await request.config_dict[WORKFLOW_ENGINE_KEY].digests.counts(
+        [uuid.UUID(s["digest_id"]) for s in waiting]
+    )
+    for state in waiting:
+        state["count"] = counts.get(uuid.UUID(state["digest_id"]), 0)
 
 
 async def list_runs(request: web.Request) -> web.Response:
@@ -469,6 +487,7 @@ async def list_runs(request: web.Request) -> web.Response:
         after=after,
     )
     cursor = cursors.encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if has_next else None
+    await _count_open_windows(request, rows)
     return json_response(
         [run_view(r) for r in rows], "workflow runs", meta=cursor_meta(limit, None, has_next, cursor)
     )

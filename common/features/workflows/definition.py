@@ -24,6 +24,11 @@ MAX_STEPS = 20
 MAX_DELAY = 30 * 24 * 3600  # seconds: a run finishes well inside the notifications' retention
 MAX_EXPRESSION = 2_000  # characters of one condition or `until`
 MAX_NAME = 200
+MAX_KEY_TEMPLATE = 500  # characters of a digest's or a throttle's key template
+MAX_DIGEST_EVENTS = 1_000  # payloads a window hands to the next steps, at most (default 100)
+MAX_THROTTLE_LIMIT = 10_000
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 STEP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # What a condition may read; anything else (a global, a builtin, `self`, `cycler`, …) is refused.
 NAMES = frozenset({"payload", "recipient", "steps", "digest", "true", "false", "none"})
@@ -122,8 +127,17 @@ def expression_error(source: Any) -> str | None:
     output = ast.body[0] if len(ast.body) == 1 else None
     if not isinstance(output, nodes.Output) or len(output.nodes) != 1:
         return "must be one expression"
+    if problem := _reach_problem(ast):
+        return problem
+    problem = expression_problem(source)
+    return f"refused: {problem}" if problem else None
+
+
+def _reach_problem(ast: nodes.Template) -> str | None:
+    """Names other than a run's own (and a loop's), or a reach for what starts with `_`."""
+    allowed = NAMES | {n.name for n in ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
     for node in ast.find_all((nodes.Name, nodes.Getattr, nodes.Getitem, nodes.Call)):
-        if isinstance(node, nodes.Name) and node.name not in NAMES:
+        if isinstance(node, nodes.Name) and node.name not in allowed:
             return f"may read only {', '.join(sorted(NAMES - {'true', 'false', 'none'}))}; not {node.name!r}"
         if isinstance(node, nodes.Getattr) and node.attr.startswith("_"):
             return f"may not reach for {node.attr!r}"
@@ -131,6 +145,24 @@ def expression_error(source: Any) -> str | None:
             key = node.arg.value if isinstance(node.arg, nodes.Const) else None
             if isinstance(key, str) and key.startswith("_"):
                 return f"may not reach for {key!r}"
+    return None
+
+
+def key_template_error(source: Any) -> str | None:
+    """Why a digest's or a throttle's `key` (a template over the payload and the recipient, e.g.
+    `{{ payload.post_id }}`) cannot be accepted, or None."""
+    if not isinstance(source, str) or not source.strip():
+        return "must be a non-empty template such as {{ payload.post_id }}"
+    if len(source) > MAX_KEY_TEMPLATE:
+        return f"must be at most {MAX_KEY_TEMPLATE} characters"
+    try:
+        ast = jinja2.Environment().parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"does not compile: {exc.message}"
+    except RecursionError:
+        return "does not compile: nested too deeply"
+    if problem := _reach_problem(ast):
+        return problem
     problem = expression_problem(source)
     return f"refused: {problem}" if problem else None
 
@@ -151,6 +183,18 @@ def _channel_step(raw: Mapping[str, Any], where: str, problems: Problems) -> dic
     return options
 
 
+def _seconds(raw: Mapping[str, Any], name: str, where: str, problems: Problems) -> float | None:
+    """A positive duration of at most MAX_DELAY, or None (with the problem said)."""
+    seconds = duration_seconds(raw.get(name))
+    if seconds is None or seconds <= 0:
+        problems.add(f"{where}.{name}", "must be a number of seconds or an ISO 8601 duration like PT10M")
+        return None
+    if seconds > MAX_DELAY:
+        problems.add(f"{where}.{name}", f"must be at most {MAX_DELAY:,} seconds (30 days)")
+        return None
+    return seconds
+
+
 def _delay_step(raw: Mapping[str, Any], where: str, problems: Problems) -> dict[str, Any]:
     if ("duration" in raw) == ("until" in raw):
         problems.add(where, "a delay takes either duration or until")
@@ -160,19 +204,76 @@ def _delay_step(raw: Mapping[str, Any], where: str, problems: Problems) -> dict[
         if error:
             problems.add(f"{where}.until", error)
         return {"until": raw["until"]}
-    seconds = duration_seconds(raw["duration"])
-    if seconds is None or seconds <= 0:
-        problems.add(f"{where}.duration", "must be a number of seconds or an ISO 8601 duration like PT10M")
+    seconds = _seconds(raw, "duration", where, problems)
+    return {} if seconds is None else {"duration": seconds}
+
+
+def _key_option(raw: Mapping[str, Any], where: str, problems: Problems, options: dict[str, Any]) -> None:
+    if "key" in raw:
+        if error := key_template_error(raw["key"]):
+            problems.add(f"{where}.key", error)
+        else:
+            options["key"] = raw["key"]
+
+
+def _digest_step(raw: Mapping[str, Any], where: str, problems: Problems) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if ("window" in raw) == ("at" in raw):
+        problems.add(where, 'a digest takes either window (a duration) or at ("HH:MM" in the user\'s zone)')
         return {}
-    if seconds > MAX_DELAY:
-        problems.add(f"{where}.duration", f"must be at most {MAX_DELAY:,} seconds (30 days)")
-        return {}
-    return {"duration": seconds}
+    if "window" in raw:
+        seconds = _seconds(raw, "window", where, problems)
+        if seconds is not None:
+            options["window"] = seconds
+        if "days" in raw:
+            problems.add(f"{where}.days", "goes with at, not with window")
+    else:
+        at = raw["at"]
+        if not isinstance(at, str) or not HHMM.match(at):
+            problems.add(f"{where}.at", "must be a local time HH:MM, e.g. 09:00")
+        else:
+            options["at"] = at
+        if "days" in raw:
+            days = raw["days"]
+            if not isinstance(days, list) or not days or any(d not in DAYS for d in days):
+                problems.add(f"{where}.days", f"must be a list of days among {', '.join(DAYS)}")
+            else:
+                options["days"] = [d for d in DAYS if d in days]
+    mode = raw.get("mode", "fixed")
+    if mode not in ("fixed", "lookback"):
+        problems.add(f"{where}.mode", "must be fixed or lookback")
+    elif mode == "lookback" and "window" not in raw:
+        problems.add(f"{where}.mode", "lookback needs a window (a duration)")
+    else:
+        options["mode"] = mode
+    max_events = raw.get("max_events", 100)
+    if isinstance(max_events, bool) or not isinstance(max_events, int) or not 1 <= max_events <= MAX_DIGEST_EVENTS:
+        problems.add(f"{where}.max_events", f"must be a whole number from 1 to {MAX_DIGEST_EVENTS:,}")
+    else:
+        options["max_events"] = max_events
+    _key_option(raw, where, problems, options)
+    return options
+
+
+def _throttle_step(raw: Mapping[str, Any], where: str, problems: Problems) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    limit = raw.get("limit")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_THROTTLE_LIMIT:
+        problems.add(f"{where}.limit", f"is required: a whole number from 1 to {MAX_THROTTLE_LIMIT:,}")
+    else:
+        options["limit"] = limit
+    seconds = _seconds(raw, "window", where, problems)
+    if seconds is not None:
+        options["window"] = seconds
+    _key_option(raw, where, problems, options)
+    return options
 
 
 STEP_TYPES: dict[str, tuple[frozenset[str], StepParser]] = {
     **{c: (frozenset({"template_code", "language"}), _channel_step) for c in CHANNELS},
     "delay": (frozenset({"duration", "until"}), _delay_step),
+    "digest": (frozenset({"window", "at", "days", "key", "mode", "max_events"}), _digest_step),
+    "throttle": (frozenset({"limit", "window", "key"}), _throttle_step),
 }
 
 

@@ -23,7 +23,18 @@ from common.background import sleep
 from common.data.db import Row
 from common.faults import is_infrastructure
 from common.features.workflows.definition import Definition, Step
-from common.features.workflows.steps import Done, Send, Skip, Wait, context, next_action, settle_channel
+from common.features.workflows.digests import DigestStore
+from common.features.workflows.steps import (
+    Digest,
+    Done,
+    Send,
+    Skip,
+    Throttle,
+    Wait,
+    context,
+    next_action,
+    settle_channel,
+)
 from common.features.workflows.store import WorkflowStore
 from common.vocabulary import FINAL_STATUSES
 
@@ -40,9 +51,12 @@ class StepFailed(Exception):
 
 
 class Sender(Protocol):
-    async def send(self, run: Row, step: Step, definition: Definition) -> Row:
+    async def send(
+        self, run: Row, step: Step, definition: Definition, digest: dict[str, Any] | None = None
+    ) -> Row:
         """The step's notification (made now, or the one made before for this run and step):
-        a row with at least `id`, `status`, `error`. Raises StepFailed."""
+        a row with at least `id`, `status`, `error`; `digest` is what the last digest step
+        gathered, for the template. Raises StepFailed."""
         ...
 
     async def cancel(self, project_id: str, notification_id: uuid.UUID) -> None:
@@ -70,6 +84,7 @@ class Engine:
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
+        self.digests = DigestStore(store.db)
         self.sender = sender
         self.batch = batch
         self.lease = lease
@@ -132,6 +147,7 @@ class Engine:
         ]
         notifications = await self.store.notification_statuses(waited)
         self.counters.advanced += 1
+        gathered = await self._gathered(definition, states, index)
         while index < len(definition.steps):
             step, state = definition.steps[index], states[index]
             if state["status"] == "waiting":
@@ -146,10 +162,14 @@ class Engine:
                     if due > now:
                         await self._write(run, "waiting", index, states, due_at=due)
                         return
-                    state["status"] = "completed"
+                    if step.type == "digest":
+                        gathered = await self._close(step, state)
+                    else:
+                        state["status"] = "completed"
                 index += 1
                 continue
-            action = next_action(step, context(run["payload"], run["recipient"], states[:index]), now)
+            scope = context(run["payload"], run["recipient"], states[:index], gathered)
+            action = next_action(step, scope, now)
             if isinstance(action, Skip):
                 state.update(status="skipped", reason=action.reason)
             elif isinstance(action, Done):
@@ -158,9 +178,40 @@ class Engine:
                 state.update(status="waiting", due_at=action.until.isoformat())
                 await self._write(run, "waiting", index, states, due_at=action.until)
                 return
+            elif isinstance(action, Throttle):
+                if not await self.digests.throttle(run, step.name, action.key, action.limit, action.window):
+                    keyed = f" and key {action.key!r}" if action.key else ""
+                    reason = (
+                        f"throttled: {action.limit} run(s) of this user{keyed} passed {step.name!r}"
+                        f" within the last {action.window:g} s"
+                    )
+                    state.update(status="throttled", reason=reason)
+                    await self._end(run, "throttled", index, states, reason)
+                    return
+                state["status"] = "completed"
+            elif isinstance(action, Digest):
+                window = await self.digests.join(run, step.name, action.key, action.closes_at, action.lookback)
+                state.update(
+                    digest_id=str(window.id),
+                    opened_at=window.opened_at.isoformat(),
+                    closes_at=window.closes_at.isoformat(),
+                )
+                if window.carrier != run["id"]:
+                    reason = f"merged into the digest of run {window.carrier}"
+                    state.update(status="merged", merged_into=str(window.carrier))
+                    await self._end(run, "merged", index, states, reason, merged_into=window.carrier)
+                    return
+                if window.status == "cancelled":
+                    state.update(status="cancelled", reason="digest window cancelled")
+                elif window.status == "open" and window.closes_at > now:
+                    state.update(status="waiting", due_at=window.closes_at.isoformat())
+                    await self._write(run, "waiting", index, states, due_at=window.closes_at)
+                    return
+                else:
+                    gathered = await self._close(step, state)
             elif isinstance(action, Send):
                 try:
-                    made = await self.sender.send(run, step, definition)
+                    made = await self.sender.send(run, step, definition, gathered)
                 except StepFailed as exc:
                     state.update(status="failed", reason=str(exc))
                     index += 1
@@ -174,6 +225,50 @@ class Engine:
             index += 1
         await self._write(run, "completed", index, states)
         self.counters.completed += 1
+
+    async def _close(self, step: Step, state: dict[str, Any]) -> dict[str, Any]:
+        """The carrier's window closed: its step completes with the count, and what it held
+        goes to the next steps as `digest`."""
+        held = await self.digests.close(uuid.UUID(state["digest_id"]), int(step.options.get("max_events", 100)))
+        state.pop("due_at", None)
+        state.update(status="completed", count=held["count"], closed_at=held["closed_at"].isoformat())
+        return _digest_view(held)
+
+    async def _gathered(
+        self, definition: Definition, states: list[dict[str, Any]], index: int
+    ) -> dict[str, Any] | None:
+        """What the last completed digest step before `index` gathered, read again (a run taken
+        up after its window closed)."""
+        for i in range(min(index, len(states)) - 1, -1, -1):
+            state = states[i]
+            if state.get("type") == "digest" and state["status"] == "completed" and state.get("digest_id"):
+                max_events = int(definition.steps[i].options.get("max_events", 100))
+                return _digest_view(await self.digests.held(uuid.UUID(state["digest_id"]), max_events))
+        return None
+
+    async def _end(
+        self,
+        run: Row,
+        status: str,
+        index: int,
+        states: list[dict[str, Any]],
+        reason: str,
+        merged_into: uuid.UUID | None = None,
+    ) -> None:
+        """The run ends at this step (merged, throttled): the steps after it will not run."""
+        for later in states[index + 1 :]:
+            later.update(status="skipped", reason=f"run {status}")
+        written = await self.store.write(
+            run,
+            status=status,
+            step_index=index,
+            steps=states,
+            due_at=None,
+            reason=reason,
+            merged_into=merged_into,
+        )
+        if not written:
+            await self._lost(run, None)
 
     async def cancel(
         self,
@@ -234,6 +329,10 @@ class Engine:
         current = await self.store.run(run["project_id"], run["id"])
         if current is not None and current["status"] == "cancelled":
             await self.sender.cancel(run["project_id"], made)
+
+
+def _digest_view(held: dict[str, Any]) -> dict[str, Any]:
+    return {k: held[k] for k in ("count", "events", "first", "last")}
 
 
 Starter = Callable[[asyncio.Event], Awaitable[None]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from common.broker.outbox import Outbox
 from common.data.db import Row
@@ -36,7 +37,9 @@ class StepSender:
     outbox: Outbox
     metrics: Metrics
 
-    async def send(self, run: Row, step: Step, definition: Definition) -> Row:
+    async def send(
+        self, run: Row, step: Step, definition: Definition, digest: dict[str, Any] | None = None
+    ) -> Row:
         notification_id, request_id = notification_key(run["id"], step)
         existing = await self.status.get(notification_id)
         if existing is not None:
@@ -62,6 +65,8 @@ class StepSender:
                 if template.data["notification_type"] != channel:
                     raise StepFailed(f"template {code!r} is a {template.data['notification_type']} template")
                 variables = dict(run["payload"])
+                if digest is not None:
+                    variables["digest"] = digest  # what the window gathered, for `digest.events`
                 problem = templating.missing_variables(channel, template.data, variables)
                 if problem is not None:
                     raise StepFailed(f"{problem.code}: {problem.message}")

@@ -10,16 +10,20 @@ repeats a step decides the same and its notification is the same one (keyed by r
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from common.features.workflows.definition import MAX_DELAY, Definition, Step
-from common.rendering.templating import compile_expression
+from common.features.workflows.definition import DAYS, MAX_DELAY, Definition, Step
+from common.rendering.templating import compile_expression, compile_source
+from common.sending.schedule import next_local, parse_hhmm, zone
 
-STEP_STATUSES = ("pending", "waiting", "completed", "skipped", "failed", "cancelled")
+MAX_KEY = 255  # characters of a rendered digest or throttle key; a longer one is hashed
+
+STEP_STATUSES = ("pending", "waiting", "completed", "skipped", "failed", "cancelled", "merged", "throttled")
 # A channel step's state once its notification is final.
 _STEP_OF_NOTIFICATION = {
     "delivered": "completed",
@@ -41,16 +45,22 @@ def notification_key(run_id: uuid.UUID, step: Step) -> tuple[uuid.UUID, str]:
     return uuid.uuid5(_NAMESPACE, f"{run_id}:{step.name}"), f"workflow\x1f{run_id}\x1f{step.name}"
 
 
-def context(payload: Mapping[str, Any], recipient: Mapping[str, Any], states: list[dict[str, Any]]) -> dict:
-    """What conditions see: the trigger's payload, the recipient pinned at trigger, and each
-    earlier step by name; a channel step's `status` is its notification's final status."""
+def context(
+    payload: Mapping[str, Any],
+    recipient: Mapping[str, Any],
+    states: list[dict[str, Any]],
+    digest: Mapping[str, Any] | None = None,
+) -> dict:
+    """What conditions see: the trigger's payload, the recipient pinned at trigger, each earlier
+    step by name (a channel step's `status` is its notification's final status), and what the
+    last digest step before gathered (`digest.count`, `.events`, `.first`, `.last`)."""
     steps = {}
     for state in states:
         seen = dict(state)
         if state.get("notification_status") is not None:
             seen["status"] = state["notification_status"]
         steps[state["name"]] = seen
-    return {"payload": payload, "recipient": recipient, "steps": steps, "digest": {}}
+    return {"payload": payload, "recipient": recipient, "steps": steps, "digest": dict(digest or {})}
 
 
 def evaluate(source: str, scope: Mapping[str, Any]) -> tuple[Any, str | None]:
@@ -81,7 +91,57 @@ class Done:
     """The step is complete without waiting (a delay already past)."""
 
 
-Action = Skip | Wait | Send | Done
+@dataclass(frozen=True)
+class Digest:
+    """Join the open window of `key`, or open one that closes at `closes_at`; with `lookback`,
+    a key quiet for that long lets the event go on at once."""
+
+    key: str
+    closes_at: datetime
+    lookback: float | None
+    max_events: int
+
+
+@dataclass(frozen=True)
+class Throttle:
+    key: str
+    limit: int
+    window: float
+
+
+Action = Skip | Wait | Send | Done | Digest | Throttle
+
+
+def render_key(step: Step, scope: Mapping[str, Any]) -> tuple[str, str | None]:
+    """A digest's or a throttle's key for this run ("" without one), or why it failed."""
+    source = step.options.get("key")
+    if source is None:
+        return "", None
+    try:
+        key = compile_source(str(source), False).render(payload=scope["payload"], recipient=scope["recipient"])
+    except Exception as exc:  # noqa: BLE001 - client code: its failure is the step's reason
+        return "", f"key could not be rendered: {type(exc).__name__}: {exc}"[:300]
+    if len(key) > MAX_KEY:
+        key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    return key, None
+
+
+def digest_closes_at(step: Step, now: datetime, timezone: str | None) -> datetime:
+    """When a window opened now closes: `window` seconds on, or the next `at` (HH:MM) on the
+    wall clock of the user's zone, on one of `days` when given (DST-correct, `next_local`)."""
+    if "window" in step.options:
+        return now + timedelta(seconds=float(step.options["window"]))
+    at = parse_hhmm(str(step.options["at"]))
+    assert at is not None  # validated at PUT
+    tz = zone(timezone)
+    days = step.options.get("days")
+    after = now
+    for _ in range(8):  # a week and a day: every weekday is met
+        candidate = next_local(after, at, tz)
+        if not days or DAYS[candidate.astimezone(tz).weekday()] in days:
+            return candidate
+        after = candidate + timedelta(seconds=1)
+    raise AssertionError("unreachable: every weekday recurs within a week")
 
 
 def _until(step: Step, now: datetime, scope: Mapping[str, Any]) -> datetime | str:
@@ -120,6 +180,15 @@ def next_action(step: Step, scope: Mapping[str, Any], now: datetime) -> Action:
         return Wait(until) if until > now else Done()
     if step.channel is not None:
         return Send()
+    if step.type in ("digest", "throttle"):
+        key, error = render_key(step, scope)
+        if error:
+            return Skip(error)
+        if step.type == "throttle":
+            return Throttle(key, int(step.options["limit"]), float(step.options["window"]))
+        lookback = float(step.options["window"]) if step.options.get("mode") == "lookback" else None
+        timezone = scope["recipient"].get("timezone") if isinstance(scope["recipient"], Mapping) else None
+        return Digest(key, digest_closes_at(step, now, timezone), lookback, int(step.options.get("max_events", 100)))
     raise ValueError(f"no action for step type {step.type!r}")
 
 

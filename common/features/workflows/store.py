@@ -23,7 +23,7 @@ _ACTIVE = f"({sql_list(ACTIVE_RUN)})"
 RUN_COLUMNS = (
     "id, project_id, workflow_key, version, user_id, request_id, body_hash, cancellation_key, batch_id, "
     "status, step_index, revision, due_at, waiting_on, payload, recipient, steps, reason, "
-    "correlation_id, created_at, updated_at"
+    "correlation_id, merged_into, created_at, updated_at"
 )
 
 
@@ -239,13 +239,15 @@ class WorkflowStore:
         due_at: datetime | None,
         waiting_on: uuid.UUID | None = None,
         reason: str | None = None,
+        merged_into: uuid.UUID | None = None,
     ) -> bool:
         """The run's new state, if nobody wrote it since `run` was read (revision); else False."""
         count = await self.db.execute(
             f"""
             UPDATE workflow_runs
             SET status = %s, step_index = %s, steps = %s, due_at = %s, waiting_on = %s,
-                reason = coalesce(%s, reason), revision = revision + 1, updated_at = now()
+                reason = coalesce(%s, reason), merged_into = coalesce(%s, merged_into),
+                revision = revision + 1, updated_at = now()
             WHERE id = %s AND revision = %s AND status IN {_ACTIVE}
             """,
             status,
@@ -254,6 +256,7 @@ class WorkflowStore:
             due_at,
             waiting_on,
             reason,
+            merged_into,
             run["id"],
             run["revision"],
         )
@@ -360,6 +363,7 @@ class WorkflowStore:
             return []
         return await self.db.fetch(
             f"""
+            WITH c AS (
             UPDATE workflow_runs
             SET status = 'cancelled', reason = %s, due_at = NULL,
                 revision = revision + 1, updated_at = now(),
@@ -373,6 +377,13 @@ class WorkflowStore:
               AND (%s::text IS NULL OR cancellation_key = %s)
               AND (%s::text IS NULL OR user_id = %s)
             RETURNING id, steps
+            ), windows AS (
+                -- A window its carrier no longer carries: cancelled with it, so that the next
+                -- event of its key opens a new one.
+                UPDATE workflow_digests SET status = 'cancelled', closed_at = now()
+                WHERE carrier IN (SELECT id FROM c) AND status = 'open'
+            )
+            SELECT id, steps FROM c
             """,
             reason,
             project_id,

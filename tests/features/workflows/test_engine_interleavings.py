@@ -35,7 +35,9 @@ class TableSender:
         self.made: Counter[tuple[str, str]] = Counter()
         self.cancelled: list[uuid.UUID] = []
 
-    async def send(self, run: Row, step: Step, definition: Definition) -> Row:
+    async def send(
+        self, run: Row, step: Step, definition: Definition, digest: dict[str, Any] | None = None
+    ) -> Row:
         if run["payload"].get("erased"):
             raise StepFailed("user not found (erased)")
         notification_id, request_id = notification_key(run["id"], step)
