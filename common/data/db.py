@@ -201,7 +201,11 @@ class Database(Executor):
             try:
                 yield _TxExecutor(cur, self.prepared)
             except BaseException:
-                await cur.execute("ROLLBACK")
+                # A query cancelled mid-flight (a task cancelled, a timeout) closes its connection
+                # in aiopg, and the server rolls the transaction back itself: nothing to send, and
+                # trying would hide the cancellation behind an InterfaceError.
+                if not cur.closed and not conn.closed:
+                    await cur.execute("ROLLBACK")
                 raise
             await cur.execute("COMMIT")
 

@@ -106,11 +106,11 @@ class DigestStore:
                 found = await tx.fetchrow(
                     """
                     INSERT INTO workflow_digests (id, project_id, workflow_key, user_id, step, digest_key,
-                        carrier, status, closes_at, closed_at)
+                        carrier, status, opened_at, closes_at, closed_at)
                     VALUES (%(id)s, %(project)s, %(workflow)s, %(user)s, %(step)s, %(key)s, %(carrier)s,
-                        CASE WHEN %(quiet)s THEN 'closed' ELSE 'open' END,
-                        CASE WHEN %(quiet)s THEN now() ELSE %(closes_at)s END,
-                        CASE WHEN %(quiet)s THEN now() END)
+                        CASE WHEN %(quiet)s THEN 'closed' ELSE 'open' END, clock_timestamp(),
+                        CASE WHEN %(quiet)s THEN clock_timestamp() ELSE %(closes_at)s END,
+                        CASE WHEN %(quiet)s THEN clock_timestamp() END)
                     RETURNING *
                     """,
                     {**where, "id": uuid.uuid4(), "carrier": run["id"], "quiet": quiet, "closes_at": closes_at},
@@ -134,7 +134,7 @@ class DigestStore:
                 """
                 UPDATE workflow_digests
                 SET status = CASE WHEN status = 'open' THEN 'closed' ELSE status END,
-                    closed_at = coalesce(closed_at, now())
+                    closed_at = coalesce(closed_at, clock_timestamp())
                 WHERE id = %s RETURNING opened_at, closes_at, closed_at
                 """,
                 digest_id,

@@ -380,7 +380,7 @@ class WorkflowStore:
             ), windows AS (
                 -- A window its carrier no longer carries: cancelled with it, so that the next
                 -- event of its key opens a new one.
-                UPDATE workflow_digests SET status = 'cancelled', closed_at = now()
+                UPDATE workflow_digests SET status = 'cancelled', closed_at = clock_timestamp()
                 WHERE carrier IN (SELECT id FROM c) AND status = 'open'
             )
             SELECT id, steps FROM c
