@@ -100,6 +100,7 @@ async def run(request: web.Request) -> web.Response:
     found = await request.config_dict[WORKFLOWS_KEY].run(_project(request), run_id)
     if found is None:
         raise Refused(404, "Workflow run not found", f"There is no workflow run {run_id}.")
+    await request.config_dict[WORKFLOW_ENGINE_KEY].digests.count_open_windows([found])
     return render(
         request,
         "workflow_run.html",

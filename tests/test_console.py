@@ -798,3 +798,57 @@ async def test_workflows_their_versions_and_a_run_as_a_timeline_with_cancel(
             console.url(f"/console/workflow-runs/{run_id}/cancel"), cookies=cookies, data={"csrf_token": "x"}
         ) as answer:
             assert answer.status == 403  # no form of ours: refused before anything changes
+
+
+async def test_a_digest_runs_window_and_a_merged_run_on_the_console(
+    stack_factory: Any, browser: Browser, screenshots: Path
+) -> None:
+    stack = await stack_factory()
+    user = await stack.create_user()
+    template = await stack.create_template()
+    key = f"digest-{uuid.uuid4().hex[:8]}"
+    response = await stack.gateway.put(
+        f"/api/v1/workflows/{key}",
+        json={
+            "name": "Comments",
+            "steps": [
+                {"name": "gather", "type": "digest", "window": "PT1H"},
+                {"name": "mail", "type": "email", "template_code": template["code"]},
+            ],
+        },
+        headers=stack.headers(),
+    )
+    assert response.status == 201, await response.text()
+    run_ids = []
+    for n in range(3):
+        response = await stack.gateway.post(
+            f"/api/v1/workflows/{key}/trigger",
+            json={
+                "to": user["id"],
+                "payload": {"name": "Ada", "link": "https://x.example"},
+                "request_id": f"c{n}",
+            },
+            headers=stack.headers(),
+        )
+        assert response.status == 202, await response.text()
+        run_ids.append((await response.json())["data"]["runs"][0]["run_id"])
+    for _ in range(100):
+        states = [await _run_state(stack, r) for r in run_ids]
+        if sorted(s["status"] for s in states) == ["merged", "merged", "waiting"]:
+            break
+        await asyncio.sleep(0.1)
+    carrier = next(s for s in states if s["status"] == "waiting")
+    merged = next(s for s in states if s["status"] == "merged")
+
+    console = await open_console(browser, stack, screenshots)
+    await console.sign_in()
+    page = console.page
+    await console.goto(f"/console/workflow-runs/{carrier['run_id']}")
+    gather = page.locator('li[data-step="gather"]')
+    await expect(gather).to_contain_text("3 event(s)")
+    await expect(gather).to_contain_text("the run is here")
+    await console.shot("workflow-run-digest")
+    await console.goto(f"/console/workflow-runs/{merged['run_id']}")
+    await expect(page.locator("p.lead .status").first).to_have_text("merged")
+    await page.locator('li[data-step="gather"]').get_by_role("link").click()
+    await expect(page.get_by_role("heading", level=1)).to_have_text(f"Workflow run {carrier['run_id']}")

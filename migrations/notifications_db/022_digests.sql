@@ -29,17 +29,20 @@ CREATE INDEX IF NOT EXISTS workflow_digests_carrier_idx ON workflow_digests (car
 
 -- Each event a window holds, the carrier's own among them: one row per run and step, so a run
 -- that repeats its step (its engine died) finds where it went instead of counting twice. A
--- window's count is the number of its rows, its events their payloads in `seq` order.
+-- window's count is the number of its rows, its events their payloads, oldest first.
 CREATE TABLE IF NOT EXISTS workflow_digest_events (
     run_id     uuid NOT NULL,
     step       text NOT NULL,
     digest_id  uuid NOT NULL REFERENCES workflow_digests (id) ON DELETE CASCADE,
     seq        bigserial,
     payload    jsonb NOT NULL,
+    -- When the event happened (its run was triggered): events are listed oldest first by it,
+    -- whatever order the engines took the runs in.
+    occurred_at timestamptz NOT NULL,
     joined_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (run_id, step)
 );
-CREATE INDEX IF NOT EXISTS workflow_digest_events_digest_idx ON workflow_digest_events (digest_id, seq);
+CREATE INDEX IF NOT EXISTS workflow_digest_events_digest_idx ON workflow_digest_events (digest_id, occurred_at, seq);
 
 -- The runs a throttle step let through, per key: at most `limit` within any `window`. One row per
 -- run and step, so a repeated step passes again instead of taking a second place.

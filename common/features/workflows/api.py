@@ -442,23 +442,8 @@ async def get_run(request: web.Request) -> web.Response:
     row = await request.config_dict[WORKFLOWS_KEY].run(project, run_id) if run_id else None
     if row is None:
         raise not_found("Workflow run")
-    await _count_open_windows(request, [row])
+    await request.config_dict[WORKFLOW_ENGINE_KEY].digests.count_open_windows([row])
     return json_response(run_view(row), "workflow run")
-
-
-async def _count_open_windows(request: web.Request, rows: list[dict[str, Any]]) -> None:
-    """A digest step still waiting for its window shows the events gathered so far (`count`);
-    a closed one says its final count already."""
-    waiting = [
-        s for row in rows for s in row["steps"] if s.get("type") == "digest" and s["status"] == "waiting"
-    ]
-    if not waiting:
-        return
-    counts = await request.config_dict[WORKFLOW_ENGINE_KEY].digests.counts(
-        [uuid.UUID(s["digest_id"]) for s in waiting]
-    )
-    for state in waiting:
-        state["count"] = counts.get(uuid.UUID(state["digest_id"]), 0)
 
 
 async def list_runs(request: web.Request) -> web.Response:
@@ -487,7 +472,7 @@ async def list_runs(request: web.Request) -> web.Response:
         after=after,
     )
     cursor = cursors.encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if has_next else None
-    await _count_open_windows(request, rows)
+    await request.config_dict[WORKFLOW_ENGINE_KEY].digests.count_open_windows(rows)
     return json_response(
         [run_view(r) for r in rows], "workflow runs", meta=cursor_meta(limit, None, has_next, cursor)
     )

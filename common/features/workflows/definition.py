@@ -247,7 +247,11 @@ def _digest_step(raw: Mapping[str, Any], where: str, problems: Problems) -> dict
     else:
         options["mode"] = mode
     max_events = raw.get("max_events", 100)
-    if isinstance(max_events, bool) or not isinstance(max_events, int) or not 1 <= max_events <= MAX_DIGEST_EVENTS:
+    if (
+        isinstance(max_events, bool)
+        or not isinstance(max_events, int)
+        or not 1 <= max_events <= MAX_DIGEST_EVENTS
+    ):
         problems.add(f"{where}.max_events", f"must be a whole number from 1 to {MAX_DIGEST_EVENTS:,}")
     else:
         options["max_events"] = max_events

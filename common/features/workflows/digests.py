@@ -9,7 +9,8 @@ each event is one row keyed by (run, step), so a run whose engine died and repea
 finds where it went. A window's count and events are read from those rows when it closes.
 
 A throttle step is the same shape: under the key's lock, the passes of the last `window` are
-counted, and the run takes a place if fewer than `limit` did.
+counted, and the run takes a place if fewer than `limit` did. Events are listed oldest first by
+when their run was triggered, not by when an engine got to them.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from common.data.db import Database, Json, Row
 
 _EVENTS = """
     SELECT count(*) AS count,
-           (SELECT coalesce(jsonb_agg(payload ORDER BY seq), '[]'::jsonb) FROM (
-               SELECT payload, seq FROM workflow_digest_events WHERE digest_id = %(id)s
-               ORDER BY seq LIMIT %(max)s) AS f) AS events,
+           (SELECT coalesce(jsonb_agg(payload ORDER BY occurred_at, seq), '[]'::jsonb) FROM (
+               SELECT payload, occurred_at, seq FROM workflow_digest_events WHERE digest_id = %(id)s
+               ORDER BY occurred_at, seq LIMIT %(max)s) AS f) AS events,
            (SELECT payload FROM workflow_digest_events WHERE digest_id = %(id)s
-            ORDER BY seq LIMIT 1) AS first,
+            ORDER BY occurred_at, seq LIMIT 1) AS first,
            (SELECT payload FROM workflow_digest_events WHERE digest_id = %(id)s
-            ORDER BY seq DESC LIMIT 1) AS last
+            ORDER BY occurred_at DESC, seq DESC LIMIT 1) AS last
     FROM workflow_digest_events WHERE digest_id = %(id)s
 """
 
@@ -113,15 +114,23 @@ class DigestStore:
                         CASE WHEN %(quiet)s THEN clock_timestamp() END)
                     RETURNING *
                     """,
-                    {**where, "id": uuid.uuid4(), "carrier": run["id"], "quiet": quiet, "closes_at": closes_at},
+                    {
+                        **where,
+                        "id": uuid.uuid4(),
+                        "carrier": run["id"],
+                        "quiet": quiet,
+                        "closes_at": closes_at,
+                    },
                 )
                 assert found is not None
             await tx.execute(
-                "INSERT INTO workflow_digest_events (run_id, step, digest_id, payload) VALUES (%s, %s, %s, %s)",
+                "INSERT INTO workflow_digest_events (run_id, step, digest_id, payload, occurred_at)"
+                " VALUES (%s, %s, %s, %s, coalesce(%s, now()))",
                 run["id"],
                 step,
                 found["id"],
                 Json(run["payload"]),
+                run.get("created_at"),
             )
             return _window(found)
 
@@ -150,16 +159,22 @@ class DigestStore:
         assert held is not None
         return {**held, "count": int(held["count"])}
 
-    async def counts(self, digest_ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
-        """Events in each window so far (for a run's view while its window is open)."""
-        if not digest_ids:
-            return {}
+    async def count_open_windows(self, runs: list[Row]) -> None:
+        """Each digest step of these runs still waiting for its window given the events gathered
+        so far (`count`), for a run's view; a closed one says its final count already."""
+        waiting = [
+            s for run in runs for s in run["steps"] if s.get("type") == "digest" and s["status"] == "waiting"
+        ]
+        if not waiting:
+            return
         rows = await self.db.fetch(
             "SELECT digest_id, count(*) AS n FROM workflow_digest_events"
             " WHERE digest_id = ANY(%s::uuid[]) GROUP BY digest_id",
-            [str(i) for i in digest_ids],
+            [s["digest_id"] for s in waiting],
         )
-        return {r["digest_id"]: int(r["n"]) for r in rows}
+        counts = {str(r["digest_id"]): int(r["n"]) for r in rows}
+        for state in waiting:
+            state["count"] = counts.get(state["digest_id"], 0)
 
     async def throttle(self, run: Row, step: str, key: str, limit: int, window: float) -> bool:
         """Whether the run passes: it did before (a repeated step), or fewer than `limit` runs of
@@ -172,7 +187,8 @@ class DigestStore:
             ):
                 return True
             await tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", _lock_name("throttle", run, step, key)
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                _lock_name("throttle", run, step, key),
             )
             where = {
                 "project": run["project_id"],
@@ -195,7 +211,8 @@ class DigestStore:
                 return False
             await tx.execute(
                 """
-                INSERT INTO workflow_throttle_passes (run_id, step, project_id, workflow_key, user_id, throttle_key)
+                INSERT INTO workflow_throttle_passes
+                    (run_id, step, project_id, workflow_key, user_id, throttle_key)
                 VALUES (%(run)s, %(step)s, %(project)s, %(workflow)s, %(user)s, %(key)s)
                 """,
                 {**where, "run": run["id"]},

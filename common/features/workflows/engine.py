@@ -190,7 +190,9 @@ class Engine:
                     return
                 state["status"] = "completed"
             elif isinstance(action, Digest):
-                window = await self.digests.join(run, step.name, action.key, action.closes_at, action.lookback)
+                window = await self.digests.join(
+                    run, step.name, action.key, action.closes_at, action.lookback
+                )
                 state.update(
                     digest_id=str(window.id),
                     opened_at=window.opened_at.isoformat(),
@@ -229,7 +231,9 @@ class Engine:
     async def _close(self, step: Step, state: dict[str, Any]) -> dict[str, Any]:
         """The carrier's window closed: its step completes with the count, and what it held
         goes to the next steps as `digest`."""
-        held = await self.digests.close(uuid.UUID(state["digest_id"]), int(step.options.get("max_events", 100)))
+        held = await self.digests.close(
+            uuid.UUID(state["digest_id"]), int(step.options.get("max_events", 100))
+        )
         state.pop("due_at", None)
         state.update(status="completed", count=held["count"], closed_at=held["closed_at"].isoformat())
         return _digest_view(held)

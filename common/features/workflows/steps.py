@@ -118,7 +118,9 @@ def render_key(step: Step, scope: Mapping[str, Any]) -> tuple[str, str | None]:
     if source is None:
         return "", None
     try:
-        key = compile_source(str(source), False).render(payload=scope["payload"], recipient=scope["recipient"])
+        key = compile_source(str(source), False).render(
+            payload=scope["payload"], recipient=scope["recipient"]
+        )
     except Exception as exc:  # noqa: BLE001 - client code: its failure is the step's reason
         return "", f"key could not be rendered: {type(exc).__name__}: {exc}"[:300]
     if len(key) > MAX_KEY:
@@ -188,7 +190,9 @@ def next_action(step: Step, scope: Mapping[str, Any], now: datetime) -> Action:
             return Throttle(key, int(step.options["limit"]), float(step.options["window"]))
         lookback = float(step.options["window"]) if step.options.get("mode") == "lookback" else None
         timezone = scope["recipient"].get("timezone") if isinstance(scope["recipient"], Mapping) else None
-        return Digest(key, digest_closes_at(step, now, timezone), lookback, int(step.options.get("max_events", 100)))
+        return Digest(
+            key, digest_closes_at(step, now, timezone), lookback, int(step.options.get("max_events", 100))
+        )
     raise ValueError(f"no action for step type {step.type!r}")
 
 

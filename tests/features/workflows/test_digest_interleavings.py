@@ -9,6 +9,7 @@ no two windows of a key are open at once. The throttle gets the same treatment."
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import uuid
@@ -80,11 +81,12 @@ async def test_joins_closes_and_crashes_keep_every_event_once(database: db.Datab
         """Each due window closed by its carrier, sometimes twice, sometimes killed mid-close."""
         while not stop.is_set():
             due = await database.fetch(
-                "SELECT id FROM workflow_digests WHERE project_id = %s AND status = 'open' AND closes_at <= now()",
+                "SELECT id FROM workflow_digests"
+                " WHERE project_id = %s AND status = 'open' AND closes_at <= now()",
                 PROJECT,
             )
             for row in due:
-                held = await _killed_sometimes(rng, lambda: store.close(row["id"], 1000))
+                held = await _killed_sometimes(rng, lambda row=row: store.close(row["id"], 1000))
                 closed_with.setdefault(row["id"], held["count"])
                 if rng.random() < 0.2:  # a second engine repeats the close: the same answer
                     again = await store.close(row["id"], 1000)
@@ -126,7 +128,7 @@ async def test_joins_closes_and_crashes_keep_every_event_once(database: db.Datab
     # A key's windows follow one another: none opens before the one before it closed.
     for key in keys:
         mine = sorted((w for w in windows if w["digest_key"] == key), key=lambda w: w["opened_at"])
-        for before, after in zip(mine, mine[1:], strict=False):
+        for before, after in itertools.pairwise(mine):
             assert after["opened_at"] >= before["closed_at"], (before, after)
 
 
@@ -148,7 +150,9 @@ async def test_lookback_lets_a_quiet_key_go_at_once_and_digests_the_burst(databa
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-async def test_a_throttle_lets_exactly_its_limit_through_under_crashes(database: db.Database, seed: int) -> None:
+async def test_a_throttle_lets_exactly_its_limit_through_under_crashes(
+    database: db.Database, seed: int
+) -> None:
     rng = random.Random(seed)
     store = DigestStore(database)
     runs = [_run(i, "t") for i in range(40)]
@@ -162,9 +166,12 @@ async def test_a_throttle_lets_exactly_its_limit_through_under_crashes(database:
 
     await asyncio.gather(*(reach(r) for r in runs))
     assert sum(passed.values()) == 3
-    assert await database.fetchval(
-        "SELECT count(*) FROM workflow_throttle_passes WHERE project_id = %s", PROJECT
-    ) == 3
+    assert (
+        await database.fetchval(
+            "SELECT count(*) FROM workflow_throttle_passes WHERE project_id = %s", PROJECT
+        )
+        == 3
+    )
     # Another key has places of its own; an interval of the window later, so does this one.
     assert await store.throttle(_run(99, "u"), "throttle", "u", 3, 60)
     await database.execute(

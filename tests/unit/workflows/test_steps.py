@@ -7,11 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 from common.features.workflows.definition import Step
 from common.features.workflows.steps import (
+    Digest,
     Done,
     Send,
     Skip,
+    Throttle,
     Wait,
     context,
+    digest_closes_at,
     next_action,
     notification_key,
     settle_channel,
@@ -73,3 +76,43 @@ def test_the_notification_of_a_run_and_step_is_always_the_same() -> None:
     assert notification_key(run, step) == notification_key(run, step)
     assert notification_key(run, step) != notification_key(uuid.uuid4(), step)
     assert notification_key(run, step)[1].count("\x1f") == 2
+
+
+def test_digest_and_throttle_steps_render_their_keys() -> None:
+    scope = context({"post_id": 7}, {"id": "u1", "timezone": None}, [])
+    digest = Step(
+        "d",
+        "digest",
+        None,
+        {"window": 60.0, "mode": "fixed", "max_events": 5, "key": "post-{{ payload.post_id }}"},
+    )
+    assert next_action(digest, scope, NOW) == Digest("post-7", NOW + timedelta(seconds=60), None, 5)
+    lookback = Step("d", "digest", None, {"window": 30.0, "mode": "lookback", "max_events": 100})
+    assert next_action(lookback, scope, NOW) == Digest("", NOW + timedelta(seconds=30), 30.0, 100)
+    throttle = Step("t", "throttle", None, {"limit": 3, "window": 60.0, "key": "{{ payload.post_id }}"})
+    assert next_action(throttle, scope, NOW) == Throttle("7", 3, 60.0)
+    # A key too long for an index is hashed; one that cannot render skips the step, saying why.
+    long_key = Step("t", "throttle", None, {"limit": 3, "window": 60.0, "key": "{{ 'x' * 300 }}"})
+    action = next_action(long_key, scope, NOW)
+    assert isinstance(action, Throttle) and action.key.startswith("sha256:") and len(action.key) == 71
+    broken = Step("t", "throttle", None, {"limit": 3, "window": 60.0, "key": "{{ payload.post_id.nope() }}"})
+    skipped = next_action(broken, scope, NOW)
+    assert isinstance(skipped, Skip) and skipped.reason.startswith("key could not be rendered")
+
+
+def test_a_daily_digest_closes_at_the_next_local_time_dst_correct() -> None:
+    daily = Step("d", "digest", None, {"at": "09:00"})
+    # Kolkata is UTC+05:30: 09:00 there is 03:30 UTC; at 12:00 UTC it is tomorrow's.
+    assert digest_closes_at(daily, NOW, "Asia/Kolkata") == datetime(2026, 12, 5, 3, 30, tzinfo=UTC)
+    assert digest_closes_at(daily, NOW, None) == datetime(2026, 12, 5, 9, 0, tzinfo=UTC)  # no zone: UTC
+    # New York springs forward on 2026-03-08: 02:30 does not exist, the first instant after the
+    # gap (03:00 EDT, 07:00 UTC) is meant; in November's fall back, the first of the two 01:30.
+    gap = Step("d", "digest", None, {"at": "02:30"})
+    before = datetime(2026, 3, 8, 5, 0, tzinfo=UTC)  # 00:00 EST
+    assert digest_closes_at(gap, before, "America/New_York") == datetime(2026, 3, 8, 7, 0, tzinfo=UTC)
+    twice = Step("d", "digest", None, {"at": "01:30"})
+    autumn = datetime(2026, 11, 1, 4, 0, tzinfo=UTC)  # 00:00 EDT
+    assert digest_closes_at(twice, autumn, "America/New_York") == datetime(2026, 11, 1, 5, 30, tzinfo=UTC)
+    # Weekly: 2026-12-04 is a Friday; the next Monday 09:00 in Kolkata.
+    weekly = Step("d", "digest", None, {"at": "09:00", "days": ["mon"]})
+    assert digest_closes_at(weekly, NOW, "Asia/Kolkata") == datetime(2026, 12, 7, 3, 30, tzinfo=UTC)
