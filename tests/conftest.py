@@ -105,6 +105,8 @@ LONGEST = (
     "templates-negative",
     "test_a_gateway_killed_while_dispatching_loses_nothing",
     "test_send_at_local_and_quiet_hours",
+    "test_a_daily_digest_at_a_local_time_in_a_half_hour_zone",
+    "test_230_concurrent_triggers_through_two_gateways",
     "bulk-negative",
     "users-negative",
     "notifications-negative",
