@@ -179,3 +179,61 @@ async def test_keyset_pages_return_every_row_once_while_new_ones_arrive(stack_fa
     response = await stack.gateway.get(f"{query}&after=not-a-cursor", headers=stack.headers())
     body = await response.json()
     assert response.status == 400 and "after" in body["data"]["fields"], body
+
+
+async def test_finished_workflow_state_past_retention_is_purged_the_rest_kept(stack_factory: Any) -> None:
+    stack: Stack = await stack_factory(workers=False)
+    database = await db.connect(stack.config.notifications_db_url, maxsize=2)
+    project = f"purge-{uuid.uuid4().hex[:8]}"
+    old, fresh, waiting = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    try:
+        for run_id, status, age in (
+            (old, "completed", 100),
+            (fresh, "completed", 1),
+            (waiting, "waiting", 100),
+        ):
+            await database.execute(
+                "INSERT INTO workflow_runs (id, project_id, workflow_key, version, user_id, request_id,"
+                " body_hash, status, updated_at) VALUES (%s, %s, 'wf', 1, 'u', %s, 'h', %s,"
+                " now() - make_interval(days => %s))",
+                run_id, project, str(run_id), status, age,
+            )  # fmt: skip
+        for digest_id, status, age in ((old, "closed", 100), (fresh, "closed", 1), (waiting, "open", 100)):
+            await database.execute(
+                "INSERT INTO workflow_digests (id, project_id, workflow_key, user_id, step, digest_key,"
+                " carrier, status, closes_at, closed_at) VALUES (%s, %s, 'wf', 'u', 'd', %s, %s, %s, now(),"
+                " CASE WHEN %s = 'open' THEN NULL ELSE now() - make_interval(days => %s) END)",
+                digest_id, project, str(digest_id), digest_id, status, status, age,
+            )  # fmt: skip
+            await database.execute(
+                "INSERT INTO workflow_digest_events (run_id, step, digest_id, payload, occurred_at)"
+                " VALUES (%s, 'd', %s, '{}', now())",
+                digest_id, digest_id,
+            )  # fmt: skip
+        for run_id, age in ((old, 40), (fresh, 1)):
+            await database.execute(
+                "INSERT INTO workflow_throttle_passes (run_id, step, project_id, workflow_key, user_id,"
+                " throttle_key, passed_at)"
+                " VALUES (%s, 't', %s, 'wf', 'u', '', now() - make_interval(days => %s))",
+                run_id, project, age,
+            )  # fmt: skip
+        assert (
+            await retention.purge_finished(database, 90) >= 3
+        )  # a run, a window (its events go with it), a place
+        for table, column in (
+            ("workflow_runs", "id"),
+            ("workflow_digests", "id"),
+            ("workflow_digest_events", "run_id"),
+            ("workflow_throttle_passes", "run_id"),
+        ):
+            left = {
+                r[column]
+                for r in await database.fetch(
+                    f"SELECT {column} FROM {table} WHERE {column} = ANY(%s::uuid[])",
+                    [str(old), str(fresh), str(waiting)],
+                )
+            }
+            expected = {fresh} if table == "workflow_throttle_passes" else {fresh, waiting}
+            assert left == expected, (table, left)
+    finally:
+        await database.close()

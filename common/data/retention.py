@@ -48,6 +48,7 @@ class Upkeep:
     created: int = 0
     dropped: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # expired, but with notifications not final
+    purged: int = 0  # rows of finished workflow state past retention
 
 
 async def partitions(database: Database, parent: str) -> list[tuple[str, datetime, datetime]]:
@@ -124,6 +125,31 @@ async def drop_expired(database: Database, retention_days: int, now: datetime | 
     return result
 
 
+# Workflow state that is over: kept as long as the notifications it made, then deleted in short
+# batches (row-wise: these tables are not partitioned). A throttle place counts for at most its
+# window, 30 days at most, so an older one is dead whatever the retention.
+_FINISHED = (
+    "DELETE FROM workflow_digests WHERE ctid = ANY(ARRAY(SELECT ctid FROM workflow_digests"
+    " WHERE status <> 'open' AND closed_at < %(cutoff)s LIMIT %(batch)s))",
+    "DELETE FROM workflow_runs WHERE ctid = ANY(ARRAY(SELECT ctid FROM workflow_runs"
+    " WHERE status NOT IN ('running', 'waiting') AND updated_at < %(cutoff)s LIMIT %(batch)s))",
+    "DELETE FROM workflow_throttle_passes WHERE ctid = ANY(ARRAY(SELECT ctid FROM workflow_throttle_passes"
+    " WHERE passed_at < %(now)s - interval '31 days' LIMIT %(batch)s))",
+)
+
+
+async def purge_finished(database: Database, retention_days: int, now: datetime | None = None) -> int:
+    """Finished workflow runs, closed digest windows (their events with them) and dead throttle
+    places older than the retention deleted; how many rows."""
+    moment = now or datetime.now(UTC)
+    values = {"cutoff": moment - timedelta(days=retention_days), "now": moment, "batch": KEY_BATCH}
+    purged = 0
+    for statement in _FINISHED:
+        while count := await database.execute(statement, values):
+            purged += count
+    return purged
+
+
 async def _drop(database: Database, name: str) -> bool:
     async with database.transaction() as tx:
         await tx.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
@@ -137,12 +163,15 @@ async def upkeep(database: Database, retention_days: int, now: datetime | None =
     created = await ensure_partitions(database, now)
     result = await drop_expired(database, retention_days, now)
     result.created = created
-    if result.created or result.dropped or result.kept:
+    result.purged = await purge_finished(database, retention_days, now)
+    if result.created or result.dropped or result.kept or result.purged:
         log.info(
-            "status store upkeep: %d partition(s) created, dropped %s, kept (not final yet) %s",
+            "status store upkeep: %d partition(s) created, dropped %s, kept (not final yet) %s,"
+            " %d finished workflow row(s) purged",
             result.created,
             result.dropped or "none",
             result.kept or "none",
+            result.purged,
         )
     return result
 
