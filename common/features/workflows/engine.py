@@ -262,17 +262,7 @@ class Engine:
         """The run ends at this step (merged, throttled): the steps after it will not run."""
         for later in states[index + 1 :]:
             later.update(status="skipped", reason=f"run {status}")
-        written = await self.store.write(
-            run,
-            status=status,
-            step_index=index,
-            steps=states,
-            due_at=None,
-            reason=reason,
-            merged_into=merged_into,
-        )
-        if not written:
-            await self._lost(run, None)
+        await self._write(run, status, index, states, reason=reason, merged_into=merged_into)
 
     async def cancel(
         self,
@@ -317,9 +307,16 @@ class Engine:
         *,
         due_at: datetime | None = None,
         reason: str | None = None,
+        merged_into: uuid.UUID | None = None,
     ) -> None:
         written = await self.store.write(
-            run, status=status, step_index=index, steps=states, due_at=due_at, reason=reason
+            run,
+            status=status,
+            step_index=index,
+            steps=states,
+            due_at=due_at,
+            reason=reason,
+            merged_into=merged_into,
         )
         if not written:
             await self._lost(run, None)
