@@ -16,7 +16,9 @@ most PER_HOST_CONNECTIONS connections to one host, so one slow host cannot take 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
+import unicodedata
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -93,12 +95,32 @@ def check_endpoint(endpoint: str, allowed_hosts: frozenset[str]) -> None:
         return
     if url.scheme != "https":
         raise UnsafeEndpoint(f"endpoint scheme {url.scheme!r} is not https")
-    try:
-        literal = ipaddress.ip_address(host)
-    except ValueError:
-        return  # a name: the resolver checks what it resolves to
-    if not _address_allowed(str(literal)):
+    literal = _literal_address(host)
+    if literal is not None and not _address_allowed(str(literal)):
         raise UnsafeEndpoint(f"endpoint address {host} is not a public address")
+    # A name: the resolver checks every address it resolves to, at each connection.
+
+
+# The forms inet_aton reads as IPv4 that ipaddress does not: 127.1, 0177.0.0.1, 0x7f.1, 2130706433.
+_LEGACY_IPV4 = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}$")
+
+
+def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host names literally, in any form a resolver would read as one: after
+    Unicode compatibility folding (full-width or circled digits and dots), without a trailing
+    dot, and the legacy IPv4 forms; None for a name. Refused at creation, so the client hears
+    it at once rather than at the first delivery."""
+    folded = unicodedata.normalize("NFKC", host).replace("\u3002", ".").rstrip(".")
+    try:
+        return ipaddress.ip_address(folded)
+    except ValueError:
+        pass
+    if _LEGACY_IPV4.match(folded):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(folded))
+        except OSError:
+            return None
+    return None
 
 
 class GuardedResolver(AbstractResolver):
