@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from common.config import Config
 from common.data import db, retention
 from tests.conftest import Stack
 from tests.test_faults import send_many, wait_delivered
@@ -181,9 +182,10 @@ async def test_keyset_pages_return_every_row_once_while_new_ones_arrive(stack_fa
     assert response.status == 400 and "after" in body["data"]["fields"], body
 
 
-async def test_finished_workflow_state_past_retention_is_purged_the_rest_kept(stack_factory: Any) -> None:
-    stack: Stack = await stack_factory(workers=False)
-    database = await db.connect(stack.config.notifications_db_url, maxsize=2)
+async def test_finished_workflow_state_past_retention_is_purged_the_rest_kept(base_config: Config) -> None:
+    # No stack: a gateway's own upkeep round would purge some of these rows first and the count
+    # returned here would be short.
+    database = await db.connect(base_config.notifications_db_url, maxsize=2)
     project = f"purge-{uuid.uuid4().hex[:8]}"
     old, fresh, waiting = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     try:

@@ -74,6 +74,11 @@ class DigestStore:
             "key": key,
         }
         async with self.db.transaction() as tx:
+            # The lock first: an earlier attempt of this step whose engine died mid-COMMIT may
+            # still be committing; under the lock, the statement after it sees that commit.
+            await tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", _lock_name("digest", run, step, key)
+            )
             before = await tx.fetchrow(
                 "SELECT d.* FROM workflow_digest_events e JOIN workflow_digests d ON d.id = e.digest_id"
                 " WHERE e.run_id = %s AND e.step = %s",
@@ -82,9 +87,6 @@ class DigestStore:
             )
             if before is not None:
                 return _window(before)
-            await tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", _lock_name("digest", run, step, key)
-            )
             found = await tx.fetchrow(
                 """
                 SELECT * FROM workflow_digests
@@ -180,16 +182,17 @@ class DigestStore:
         """Whether the run passes: it did before (a repeated step), or fewer than `limit` runs of
         its key passed within the last `window` seconds and it takes a place now."""
         async with self.db.transaction() as tx:
+            # The lock first, as in `join`: an earlier attempt may still be committing.
+            await tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                _lock_name("throttle", run, step, key),
+            )
             if await tx.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM workflow_throttle_passes WHERE run_id = %s AND step = %s)",
                 run["id"],
                 step,
             ):
                 return True
-            await tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                _lock_name("throttle", run, step, key),
-            )
             where = {
                 "project": run["project_id"],
                 "workflow": run["workflow_key"],
