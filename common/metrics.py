@@ -64,7 +64,8 @@ _DEFINITIONS: tuple[tuple[str, type, str, str, str], ...] = (
      "Users who turned a channel off through an unsubscribe link"),
     # Client status webhooks.
     ("webhook_deliveries", Counter, "notify_webhook_deliveries_total", "outcome",
-     "Webhook delivery attempts by outcome (delivered, retried, failed)"),
+     "Webhook delivery attempts by outcome (delivered, retried, failed, deferred: over the"
+     " per-endpoint or per-key concurrency, sent round again)"),
     ("webhook_latency", Histogram, "notify_webhook_attempt_duration_seconds", "",
      "Time a client's endpoint took to answer one webhook attempt"),
     ("webhooks_disabled", Counter, "notify_webhook_endpoints_disabled_total", "reason",

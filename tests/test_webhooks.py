@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestServer
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from common.data import db
+from common.features.webhooks.api import MAX_WEBHOOK_ENDPOINTS
 from tests.conftest import API_KEY, INTERNAL_TOKEN, Stack
 from tests.tcp_proxy import TcpProxy
 from tests.test_faults import via
@@ -47,6 +48,9 @@ class Receiver:
     server: TestServer | None = None
     requests: list[Received] = field(default_factory=list)
     scripts: dict[str, list[int]] = field(default_factory=dict)
+    delays: dict[str, float] = field(default_factory=dict)  # a slow receiver's path: seconds
+    in_flight: dict[str, int] = field(default_factory=dict)
+    most: dict[str, int] = field(default_factory=dict)  # the most requests in flight at once
 
     def url(self, path: str) -> str:
         assert self.server is not None
@@ -57,6 +61,13 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests.append(Received(request.path, dict(request.headers), await request.read()))
+        if delay := self.delays.get(request.path):
+            self.in_flight[request.path] = self.in_flight.get(request.path, 0) + 1
+            self.most[request.path] = max(self.most.get(request.path, 0), self.in_flight[request.path])
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self.in_flight[request.path] -= 1
         script = self.scripts.get(request.path) or []
         status = script.pop(0) if script else 200
         if 300 <= status < 400:
@@ -522,3 +533,46 @@ async def test_events_are_not_lost_while_the_broker_is_away(
 
 def _other_secret() -> str:
     return "whsec_" + "A" * 43 + "="
+
+
+async def test_an_api_key_has_at_most_its_cap_of_endpoints_even_created_at_once(
+    stack_factory: Any, receiver: Receiver
+) -> None:
+    stack = await _stack(stack_factory, gateway_api_keys=(API_KEY, f"other:{OTHER_KEY}"), workers=False)
+    answers = await asyncio.gather(
+        *(
+            stack.gateway.post(
+                "/api/v1/webhooks/endpoints",
+                json={"url": receiver.url(f"/e{i}"), "events": ["notification.delivered"]},
+                headers=_auth(),
+            )
+            for i in range(MAX_WEBHOOK_ENDPOINTS + 5)
+        )
+    )
+    statuses = sorted(a.status for a in answers)
+    assert statuses == [201] * MAX_WEBHOOK_ENDPOINTS + [409] * 5
+    refused = [await a.json() for a in answers if a.status == 409]
+    assert refused[0]["error"] == "too_many_webhook_endpoints", refused[0]
+    assert str(MAX_WEBHOOK_ENDPOINTS) in refused[0]["message"]
+    # Another key's cap is its own.
+    await _endpoint(stack, receiver.url("/other"), ["notification.delivered"], key=OTHER_KEY)
+
+
+async def test_a_slow_receiver_holds_two_slots_and_another_key_is_not_kept_waiting(
+    stack_factory: Any, receiver: Receiver
+) -> None:
+    stack = await _stack(stack_factory, gateway_api_keys=(API_KEY, f"other:{OTHER_KEY}"))
+    receiver.delays["/slow"] = 3.0
+    await _endpoint(stack, receiver.url("/slow"), ["notification.delivered"])
+    await _endpoint(stack, receiver.url("/fast"), ["notification.delivered"], key=OTHER_KEY)
+    # More deliveries to the slow receiver than the consumer's prefetch (16 in tests).
+    await asyncio.gather(*(_deliver(stack) for _ in range(20)))
+    await receiver.wait("/slow", 2)
+    started = time.monotonic()
+    await _deliver(stack, key=OTHER_KEY)
+    await receiver.wait("/fast", 1)
+    # Behind 16 held slots it would wait for the slow answers (3 s each) to come back.
+    assert time.monotonic() - started < 2.5
+    assert receiver.most["/slow"] == 2  # PER_ENDPOINT in the one consuming process
+    await receiver.wait("/slow", 20, timeout=60)
+    assert receiver.most["/slow"] == 2

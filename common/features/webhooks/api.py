@@ -24,6 +24,9 @@ from common.web.validation import Fields, parse_uuid
 ENDPOINT_FIELDS = frozenset({"url", "events", "description"})
 MAX_URL = 2000
 MAX_DELIVERIES_PAGE = 100
+# Every final status queues one delivery per endpoint in the statement that records it, for all
+# tenants together: the cap keeps one key's endpoints from making everyone's writes heavier.
+MAX_WEBHOOK_ENDPOINTS = 20
 
 
 def _endpoint_id(
@@ -81,7 +84,15 @@ def _delivery_view(row: dict[str, Any]) -> dict[str, Any]:
 async def create_endpoint(request: web.Request) -> web.Response:
     principal = require(request, "client")
     url, events, description = _validate(request, await read_json(request))
-    row = await request.app[WEBHOOKS_KEY].create_endpoint(principal.subject, url, events, description)
+    row = await request.app[WEBHOOKS_KEY].create_endpoint(
+        principal.subject, url, events, description, MAX_WEBHOOK_ENDPOINTS
+    )
+    if row is None:
+        raise ApiError(
+            409,
+            "too_many_webhook_endpoints",
+            f"an API key has at most {MAX_WEBHOOK_ENDPOINTS} webhook endpoints: delete one first",
+        )
     return json_response(
         endpoint_view(row), "webhook endpoint created: keep the secret, it is not shown again", status=201
     )

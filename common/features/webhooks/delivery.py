@@ -67,6 +67,10 @@ RELAY_INTERVAL = 0.5
 RELAY_BATCH = 200
 PUBLISH_TIMEOUT = 3.0
 SHUTDOWN_GRACE = SEND_TIMEOUT + 5.0
+# In flight at once in one process, per endpoint and per API key: a slow receiver holds at most
+# this many of the consumer's prefetch slots, and the rest go on for everyone else's.
+PER_ENDPOINT = 2
+PER_CLIENT = 8
 
 
 # --- sending ---------------------------------------------------------------------------------
@@ -109,8 +113,40 @@ class Sender:
 # --- the relay and the consumer ----------------------------------------------------------------
 
 
-def _message(delivery_id: uuid.UUID, attempt: int) -> dict[str, Any]:
-    return {"delivery_id": str(delivery_id), "attempt": attempt}
+def _message(delivery_id: uuid.UUID, attempt: int, endpoint_id: Any, client_id: Any) -> dict[str, Any]:
+    return {
+        "delivery_id": str(delivery_id),
+        "attempt": attempt,
+        "endpoint_id": str(endpoint_id),
+        "client_id": client_id,
+    }
+
+
+class Fairness:
+    """Deliveries in flight in this process by endpoint and by key. A delivery over either
+    limit is not sent now: it goes round through the first retry queue, its attempt unspent."""
+
+    def __init__(self, per_endpoint: int = PER_ENDPOINT, per_client: int = PER_CLIENT) -> None:
+        self.per_endpoint = per_endpoint
+        self.per_client = per_client
+        self.endpoints: dict[str, int] = {}
+        self.clients: dict[str, int] = {}
+
+    def take(self, endpoint_id: str, client_id: str) -> bool:
+        if (
+            self.endpoints.get(endpoint_id, 0) >= self.per_endpoint
+            or self.clients.get(client_id, 0) >= self.per_client
+        ):
+            return False
+        self.endpoints[endpoint_id] = self.endpoints.get(endpoint_id, 0) + 1
+        self.clients[client_id] = self.clients.get(client_id, 0) + 1
+        return True
+
+    def give(self, endpoint_id: str, client_id: str) -> None:
+        for counts, key in ((self.endpoints, endpoint_id), (self.clients, client_id)):
+            counts[key] -= 1
+            if not counts[key]:
+                del counts[key]
 
 
 class WebhookDelivery:
@@ -131,6 +167,7 @@ class WebhookDelivery:
         self.sender = sender
         self.config = config
         self.metrics = metrics
+        self.fairness = Fairness()
         # Dead letters go straight to webhooks.failed, through the consumer channel's default exchange.
         self.consumer = Consumer(
             broker,
@@ -146,12 +183,12 @@ class WebhookDelivery:
 
     # relay
 
-    async def _publish(self, delivery_id: uuid.UUID, attempt: int) -> None:
+    async def _publish(self, row: db.Row, attempt: int) -> None:
         await amqp.publish(
             self.broker.exchange,
             amqp.WEBHOOKS,
-            _message(delivery_id, attempt),
-            message_id=str(delivery_id),
+            _message(row["id"], attempt, row["endpoint_id"], row["client_id"]),
+            message_id=str(row["id"]),
             timeout=PUBLISH_TIMEOUT,
         )
 
@@ -160,7 +197,7 @@ class WebhookDelivery:
         async with self.store.db.transaction() as tx:
             rows = await self.store.unpublished(tx, RELAY_BATCH)
             results = await asyncio.gather(
-                *(self._publish(r["id"], max(1, r["attempts"] + 1)) for r in rows), return_exceptions=True
+                *(self._publish(r, max(1, r["attempts"] + 1)) for r in rows), return_exceptions=True
             )
             sent = [r["id"] for r, result in zip(rows, results, strict=True) if result is None]
             await self.store.mark_published(tx, sent)
@@ -178,7 +215,7 @@ class WebhookDelivery:
         async with self.store.db.transaction() as tx:
             rows = await self.store.stalled(tx, config.reconcile_after, config.retry_delays, RELAY_BATCH)
             results = await asyncio.gather(
-                *(self._publish(r["id"], self._attempt_of(r)) for r in rows), return_exceptions=True
+                *(self._publish(r, self._attempt_of(r)) for r in rows), return_exceptions=True
             )
             sent = [r["id"] for r, result in zip(rows, results, strict=True) if result is None]
             await self.store.redriven(tx, sent)
@@ -207,16 +244,36 @@ class WebhookDelivery:
         try:
             body = orjson.loads(message.body)
             delivery_id, attempt = uuid.UUID(str(body["delivery_id"])), int(body.get("attempt", 1))
+            # Absent from messages published before the fields were: those go unlimited.
+            endpoint_id, client_id = str(body.get("endpoint_id", "")), str(body.get("client_id", ""))
         except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
             await self._dead_letter(message, f"unparseable message: {type(exc).__name__}: {exc}")
             return
+        if endpoint_id and not self.fairness.take(endpoint_id, client_id):
+            await self._to_retry_queue(delivery_id, 1, attempt, endpoint_id, client_id)
+            self.metrics.webhook_deliveries.labels("deferred").inc()
+            return
+        try:
+            await self._attempt(message, delivery_id, attempt, endpoint_id, client_id)
+        finally:
+            if endpoint_id:
+                self.fairness.give(endpoint_id, client_id)
+
+    async def _attempt(
+        self,
+        message: AbstractIncomingMessage,
+        delivery_id: uuid.UUID,
+        attempt: int,
+        endpoint_id: str,
+        client_id: str,
+    ) -> None:
         # Chosen before the first try: a claim whose answer timed out is found again as ours.
         token = uuid.uuid4()
         claimed = await hold(
             "claiming a webhook delivery", lambda: self.store.claim(delivery_id, attempt, LEASE, token)
         )
         if claimed is None:
-            await self._not_claimed(delivery_id, attempt)
+            await self._not_claimed(delivery_id, attempt, endpoint_id, client_id)
             return
         if claimed["disabled_at"] is not None:
             # Queued before its endpoint was disabled: not sent, and not held against it again.
@@ -251,7 +308,13 @@ class WebhookDelivery:
         if isinstance(decision, Retry):
             # Published before the status changes, as for notifications: a crash in between
             # leaves a duplicate message (a no-op at the claim), never a lost delivery.
-            published = await self._to_retry_queue(delivery_id, decision.queue, decision.next_attempt)
+            published = await self._to_retry_queue(
+                delivery_id,
+                decision.queue,
+                decision.next_attempt,
+                claimed["endpoint_id"],
+                claimed["client_id"],
+            )
             await self._finish(claimed, attempt, "retrying", answer)
             self.metrics.webhook_deliveries.labels("retried").inc()
             log.warning(
@@ -300,22 +363,26 @@ class WebhookDelivery:
             self.metrics.webhooks_disabled.labels("gone" if gone else "failing").inc()
             log.warning("webhook endpoint %s disabled: %s", claimed["endpoint_id"], done["disabled_reason"])
 
-    async def _not_claimed(self, delivery_id: uuid.UUID, attempt: int) -> None:
+    async def _not_claimed(
+        self, delivery_id: uuid.UUID, attempt: int, endpoint_id: str, client_id: str
+    ) -> None:
         status = await hold("reading a webhook delivery", lambda: self.store.status(delivery_id))
         if status is None:
             log.info("webhook delivery %s no longer exists (endpoint deleted): dropped", delivery_id)
         elif status == "sending":
             # Another consumer holds it: look again after a retry delay (its lease runs out if
             # that consumer died); if the broker will not take it, the reconciler will.
-            await self._to_retry_queue(delivery_id, 1, attempt)
+            await self._to_retry_queue(delivery_id, 1, attempt, endpoint_id, client_id)
         else:
             log.info(
                 "webhook delivery %s already %s: acknowledged without sending again", delivery_id, status
             )
 
-    async def _to_retry_queue(self, delivery_id: uuid.UUID, queue: int, next_attempt: int) -> bool:
+    async def _to_retry_queue(
+        self, delivery_id: uuid.UUID, queue: int, next_attempt: int, endpoint_id: Any, client_id: Any
+    ) -> bool:
         return await self.consumer.retry(
-            _message(delivery_id, next_attempt), queue, message_id=str(delivery_id)
+            _message(delivery_id, next_attempt, endpoint_id, client_id), queue, message_id=str(delivery_id)
         )
 
     async def _dead_letter(

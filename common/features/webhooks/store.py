@@ -55,18 +55,29 @@ class WebhookStore:
     # endpoints
 
     async def create_endpoint(
-        self, client_id: str, url: str, events: list[str], description: str | None
-    ) -> db.Row:
-        row = await self.db.fetchrow(
-            "INSERT INTO webhook_endpoints (id, client_id, url, events, description, secret)"
-            f" VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_ENDPOINT_COLUMNS}, secret",
-            uuid.uuid4(),
-            client_id,
-            url,
-            events,
-            description,
-            new_secret(),
-        )
+        self, client_id: str, url: str, events: list[str], description: str | None, limit: int
+    ) -> db.Row | None:
+        """The endpoint created, or None when the key has `limit` already. Under the key's lock,
+        so that concurrent creations cannot pass the limit together."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", f"webhook-endpoints\x1f{client_id}"
+            )
+            if (
+                await tx.fetchval("SELECT count(*) FROM webhook_endpoints WHERE client_id = %s", client_id)
+                >= limit
+            ):
+                return None
+            row = await tx.fetchrow(
+                "INSERT INTO webhook_endpoints (id, client_id, url, events, description, secret)"
+                f" VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_ENDPOINT_COLUMNS}, secret",
+                uuid.uuid4(),
+                client_id,
+                url,
+                events,
+                description,
+                new_secret(),
+            )
         assert row is not None
         return row
 
@@ -183,7 +194,8 @@ class WebhookStore:
 
     async def unpublished(self, tx: db.Executor, limit: int) -> list[db.Row]:
         return await tx.fetch(
-            "SELECT id, status, attempts FROM webhook_deliveries WHERE publish_pending"
+            "SELECT id, endpoint_id, client_id, status, attempts FROM webhook_deliveries"
+            " WHERE publish_pending"
             " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED",
             limit,
         )
@@ -201,7 +213,7 @@ class WebhookStore:
         have (as `StatusStore.stalled` for notifications): their message was lost."""
         return await tx.fetch(
             """
-            SELECT id, status, attempts FROM webhook_deliveries
+            SELECT id, endpoint_id, client_id, status, attempts FROM webhook_deliveries
             WHERE status IN ('pending', 'retrying', 'sending') AND NOT publish_pending
               AND updated_at < now() - make_interval(secs => %(after)s)
               AND CASE status
@@ -250,7 +262,7 @@ class WebhookStore:
                     OR (old.previous = 'sending' AND (
                         coalesce(t.lease_until, t.updated_at) < now() OR old.previous_token = %(token)s))
                 )
-                RETURNING t.id, t.endpoint_id, t.event_id, t.event_type, t.payload, t.claim_token
+                RETURNING t.id, t.endpoint_id, t.client_id, t.event_id, t.event_type, t.payload, t.claim_token
             )
             SELECT d.*, e.url, e.secret, e.disabled_at,
                    CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END
