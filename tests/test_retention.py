@@ -239,3 +239,114 @@ async def test_finished_workflow_state_past_retention_is_purged_the_rest_kept(ba
             assert left == expected, (table, left)
     finally:
         await database.close()
+
+
+async def test_one_far_future_notification_keeps_its_month_but_not_its_neighbours(stack_factory: Any) -> None:
+    stack: Stack = await stack_factory(retention_days=90)
+    database = await db.connect(stack.config.notifications_db_url, maxsize=2)
+    try:
+        user = await stack.create_user()
+        code = (await stack.create_template())["code"]
+        neighbours = await send_many(stack, user["id"], code, 5)
+        scheduled = await send_many(stack, user["id"], code, 1)
+        await wait_delivered(stack, user["id"], 6, timeout=30)
+        await _backdate(database, [*neighbours, *scheduled], 200)
+        await database.execute(
+            "UPDATE notifications SET status = 'scheduled', updated_at = now() WHERE id = %s", scheduled[0]
+        )
+        month = await _partition_of(database, "notifications", scheduled[0])
+        assert month == await _partition_of(database, "notifications", neighbours[0])
+
+        done = await retention.upkeep(database, retention_days=90)
+
+        assert month in done.kept and done.purged >= len(neighbours)
+        for notification_id in neighbours:
+            response = await stack.gateway.get(
+                f"/api/v1/notifications/{notification_id}", headers=stack.headers()
+            )
+            assert response.status == 404
+        for table in ("notification_keys", "notification_events"):
+            assert not await database.fetchval(
+                f"SELECT count(*) FROM {table} WHERE notification_id = ANY(%s::uuid[])", neighbours
+            ), table
+        record = await stack.notification(scheduled[0])
+        assert record["status"] == "scheduled" and record["history"], record
+        assert await database.fetchval(
+            "SELECT count(*) FROM notification_keys WHERE notification_id = %s", scheduled[0]
+        )
+    finally:
+        await database.close()
+
+
+async def test_webhook_deliveries_batches_and_fanouts_past_retention_are_purged(base_config: Config) -> None:
+    database = await db.connect(base_config.notifications_db_url, maxsize=2)
+    client = f"purge-{uuid.uuid4().hex[:8]}"
+    endpoint = uuid.uuid4()
+    try:
+        await database.execute(
+            "INSERT INTO webhook_endpoints (id, client_id, url, events, secret)"
+            " VALUES (%s, %s, 'https://example.com/h', ARRAY['notification.delivered'], 'whsec_x')",
+            endpoint, client,
+        )  # fmt: skip
+        deliveries = {}
+        for name, status, age in (
+            ("old", "delivered", 100),
+            ("fresh", "delivered", 1),
+            ("open", "retrying", 100),
+        ):
+            deliveries[name] = uuid.uuid4()
+            await database.execute(
+                "INSERT INTO webhook_deliveries (id, endpoint_id, client_id, event_id, event_type, payload,"
+                " status, publish_pending, updated_at)"
+                " VALUES (%s, %s, %s, %s, 'notification.delivered', '{}', %s, false,"
+                " now() - make_interval(days => %s))",
+                deliveries[name], endpoint, client, uuid.uuid4(), status, age,
+            )  # fmt: skip
+            await database.execute(
+                "INSERT INTO webhook_attempts (delivery_id, attempt, status_code) VALUES (%s, 1, 200)",
+                deliveries[name],
+            )
+        batches = {}
+        for name, kind, fanned, age in (
+            ("old", "bulk", False, 100),
+            ("fresh", "bulk", False, 1),
+            ("fanning", "topic", False, 100),  # a topic fan-out not over yet
+            ("fanned", "topic", True, 100),
+        ):
+            batches[name] = uuid.uuid4()
+            await database.execute(
+                "INSERT INTO batches (id, client_id, request_id, body_hash, kind, fanned_out_at, updated_at)"
+                " VALUES (%s, %s, %s, 'h', %s, CASE WHEN %s THEN now() END,"
+                " now() - make_interval(days => %s))",
+                batches[name], client, name, kind, fanned, age,
+            )  # fmt: skip
+        fanouts = {}
+        for name, done_age in (("old", 100), ("fresh", 1), ("running", None)):
+            fanouts[name] = uuid.uuid4()
+            await database.execute(
+                "INSERT INTO workflow_fanouts (id, project_id, workflow_key, version, topic_key, request_id,"
+                " body_hash, done_at) VALUES (%s, %s, 'wf', 1, 't', %s, 'h',"
+                " now() - make_interval(days => %s))",
+                fanouts[name], client, name, done_age,
+            )  # fmt: skip
+
+        assert await retention.purge_finished(database, 90) >= 4
+
+        async def left(table: str, ids: dict[str, uuid.UUID]) -> set[str]:
+            rows = await database.fetch(
+                f"SELECT id FROM {table} WHERE id = ANY(%s::uuid[])", list(ids.values())
+            )
+            found = {r["id"] for r in rows}
+            return {name for name, i in ids.items() if i in found}
+
+        assert await left("webhook_deliveries", deliveries) == {"fresh", "open"}
+        assert not await database.fetchval(
+            "SELECT count(*) FROM webhook_attempts WHERE delivery_id = %s", deliveries["old"]
+        )
+        assert await left("batches", batches) == {"fresh", "fanning"}
+        assert await left("workflow_fanouts", fanouts) == {"fresh", "running"}
+    finally:
+        await database.execute("DELETE FROM webhook_endpoints WHERE id = %s", endpoint)
+        await database.execute("DELETE FROM batches WHERE client_id = %s", client)
+        await database.execute("DELETE FROM workflow_fanouts WHERE project_id = %s", client)
+        await database.close()

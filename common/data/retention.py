@@ -8,7 +8,12 @@ migrations/notifications_db/006_partitions.sql). Every service holding the statu
 - a partition whose whole month is older than RETENTION_DAYS is dropped, with the idempotency
   keys of its notifications: a DROP, not millions of DELETEs, so neither the table nor its
   indexes bloat. A notifications partition that still holds a notification not final (one
-  scheduled far ahead, say) is kept, and so are the events of that month, until it is.
+  scheduled far ahead, say) is kept, and so are the events of that month, until it is; but its
+  final notifications are deleted row-wise (with their keys and history), so that one scheduled
+  notification cannot keep its month's neighbours past RETENTION_DAYS;
+- the other tables with a time dimension are purged row-wise under the same RETENTION_DAYS:
+  final webhook deliveries (their attempts with them), finished bulk and topic batches, finished
+  workflow fan-outs, runs and digest windows, and dead throttle places.
 
 After RETENTION_DAYS a notification is gone, and its request_id may be used again.
 """
@@ -48,7 +53,7 @@ class Upkeep:
     created: int = 0
     dropped: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # expired, but with notifications not final
-    purged: int = 0  # rows of finished workflow state past retention
+    purged: int = 0  # rows deleted row-wise: finals of kept months, finished state past retention
 
 
 async def partitions(database: Database, parent: str) -> list[tuple[str, datetime, datetime]]:
@@ -106,6 +111,7 @@ async def drop_expired(database: Database, retention_days: int, now: datetime | 
         if unfinished:
             kept_months.add(start)
             result.kept.append(name)
+            result.purged += await _thin(database, name)
             continue
         # Keys first, in batches (each short): a key must never outlive its notification's
         # partition by much, and a failure here leaves the partition for the next round.
@@ -125,10 +131,41 @@ async def drop_expired(database: Database, retention_days: int, now: datetime | 
     return result
 
 
-# Workflow state that is over: kept as long as the notifications it made, then deleted in short
-# batches (row-wise: these tables are not partitioned). A throttle place counts for at most its
-# window, 30 days at most, so an older one is dead whatever the retention.
+async def _thin(database: Database, name: str) -> int:
+    """The final notifications of kept partition `name` deleted in short batches, each with its
+    key and its history; how many."""
+    thinned = 0
+    statement = f"""
+        WITH gone AS (
+            DELETE FROM "{name}" WHERE ctid = ANY(ARRAY(
+                SELECT ctid FROM "{name}" WHERE status = ANY(%(final)s) LIMIT %(batch)s))
+            RETURNING id, created_at
+        ), keys AS (
+            DELETE FROM notification_keys AS k USING gone
+            WHERE k.created_at = gone.created_at AND k.notification_id = gone.id
+        ), history AS (
+            DELETE FROM notification_events AS e USING gone WHERE e.notification_id = gone.id
+        )
+        SELECT count(*) FROM gone
+    """
+    while count := int(
+        await database.fetchval(statement, {"final": list(FINAL_STATUSES), "batch": KEY_BATCH})
+    ):
+        thinned += count
+    return thinned
+
+
+# State that is over: kept as long as the notifications it made, then deleted in short batches
+# (row-wise: these tables are not partitioned). A throttle place counts for at most its window,
+# 30 days at most, so an older one is dead whatever the retention. Subscriptions and endpoints
+# are live configuration, not history: they go when deleted (or erased), not by age.
 _FINISHED = (
+    "DELETE FROM webhook_deliveries WHERE ctid = ANY(ARRAY(SELECT ctid FROM webhook_deliveries"
+    " WHERE status IN ('delivered', 'failed') AND updated_at < %(cutoff)s LIMIT %(batch)s))",
+    "DELETE FROM batches WHERE ctid = ANY(ARRAY(SELECT ctid FROM batches"
+    " WHERE (kind = 'bulk' OR fanned_out_at IS NOT NULL) AND updated_at < %(cutoff)s LIMIT %(batch)s))",
+    "DELETE FROM workflow_fanouts WHERE ctid = ANY(ARRAY(SELECT ctid FROM workflow_fanouts"
+    " WHERE done_at < %(cutoff)s LIMIT %(batch)s))",
     "DELETE FROM workflow_digests WHERE ctid = ANY(ARRAY(SELECT ctid FROM workflow_digests"
     " WHERE status <> 'open' AND closed_at < %(cutoff)s LIMIT %(batch)s))",
     "DELETE FROM workflow_runs WHERE ctid = ANY(ARRAY(SELECT ctid FROM workflow_runs"
@@ -139,8 +176,7 @@ _FINISHED = (
 
 
 async def purge_finished(database: Database, retention_days: int, now: datetime | None = None) -> int:
-    """Finished workflow runs, closed digest windows (their events with them) and dead throttle
-    places older than the retention deleted; how many rows."""
+    """The rows of `_FINISHED` older than the retention deleted; how many."""
     moment = now or datetime.now(UTC)
     values = {"cutoff": moment - timedelta(days=retention_days), "now": moment, "batch": KEY_BATCH}
     purged = 0
@@ -163,11 +199,11 @@ async def upkeep(database: Database, retention_days: int, now: datetime | None =
     created = await ensure_partitions(database, now)
     result = await drop_expired(database, retention_days, now)
     result.created = created
-    result.purged = await purge_finished(database, retention_days, now)
+    result.purged += await purge_finished(database, retention_days, now)
     if result.created or result.dropped or result.kept or result.purged:
         log.info(
             "status store upkeep: %d partition(s) created, dropped %s, kept (not final yet) %s,"
-            " %d finished workflow row(s) purged",
+            " %d row(s) past retention purged row-wise",
             result.created,
             result.dropped or "none",
             result.kept or "none",
