@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
@@ -22,7 +24,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from common.config import Config, ConfigError
 from common.delivery.egress import (
     REPLY_CAP,
-    GuardedResolver,
     NonPublicAddress,
     UnsafeEndpoint,
     check_endpoint,
@@ -308,14 +309,44 @@ def test_the_endpoint_check_itself() -> None:
     check_endpoint("http://127.0.0.1:9999/push/1", allowed)  # allow-listed for tests
 
 
-async def test_the_resolver_drops_names_that_resolve_to_loopback() -> None:
-    resolver = GuardedResolver(frozenset())
-    with pytest.raises(NonPublicAddress):
-        await resolver.resolve("localhost", 443)
-    allowed = GuardedResolver(frozenset({"localhost"}))
-    assert await allowed.resolve("localhost", 443)
-    await resolver.close()
-    await allowed.close()
+async def test_the_connector_refuses_non_public_addresses_in_any_spelling_before_connecting() -> None:
+    """Smuggled past the check at creation (a row written some other way), a loopback endpoint
+    in each spelling still reaches no listener: the connector judges the address it would use,
+    IP literals included (yarl folds full-width and circled digits to ASCII ones, and aiohttp
+    hands those to the socket without asking a resolver)."""
+    connections = 0
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    guarded = guarded_session(frozenset(), 3)
+    allowed = guarded_session(frozenset({"127.0.0.1"}), 3)
+    try:
+        for url in (
+            f"https://127.0.0.1:{port}/",
+            f"https://\uff11\uff12\uff17.\uff10.\uff10.\uff11:{port}/",  # full-width digits
+            f"https://localhost:{port}/",  # a name that resolves to loopback
+            "https://\u246f\u2468.\u2461\u2464\u2463.\u246f\u2468.\u2461\u2464\u2463/",  # 169.254.169.254
+        ):
+            with pytest.raises(aiohttp.ClientError) as caught:
+                async with guarded.post(url, data=b"{}", allow_redirects=False):
+                    pass
+            assert isinstance(getattr(caught.value, "os_error", None), NonPublicAddress), (url, caught.value)
+        assert connections == 0
+        # Allow-listed, the same listener is reached (it hangs up at once: the connection counts).
+        with contextlib.suppress(aiohttp.ClientError):
+            async with allowed.post(f"http://127.0.0.1:{port}/", data=b"{}"):
+                pass
+    finally:
+        await guarded.close()
+        await allowed.close()
+        server.close()
+        await server.wait_closed()
+    assert connections == 1
 
 
 def _peak_rss(pid: int) -> int:

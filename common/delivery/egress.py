@@ -19,10 +19,13 @@ import ipaddress
 import re
 import socket
 import unicodedata
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.abc import ResolveResult
+from aiohttp.tracing import Trace
 
 REPLY_CAP = 64 * 1024
 PER_HOST_CONNECTIONS = 8
@@ -123,32 +126,33 @@ def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address
     return None
 
 
-class GuardedResolver(AbstractResolver):
-    """Resolves like the default resolver, then drops every non-public address."""
+class GuardedConnector(aiohttp.TCPConnector):
+    """A connector that connects only to public addresses (or allow-listed hosts): every address
+    a host resolves to is judged, at each connection, after resolution (no DNS rebinding). Here
+    rather than in a resolver because aiohttp hands an IP literal (which yarl makes of
+    a host of full-width digits) straight to the socket, never to the resolver. The refusal is
+    the same whatever listens there: no connection is tried, so no port's state leaks."""
 
-    def __init__(self, allowed_hosts: frozenset[str]) -> None:
+    def __init__(self, allowed_hosts: frozenset[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.allowed_hosts = allowed_hosts
-        self._inner = aiohttp.ThreadedResolver()
 
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    async def _resolve_host(
+        self, host: str, port: int, traces: Sequence[Trace] | None = None
     ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
+        results = await super()._resolve_host(host, port, traces)
         if exempt(host, port or None, self.allowed_hosts):
             return results
         safe = [r for r in results if _address_allowed(r["host"])]
         if not safe:
-            raise NonPublicAddress(f"{host} resolves only to non-public addresses")
+            raise NonPublicAddress(f"{host} is not a public address")
         return safe
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 def guarded_session(allowed_hosts: frozenset[str], timeout: float) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(
-            resolver=GuardedResolver(allowed_hosts),
+        connector=GuardedConnector(
+            allowed_hosts,
             limit=POOL_CONNECTIONS,
             limit_per_host=PER_HOST_CONNECTIONS,
         ),
