@@ -241,14 +241,24 @@ class WorkflowStore:
         reason: str | None = None,
         merged_into: uuid.UUID | None = None,
     ) -> bool:
-        """The run's new state, if nobody wrote it since `run` was read (revision); else False."""
-        count = await self.db.execute(
+        """The run's new state, if nobody wrote it since `run` was read (revision); else False.
+        A run that ends with a digest window still open (it failed: its version is gone) stops
+        carrying it: the window is cancelled, so the next event of its key opens a new one
+        rather than merging into a run that will never send."""
+        count = await self.db.fetchval(
             f"""
-            UPDATE workflow_runs
-            SET status = %s, step_index = %s, steps = %s, due_at = %s, waiting_on = %s,
-                reason = coalesce(%s, reason), merged_into = coalesce(%s, merged_into),
-                revision = revision + 1, updated_at = now()
-            WHERE id = %s AND revision = %s AND status IN {_ACTIVE}
+            WITH r AS (
+                UPDATE workflow_runs
+                SET status = %s, step_index = %s, steps = %s, due_at = %s, waiting_on = %s,
+                    reason = coalesce(%s, reason), merged_into = coalesce(%s, merged_into),
+                    revision = revision + 1, updated_at = now()
+                WHERE id = %s AND revision = %s AND status IN {_ACTIVE}
+                RETURNING id, status
+            ), windows AS (
+                UPDATE workflow_digests SET status = 'cancelled', closed_at = clock_timestamp()
+                WHERE carrier IN (SELECT id FROM r WHERE status NOT IN {_ACTIVE}) AND status = 'open'
+            )
+            SELECT count(*) FROM r
             """,
             status,
             step_index,

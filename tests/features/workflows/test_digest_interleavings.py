@@ -22,6 +22,7 @@ import pytest
 from common.config import Config
 from common.data import db
 from common.features.workflows.digests import DigestStore, Window
+from common.features.workflows.store import WorkflowStore
 
 PROJECT = "digest-interleavings"
 STEP = "digest"
@@ -180,3 +181,30 @@ async def test_a_throttle_lets_exactly_its_limit_through_under_crashes(
         PROJECT,
     )
     assert await store.throttle(_run(100, "t"), "throttle", "t", 3, 60)
+
+
+async def test_a_carrier_that_fails_gives_up_its_window_and_the_next_event_opens_another(
+    database: db.Database,
+) -> None:
+    store = DigestStore(database)
+    runs = WorkflowStore(database)
+    far = datetime.now(UTC) + timedelta(hours=1)
+    carrier = _run(0, "k")
+    await database.execute(
+        "INSERT INTO workflow_runs (id, project_id, workflow_key, version, user_id, request_id, body_hash,"
+        " status) VALUES (%s, %s, 'wf', 1, 'user-1', %s, 'h', 'waiting')",
+        carrier["id"], PROJECT, str(carrier["id"]),
+    )  # fmt: skip
+    window = await store.join(carrier, STEP, "k", far, None)
+    assert window.carrier == carrier["id"] and window.status == "open"
+    row = await database.fetchrow("SELECT * FROM workflow_runs WHERE id = %s", carrier["id"])
+    # Its version gone, the engine fails the run at the digest step.
+    assert await runs.write(
+        row, status="failed", step_index=0, steps=[], due_at=None, reason="workflow version is gone"
+    )
+    assert (
+        await database.fetchval("SELECT status FROM workflow_digests WHERE id = %s", window.id) == "cancelled"
+    )
+    later = await store.join(_run(1, "k"), STEP, "k", far, None)
+    assert later.id != window.id and later.status == "open" and later.carrier != carrier["id"]
+    await database.execute("DELETE FROM workflow_runs WHERE project_id = %s", PROJECT)
