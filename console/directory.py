@@ -18,6 +18,7 @@ from common.keys import (
 )
 from common.lookups.clients import ServiceClient
 from common.rendering.templating import required_variables
+from common.web.http import strict_int
 from console.pages import Refused, _project, _redirect, _service_failed, _user_id, _uuid, _with_notice, render
 from console.queries import Queries
 
@@ -85,7 +86,7 @@ async def preview(request: web.Request) -> web.Response:
         variables, problem = None, 'Sample variables must be a JSON object, e.g. {"name": "Ada"}.'
     if variables is not None and not isinstance(variables, dict):
         problem = 'Sample variables must be a JSON object, e.g. {"name": "Ada"}.'
-    if version and not version.isdigit():
+    if version and strict_int(version) is None:
         problem = "The version must be a whole number."
     rendered = None
     if problem is None:
@@ -117,10 +118,11 @@ async def preview(request: web.Request) -> web.Response:
 def _version_of(request: web.Request) -> tuple[str, int, str]:
     code = request.match_info["code"]
     raw = request.match_info["version"]
-    if not raw.isdigit() or not 0 < int(raw) < 2**31:
+    version = strict_int(raw)
+    if version is None:
         raise Refused(404, "Version not found", f"{raw!r} is not a version number.")
     language = request.query.get("language", "")
-    return code, int(raw), language
+    return code, version, language
 
 
 async def activate_confirm(request: web.Request) -> web.Response:

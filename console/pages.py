@@ -24,6 +24,7 @@ from common.keys import (
     REDIS_KEY,
 )
 from common.web import auth
+from common.web.http import strict_int
 from common.web.validation import USER_ID_RE
 from console.session import Sessions
 
@@ -134,7 +135,7 @@ def _notice(request: web.Request) -> str | None:
     if text is None:
         return None
     n = request.query.get("n", "")
-    return text.format(n=n if n.isdigit() else "")
+    return text.format(n=n if strict_int(n, 0) is not None else "")
 
 
 def render(request: web.Request, name: str, *, status: int = 200, **context: Any) -> web.Response:

@@ -393,6 +393,11 @@ async def test_skipped_at_acceptance_is_told_once_and_deliveries_page_by_keyset(
     assert listed == list(reversed(ids))  # newest first, each once
     status, bad = await _deliveries(stack, endpoint["id"], after="not-a-cursor")
     assert status == 400 and "after" in bad["data"]["fields"]
+    # Digits of other kinds, which isdigit() takes and int() refuses (or reads as another number).
+    for name in ("after", "limit"):
+        for value in ("\u00b2", "\u0661", "\uff11", "+1", " 1", "1_0"):
+            status, bad = await _deliveries(stack, endpoint["id"], **{name: value})
+            assert status == 400 and name in bad["data"]["fields"], (name, value, bad)
     await asyncio.sleep(1)
     assert len(receiver.requests) == 3
 

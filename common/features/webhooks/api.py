@@ -18,7 +18,15 @@ from common.features.webhooks.store import SECRET_OVERLAP_HOURS, endpoint_view
 from common.keys import CONFIG_KEY, WEBHOOKS_KEY
 from common.vocabulary import EVENT_TYPES
 from common.web.auth import require
-from common.web.http import ApiError, json_response, not_found, page_meta, paging, read_json
+from common.web.http import (
+    ApiError,
+    json_response,
+    not_found,
+    page_meta,
+    paging,
+    read_json,
+    strict_int,
+)
 from common.web.validation import Fields, parse_uuid
 
 ENDPOINT_FIELDS = frozenset({"url", "events", "description"})
@@ -139,17 +147,17 @@ def _cursor(request: web.Request) -> tuple[int | None, int]:
     raw = request.query.get("after")
     after: int | None = None
     if raw is not None:
-        if not raw.isdigit() or len(raw) > 18:
+        after = strict_int(raw, 0, 10**18 - 1)
+        if after is None:
             fields.error("after", "must be a cursor from meta.next")
-        else:
-            after = int(raw)
     limit = 20
     raw_limit = request.query.get("limit")
     if raw_limit is not None:
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_DELIVERIES_PAGE:
+        chosen = strict_int(raw_limit, 1, MAX_DELIVERIES_PAGE)
+        if chosen is None:
             fields.error("limit", f"must be between 1 and {MAX_DELIVERIES_PAGE}")
         else:
-            limit = int(raw_limit)
+            limit = chosen
     fields.check()
     return after, limit
 

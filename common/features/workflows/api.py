@@ -58,6 +58,7 @@ from common.web.http import (
     not_found,
     paging,
     read_json,
+    strict_int,
     validation_error,
 )
 from common.web.validation import CODE_RE, REQUEST_ID_RE, USER_ID_HINT, USER_ID_RE, Fields, parse_uuid
@@ -193,11 +194,11 @@ async def list_versions(request: web.Request) -> web.Response:
 async def activate_version(request: web.Request) -> web.Response:
     project = require(request, "client").project
     key = _key(request)
-    version = request.match_info["version"]
-    if not version.isdigit() or not 1 <= int(version) <= 2**31 - 1:
+    version = strict_int(request.match_info["version"])
+    if version is None:
         raise not_found("Workflow version")
     store = request.config_dict[WORKFLOWS_KEY]
-    if not await store.activate(project, key, int(version)):
+    if not await store.activate(project, key, version):
         raise not_found("Workflow version")
     row = await store.get(project, key)
     assert row is not None

@@ -215,6 +215,11 @@ async def test_a_run_keeps_its_version_while_a_new_one_is_put(stack_factory: Any
         f"/api/v1/workflows/{key}/versions/9/activate", headers=stack.headers()
     )
     assert missing.status == 404
+    for odd in ("\u00b2", "\u0661", "99999999999"):
+        refused = await stack.gateway.post(
+            f"/api/v1/workflows/{key}/versions/{odd}/activate", headers=stack.headers()
+        )
+        assert refused.status == 404, odd
     _, body, _ = await trigger(stack, key, user["id"])
     assert (await run_of(stack, body["data"]["runs"][0]["run_id"]))["version"] == 1
 
