@@ -12,7 +12,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import orjson
 from aiohttp import web
@@ -25,6 +24,7 @@ from common.logs import project_var, setup_logging
 from common.lookups.cache import ProfileCache
 from common.lookups.clients import LOOKUP_LIMIT
 from common.runner import run
+from common.sending.schedule import known_zone
 from common.web import auth
 from common.web.devices import MAX_TOKEN, TOKEN_RE, parse_device
 from common.web.http import (
@@ -124,9 +124,7 @@ def _timezone(fields: Fields) -> str | None:
     value = fields.string("timezone", required=False, max_len=64)
     if value is None:
         return None
-    try:
-        ZoneInfo(value)
-    except (ValueError, KeyError, OSError):
+    if known_zone(value) is None:
         fields.error("timezone", "must be an IANA time zone like Europe/Lisbon")
         return None
     return value

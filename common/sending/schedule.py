@@ -38,14 +38,20 @@ def parse_hhmm(value: str) -> time | None:
     return time(int(match[1]), int(match[2])) if match else None
 
 
-def zone(name: str | None) -> ZoneInfo:
-    """The user's zone; UTC when unset or unknown (the user service validates what it stores)."""
-    if not name:
-        return UTC_ZONE
+def known_zone(name: str) -> ZoneInfo | None:
+    """The IANA zone `name`, or None for anything else. Total: ZoneInfo raises not only
+    ZoneInfoNotFoundError but ValueError for a path-like name (`Etc/`, `../x`, a NUL) and OSError
+    for a directory of the zone database (`Etc`, `America`) or a name too long for the file
+    system."""
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        return UTC_ZONE
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None
+
+
+def zone(name: str | None) -> ZoneInfo:
+    """The user's zone; UTC when unset or unknown (the user service validates what it stores)."""
+    return (known_zone(name) if name else None) or UTC_ZONE
 
 
 def _instant(day: date, at: time, tz: ZoneInfo) -> datetime:
