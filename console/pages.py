@@ -115,8 +115,15 @@ def _key_matches(request: web.Request, presented: str) -> str | None:
 
 
 def _local(target: str | None) -> str:
-    """Where to go after signing in: only a console address of this site."""
-    if target and target.startswith("/console") and not target.startswith("//") and "\\" not in target:
+    """Where to go after signing in (or back to after an action): only a console address of this
+    site, in printable ASCII, so that nothing (a CR or LF above all) reaches the Location
+    header but a path."""
+    if (
+        target
+        and target.startswith("/console")
+        and "\\" not in target
+        and all("!" <= c <= "~" for c in target)
+    ):
         return target
     return "/console"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import time
 import uuid
@@ -852,3 +853,40 @@ async def test_a_digest_runs_window_and_a_merged_run_on_the_console(
     await expect(page.locator("p.lead .status").first).to_have_text("merged")
     await page.locator('li[data-step="gather"]').get_by_role("link").click()
     await expect(page.get_by_role("heading", level=1)).to_have_text(f"Workflow run {carrier['run_id']}")
+
+
+async def test_a_next_with_cr_lf_or_other_bytes_goes_to_the_console_not_into_the_header(
+    stack_factory: Any,
+) -> None:
+    stack = await stack_factory(workers=False)
+    base = stack.urls["gateway"]
+    hostile = [
+        "/console\r\nSet-Cookie: planted=1",
+        "/console/x\nLocation: https://evil.example",
+        "/console\u2028x",
+        "/console\\@evil.example",
+        "//evil.example/console",
+    ]
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        async with http.get(base + "/console/sign-in") as page:
+            html = await page.text()
+        token = re.search(r'name="csrf_token" value="([^"]+)"', html)
+        assert token, html
+        async with http.post(
+            base + "/console/sign-in",
+            data={"csrf_token": token.group(1), "api_key": API_KEY, "next": hostile[0]},
+            allow_redirects=False,
+        ) as signed_in:
+            assert signed_in.status == 303 and signed_in.headers["Location"] == "/console"
+            assert "planted" not in signed_in.headers.get("Set-Cookie", "")
+        # Signed in, the sign-in page sends on to `next`: only a console path of this site.
+        for target in hostile:
+            async with http.get(
+                base + "/console/sign-in", params={"next": target}, allow_redirects=False
+            ) as answer:
+                assert answer.status == 303, target
+                assert answer.headers["Location"] == "/console", (target, answer.headers["Location"])
+        async with http.get(
+            base + "/console/sign-in", params={"next": "/console/failures?page=2"}, allow_redirects=False
+        ) as fine:
+            assert fine.headers["Location"] == "/console/failures?page=2"
