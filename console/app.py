@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from common.data.db import OperationalError
 from common.keys import CONSOLE_SESSION_KEY, CONSOLE_TEMPLATES_KEY
@@ -62,6 +63,7 @@ from console.pages import (
 from console.session import csrf_matches
 
 log = logging.getLogger("console")
+RETRY_AFTER = 5  # seconds, on a page answered 503 because a dependency did not answer
 
 
 # --- middlewares -------------------------------------------------------------------------------
@@ -84,11 +86,19 @@ async def pages(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = _error_page(request, exc.status, exc.title, exc.message)
     except ApiError as exc:
         response = _error_page(request, exc.status, exc.code.replace("_", " ").capitalize(), exc.message)
-    except (ServiceUnavailable, OperationalError, aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+    except (
+        ServiceUnavailable,
+        OperationalError,
+        RedisError,  # sessions and the sign-in count live in Redis
+        aiohttp.ClientError,
+        ConnectionError,
+        TimeoutError,
+    ) as exc:
         log.warning("console: a dependency is unavailable: %s: %s", type(exc).__name__, exc)
         response = _error_page(
             request, 503, "Temporarily unavailable", "A service the console needs did not answer; try again."
         )
+        response.headers["Retry-After"] = str(RETRY_AFTER)
     response.headers["Content-Security-Policy"] = CSP
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "no-referrer"
@@ -175,14 +185,14 @@ async def sign_in(request: web.Request) -> web.Response:
         sessions.set_presession(response, request, token)
         return response
 
-    if await sessions.signin_blocked(address):
+    if not await sessions.signin_attempt(address):
         return again(429, "Too many wrong keys from this address; wait a few minutes before trying again.")
     presented = str(form.get("api_key") or "").strip()
     subject = _key_matches(request, presented) if presented else None
     if subject is None:
-        await sessions.signin_failed(address)
         log.info("console sign-in refused from %s", address)
         return again(401, "This key is not accepted. Use a client API key or one of CONSOLE_KEYS.")
+    await sessions.signin_succeeded(address)
     response = _redirect(target)
     await sessions.start(response, request, subject)
     log.info("console sign-in by key %s", subject)

@@ -157,13 +157,17 @@ class Sessions:
 
     # --- guessing keys ----------------------------------------------------------------------
 
-    async def signin_blocked(self, address: str) -> bool:
-        count = await self.redis.get(_FAILURES_PREFIX + address)
-        return count is not None and int(count) >= SIGNIN_FAILURES_ALLOWED
-
-    async def signin_failed(self, address: str) -> None:
+    async def signin_attempt(self, address: str) -> bool:
+        """Count one sign-in attempt from `address` (one INCR, its expiry set in the same
+        transaction) and say whether it may be tried: checked after counting, so attempts made
+        at once cannot all pass a check made before any of them counted."""
         key = _FAILURES_PREFIX + address
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.incr(key)
             pipe.expire(key, SIGNIN_FAILURE_WINDOW, nx=True)
-            await pipe.execute()
+            count, _ = await pipe.execute()
+        return int(count) <= SIGNIN_FAILURES_ALLOWED
+
+    async def signin_succeeded(self, address: str) -> None:
+        """A good key does not count against its address."""
+        await self.redis.decr(_FAILURES_PREFIX + address)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -25,6 +26,8 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from console.session import SIGNIN_FAILURES_ALLOWED
 from tests.conftest import API_KEY, Stack
+from tests.tcp_proxy import TcpProxy
+from tests.test_faults import via
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # The closed network of a test machine: nothing that phones home, or Chromium stalls at start.
@@ -890,3 +893,81 @@ async def test_a_next_with_cr_lf_or_other_bytes_goes_to_the_console_not_into_the
             base + "/console/sign-in", params={"next": "/console/failures?page=2"}, allow_redirects=False
         ) as fine:
             assert fine.headers["Location"] == "/console/failures?page=2"
+
+
+async def _sign_in_form(http: aiohttp.ClientSession, base: str) -> str:
+    async with http.get(base + "/console/sign-in") as page:
+        html = await page.text()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert token, html
+    return token.group(1)
+
+
+async def test_twenty_wrong_sign_ins_at_once_get_no_more_tries_than_the_limit(stack_factory: Any) -> None:
+    stack = await stack_factory(workers=False)
+    client = redis.Redis.from_url(stack.config.redis_url)
+    for key in client.scan_iter("notify:console:signin-failures:*"):
+        client.delete(key)
+    base = stack.urls["gateway"]
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            token = await _sign_in_form(http, base)
+
+            async def guess() -> int:
+                async with http.post(
+                    base + "/console/sign-in",
+                    data={"csrf_token": token, "api_key": f"guess-{uuid.uuid4()}"},
+                    allow_redirects=False,
+                ) as answer:
+                    return answer.status
+
+            statuses = await asyncio.gather(*(guess() for _ in range(20)))
+        assert statuses.count(401) == SIGNIN_FAILURES_ALLOWED, statuses
+        assert statuses.count(429) == 20 - SIGNIN_FAILURES_ALLOWED, statuses
+    finally:
+        for key in client.scan_iter("notify:console:signin-failures:*"):
+            client.delete(key)
+        client.close()
+
+
+async def test_with_redis_frozen_console_pages_are_a_503_page_not_json(
+    stack_factory: Any, base_config: Any
+) -> None:
+    target = urlsplit(base_config.redis_url)
+    link = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    await link.start()
+    stack = await stack_factory(workers=False, redis_url=via(base_config.redis_url, link))
+    base = stack.urls["gateway"]
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            token = await _sign_in_form(http, base)
+            async with http.post(
+                base + "/console/sign-in",
+                data={"csrf_token": token, "api_key": API_KEY},
+                allow_redirects=False,
+            ) as signed_in:
+                assert signed_in.status == 303
+            link.freeze()
+            for path in ("/console", "/console/notifications"):
+                started = time.monotonic()
+                async with http.get(base + path, allow_redirects=False) as answer:
+                    assert answer.status == 503, (path, answer.status)
+                    assert answer.content_type == "text/html"
+                    assert int(answer.headers["Retry-After"]) > 0
+                    assert "Temporarily unavailable" in await answer.text()
+                assert time.monotonic() - started < 5
+            # A visitor who had the sign-in form before Redis froze: the attempt cannot be counted.
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+                link.thaw()
+                form = await _sign_in_form(other, base)
+                link.freeze()
+                async with other.post(
+                    base + "/console/sign-in", data={"csrf_token": form, "api_key": "a-wrong-key"},
+                    allow_redirects=False,
+                ) as guessed:  # fmt: skip
+                    assert guessed.status == 503 and guessed.content_type == "text/html"
+            link.thaw()
+            async with http.get(base + "/console", allow_redirects=False) as answer:
+                assert answer.status == 200
+    finally:
+        await link.close()
