@@ -55,6 +55,7 @@ from common.keys import (
     STORE_KEY,
     TEMPLATES_KEY,
     USERS_KEY,
+    WRONG_KEYS_KEY,
 )
 from common.logs import CORRELATION_HEADER, setup_logging
 from common.lookups.cache import CachedLookups
@@ -63,7 +64,7 @@ from common.runner import run
 from common.web import auth, openapi, ratelimit
 from common.web.auth import require
 from common.web.http import ApiError, base_app, read_json
-from common.web.ratelimit import RateLimiter
+from common.web.ratelimit import RateLimiter, WrongKeys
 
 log = logging.getLogger("gateway")
 
@@ -174,6 +175,7 @@ async def clients_ctx(app: web.Application) -> AsyncIterator[None]:
     app[USERS_KEY], app[TEMPLATES_KEY] = clients.users, clients.templates
     app[KEY_HASHES_KEY] = tuple((auth.key_id(key), project) for project, key in config.client_keys)
     app[LIMITER_KEY] = RateLimiter(app[REDIS_KEY], config.rate_limit, config.rate_limit_window)
+    app[WRONG_KEYS_KEY] = WrongKeys(app[REDIS_KEY], config.wrong_key_limit, config.wrong_key_window)
     app[LOOKUPS_KEY] = CachedLookups(app[REDIS_KEY], clients.users, clients.templates)
     yield
 

@@ -97,6 +97,10 @@ class Config:
     rate_limit_window: float = 1.0
     login_rate_limit: int = 10
     login_rate_window: float = 60.0
+    # Wrong API keys presented from one client address per window (seconds) at the gateway;
+    # past it, that address is refused (even with a right key) until the window ends. 0: off.
+    wrong_key_limit: int = 30
+    wrong_key_window: float = 300.0
     queue_type: str = "classic"
     http_timeout: float = 10.0
     event_loop: str = "uvloop"
@@ -370,6 +374,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "rate_limit_window": _positive_float,
     "login_rate_limit": _non_negative_int,
     "login_rate_window": _positive_float,
+    "wrong_key_limit": _non_negative_int,
+    "wrong_key_window": _positive_float,
     "queue_type": _one_of(QUEUE_TYPES),
     "http_timeout": _positive_float,
     "event_loop": _one_of(("asyncio", "uvloop")),

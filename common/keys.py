@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from common.rendering.renderer import RenderPool
     from common.web.auth import Principal
     from common.web.http import Check
-    from common.web.ratelimit import RateLimiter, Verdict
+    from common.web.ratelimit import RateLimiter, Verdict, WrongKeys
     from console.session import Session
 
 # Every service
@@ -65,6 +65,8 @@ KEY_HASHES_KEY: web.AppKey[tuple[tuple[str, str], ...]] = web.AppKey("api_key_ha
 # the keys created per project and stored hashed (scripts/keys.py)
 KEY_RING_KEY: web.AppKey[KeyRing] = web.AppKey("key_ring")
 LIMITER_KEY: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
+# wrong API keys per client address (read by common.web.auth's middleware where it is set)
+WRONG_KEYS_KEY: web.AppKey[WrongKeys] = web.AppKey("wrong_keys")
 LOOKUPS_KEY: web.AppKey[CachedLookups] = web.AppKey("lookups")
 ACCEPT_BATCH_KEY: web.AppKey[Batcher[Any, Any]] = web.AppKey("accept_batch")
 BATCHES_KEY: web.AppKey[BatchStore] = web.AppKey("batches")

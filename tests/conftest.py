@@ -141,6 +141,7 @@ def base_config() -> Iterator[Config]:
         log_format="text",
         # Many tests log in from 127.0.0.1; the login throttle has a test of its own.
         login_rate_limit=1000,
+        wrong_key_limit=1000,  # and wrong keys from 127.0.0.1 (tests/test_hostile.py has its own)
     )
     rabbitmq_vhost("add", PREFIX, AMQP_HOST)
 

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import API_KEY, Stack
 
 
 def _nested(depth: int) -> Any:
@@ -121,6 +121,36 @@ async def test_logins_are_throttled_per_email_and_per_address(stack_factory: Any
         assert response.status == 401, await response.text()
     response = await _login(stack, f"nobody-{time.time_ns()}@example.com", "x")
     assert response.status == 429 and "Retry-After" in response.headers
+
+
+async def test_wrong_api_keys_from_one_address_are_refused_past_the_limit_even_at_once(
+    stack_factory: Any,
+) -> None:
+    window = 3.7  # an unusual window: Redis counters of this test's own
+    stack = await stack_factory(workers=False, wrong_key_limit=5, wrong_key_window=window)
+
+    async def with_key(key: str) -> tuple[int, dict[str, Any], Any]:
+        answer = await stack.gateway.get("/api/v1/notifications/", headers=stack.headers(key))
+        return answer.status, dict(answer.headers), await answer.json()
+
+    # Counters are per window of the clock: start just after a boundary, so the burst is in one.
+    await asyncio.sleep(window - time.time() % window + 0.05)
+    # A credential shaped as a user's token (an expired one, say) is not a guessed key.
+    tokens = await asyncio.gather(*(with_key(f"a.b.{n}") for n in range(8)))
+    assert [status for status, _, _ in tokens] == [401] * 8
+    guesses = await asyncio.gather(*(with_key(f"guess-{uuid.uuid4()}") for _ in range(20)))
+    statuses = [status for status, _, _ in guesses]
+    assert statuses.count(401) == 5 and statuses.count(429) == 15, statuses
+    refused = next(body for status, _, body in guesses if status == 429)
+    assert refused["error"] == "too_many_wrong_keys", refused
+
+    # The address is refused with the right key too, until the window ends; then served again.
+    status, headers, body = await with_key(API_KEY)
+    assert status == 429 and body["error"] == "too_many_wrong_keys", body
+    assert 1 <= int(headers["Retry-After"]) <= 4
+    await asyncio.sleep(window - time.time() % window + 0.1)
+    status, _, body = await with_key(API_KEY)
+    assert status == 200, body
 
 
 async def test_password_hashing_is_bounded_under_a_flood(stack_factory: Any) -> None:

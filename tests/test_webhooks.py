@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from common.data import db
+from common.data import db, retention
 from common.features.webhooks.api import MAX_WEBHOOK_ENDPOINTS
 from tests.conftest import API_KEY, INTERNAL_TOKEN, Stack
 from tests.tcp_proxy import TcpProxy
@@ -337,6 +337,13 @@ async def test_secret_rotation_overlap_then_only_the_new_secret(
             " WHERE id = %s",
             uuid.UUID(endpoint["id"]),
         )
+        # The store's upkeep deletes the expired secret itself, not only stops using it.
+        assert await retention.purge_finished(database, stack.config.retention_days) >= 1
+        kept = await database.fetchrow(
+            "SELECT previous_secret, previous_secret_expires_at FROM webhook_endpoints WHERE id = %s",
+            uuid.UUID(endpoint["id"]),
+        )
+        assert kept == {"previous_secret": None, "previous_secret_expires_at": None}, kept
     finally:
         await database.close()
     _, view = await _endpoint_view(stack, endpoint["id"])

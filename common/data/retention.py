@@ -13,7 +13,8 @@ migrations/notifications_db/006_partitions.sql). Every service holding the statu
   notification cannot keep its month's neighbours past RETENTION_DAYS;
 - the other tables with a time dimension are purged row-wise under the same RETENTION_DAYS:
   final webhook deliveries (their attempts with them), finished bulk and topic batches, finished
-  workflow fan-outs, runs and digest windows, and dead throttle places.
+  workflow fan-outs, runs and digest windows, and dead throttle places; and webhook endpoints'
+  previous secrets once their overlap after a rotation has expired.
 
 After RETENTION_DAYS a notification is gone, and its request_id may be used again.
 """
@@ -172,6 +173,11 @@ _FINISHED = (
     " WHERE status NOT IN ('running', 'waiting') AND updated_at < %(cutoff)s LIMIT %(batch)s))",
     "DELETE FROM workflow_throttle_passes WHERE ctid = ANY(ARRAY(SELECT ctid FROM workflow_throttle_passes"
     " WHERE passed_at < %(now)s - interval '31 days' LIMIT %(batch)s))",
+    # Not history but a secret: an endpoint's previous one, once its overlap after a rotation
+    # is over, is no longer used to sign and is not kept (its expiry is a timestamp, not a
+    # retention).
+    "UPDATE webhook_endpoints SET previous_secret = NULL, previous_secret_expires_at = NULL"
+    " WHERE previous_secret IS NOT NULL AND previous_secret_expires_at <= %(now)s",
 )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import jwt
 from aiohttp import web
 
-from common.keys import PRINCIPAL_KEY
+from common.keys import PRINCIPAL_KEY, WRONG_KEYS_KEY
 from common.logs import DEFAULT_PROJECT, PROJECT_HEADER, project_var
 from common.web.http import ApiError
 
@@ -124,7 +124,16 @@ def middleware(
         presented = presented_credential(request)
         if presented is None:
             raise unauthorized()
-        principal = resolve(request, presented)
+        guard = request.config_dict.get(WRONG_KEYS_KEY)  # where the service counts wrong keys
+        address = request.remote or "unknown"
+        if guard is not None and (refused := guard.refusal(address)) is not None:
+            raise refused
+        try:
+            principal = resolve(request, presented)
+        except ApiError as exc:
+            if guard is not None and exc.status == 401 and presented.count(".") != 2:
+                raise (await guard.wrong(address)) or exc from None
+            raise
         request[PRINCIPAL_KEY] = principal
         # Every call this request makes to another service acts for the principal's project.
         token = project_var.set(principal.project)

@@ -85,6 +85,58 @@ class Count:
         return Verdict(count <= limit, limit, max(0, limit - count), self.reset)
 
 
+# --- wrong credentials per client address ------------------------------------------------------
+
+
+class WrongKeys:
+    """Guessing API keys: the wrong ones presented from one client address, counted in Redis (so
+    every gateway process shares the count), past `limit` per `window` refuse that address, with
+    right keys too, until the window ends: checked after counting, so guesses sent at once get
+    no more tries than the limit. A process remembers an address it has refused, so a blocked
+    guesser costs it no Redis round trip (another process learns of the block at its own next
+    wrong key: at most one more guess per process). Fails open when Redis is down, as the
+    request limit does. Only keys are counted: a credential shaped as a user's token (an expired
+    one, say) cannot be a key, and many users of one office share an address."""
+
+    MEMORY = 10_000  # addresses remembered at most; the expired are forgotten first
+
+    def __init__(self, client: aioredis.Redis, limit: int, window: float) -> None:
+        self.counter = RateLimiter(client, limit, window)
+        self.blocked: dict[str, float] = {}  # address: time.monotonic() its block ends
+
+    def refusal(self, address: str) -> ApiError | None:
+        until = self.blocked.get(address)
+        if until is None:
+            return None
+        left = until - time.monotonic()
+        if left <= 0:
+            del self.blocked[address]
+            return None
+        return self._too_many(left)
+
+    async def wrong(self, address: str) -> ApiError | None:
+        """Count one wrong key from `address`; the 429 to answer when that is over the limit."""
+        verdict = await self.counter.check("wrong-key:" + address)
+        if verdict is None or verdict.allowed:
+            return None
+        if len(self.blocked) >= self.MEMORY:
+            now = time.monotonic()
+            self.blocked = {a: t for a, t in self.blocked.items() if t > now}
+            if len(self.blocked) >= self.MEMORY:
+                self.blocked.pop(next(iter(self.blocked)))
+        self.blocked[address] = time.monotonic() + verdict.reset
+        return self._too_many(verdict.reset)
+
+    def _too_many(self, left: float) -> ApiError:
+        return ApiError(
+            429,
+            "too_many_wrong_keys",
+            f"Too many wrong API keys from this address (more than {self.counter.limit} in "
+            f"{self.counter.window:g} s); retry after the time in Retry-After.",
+            headers={"Retry-After": str(max(1, math.ceil(left)))},
+        )
+
+
 # --- per request, in a service (the gateway) -------------------------------------------------
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
