@@ -79,7 +79,9 @@ class MailgunProvider:
 
 
 def webhook_authentic(signing_key: str | None, body: dict[str, Any]) -> bool:
-    """`signature.signature` must be HMAC-SHA256(signing key, timestamp + token), in hex."""
+    """`signature.signature` must be HMAC-SHA256(signing key, timestamp + token), in hex. It
+    vouches for the timestamp and token only, never for `event-data`: the token is single-use
+    (`claim`) and the event is checked against its notification (`bounces.apply`)."""
     signature = body.get("signature")
     if not signing_key or not isinstance(signature, dict):
         return False
@@ -173,7 +175,9 @@ async def claim(client: aioredis.Redis, body: dict[str, Any]) -> TokenClaim:
 
 
 def bounces(body: dict[str, Any]) -> list[Bounce]:
-    """A `failed` event of severity `permanent`; temporary failures Mailgun retries itself."""
+    """A `failed` event of severity `permanent`; temporary failures Mailgun retries itself.
+    Mailgun's signature covers only timestamp and token, not `event-data`: what the event says
+    is checked against the notification it names (`bounces.apply`)."""
     event = body.get("event-data")
     if not isinstance(event, dict) or event.get("event") != "failed" or event.get("severity") != "permanent":
         return []
@@ -184,10 +188,12 @@ def bounces(body: dict[str, Any]) -> list[Bounce]:
     variables = event.get("user-variables")
     variables = variables if isinstance(variables, dict) else {}
     notification_id = variables.get("notification_id")
+    recipient = event.get("recipient")
     return [
         Bounce(
             provider="mailgun",
             notification_id=str(notification_id) if notification_id else None,
             reason=f"{event.get('reason') or 'failed'}: {detail}",
+            recipient=recipient if isinstance(recipient, str) else None,
         )
     ]

@@ -701,6 +701,63 @@ async def test_two_copies_of_a_mailgun_bounce_at_once_apply_it_once(
     assert _bounces_counted(stack, "mailgun") == 2
 
 
+async def test_a_bounce_applies_only_to_what_its_provider_sent_to_its_recipient(
+    stack_factory: Any, sendgrid: FakeSendGrid, mailgun: FakeMailgun
+) -> None:
+    secret = "hook-secret-0123456789"
+    stack = await stack_factory(
+        **_providers(
+            sendgrid,
+            mailgun,
+            "sendgrid",
+            "mailgun",
+            sendgrid_webhook_secret=secret,
+            mailgun_webhook_signing_key=MAILGUN_SIGNING_KEY,
+        )
+    )
+    user = await stack.create_user()
+    template = await _template(stack)
+    by_sendgrid = await _deliver_one(stack, user, template)
+    sendgrid.script = [Answer(503, {"errors": [{"message": "Service Unavailable"}]})]
+    by_mailgun = await _deliver_one(stack, user, template)  # failed over
+    assert (by_sendgrid["provider"], by_mailgun["provider"]) == ("sendgrid", "mailgun")
+    stranger = "someone-else@example.com"
+
+    ignored: list[tuple[str, Any, int]] = [
+        # Mailgun does not sign event-data: a token can carry any event. Another address ...
+        ("mailgun", _mailgun_signed(_mailgun_failure(stranger, by_mailgun["notification_id"])), 1),
+        # ... no address, or a notification another provider sent.
+        (
+            "mailgun",
+            _mailgun_signed({**_mailgun_failure("", by_mailgun["notification_id"]), "recipient": None}),
+            1,
+        ),
+        ("mailgun", _mailgun_signed(_mailgun_failure(user["email"], by_sendgrid["notification_id"])), 1),
+        ("sendgrid", _sendgrid_bounce(user["email"], by_mailgun["notification_id"]), 2),
+        ("sendgrid", _sendgrid_bounce(stranger, by_sendgrid["notification_id"]), 2),
+    ]
+    for provider, payload, received in ignored:
+        response = await stack.gateway.post(
+            f"/api/v1/webhooks/{provider}", json=payload, headers={"X-Webhook-Token": secret}
+        )
+        body = await response.json()
+        assert response.status == 200, body
+        assert body["data"] == {"received": received, "bounces": 0, "ignored": received}, (provider, body)
+    for record in (by_sendgrid, by_mailgun):
+        now = await stack.notification(record["notification_id"])
+        assert now["status"] == "delivered" and len(now["history"]) == len(record["history"]), now
+    assert (await _preferences(stack, user["id"]))["email"] is True
+    assert _bounces_counted(stack, "mailgun") == _bounces_counted(stack, "sendgrid") == 0
+
+    # The right address (its case aside) from the provider that sent it: applied.
+    right = _mailgun_signed(_mailgun_failure(user["email"].upper(), by_mailgun["notification_id"]))
+    response = await stack.gateway.post("/api/v1/webhooks/mailgun", json=right)
+    assert response.status == 200 and (await response.json())["data"]["bounces"] == 1
+    assert (await stack.notification(by_mailgun["notification_id"]))["status"] == "failed"
+    assert (await stack.notification(by_sendgrid["notification_id"]))["status"] == "delivered"
+    await _assert_suppressed(stack, user, template)
+
+
 async def test_the_sendgrid_secret_is_taken_from_a_header(
     stack_factory: Any, sendgrid: FakeSendGrid, mailgun: FakeMailgun
 ) -> None:
