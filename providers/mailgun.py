@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import secrets
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -77,7 +79,9 @@ class MailgunProvider:
 
 
 def webhook_authentic(signing_key: str | None, body: dict[str, Any]) -> bool:
-    """`signature.signature` must be HMAC-SHA256(signing key, timestamp + token), in hex."""
+    """`signature.signature` must be HMAC-SHA256(signing key, timestamp + token), in hex. It
+    vouches for the timestamp and token only, never for `event-data`: the token is single-use
+    (`claim`) and the event is checked against its notification (`bounces.apply`)."""
     signature = body.get("signature")
     if not signing_key or not isinstance(signature, dict):
         return False
@@ -109,16 +113,71 @@ def webhook_fresh(body: dict[str, Any], now: float, max_age: float = MAX_AGE) ->
     return when is not None and abs(now - when) <= max_age
 
 
-async def first_use(client: aioredis.Redis, body: dict[str, Any], max_age: float = MAX_AGE) -> bool:
-    """Whether this signature's token is new: SET NX, kept a little longer than a signature
-    stays fresh, so a replay inside the window is caught and the key then expires on its own."""
+# A token's life in Redis: absent (new), "pending:<holder>" while one copy of the webhook is being
+# handled, "used" once its bounce is recorded. A copy whose handling fails releases its claim, so
+# Mailgun's retry of the same webhook is handled rather than refused as a replay.
+PENDING_TTL = 120  # a claim no one released (the gateway died mid-handling) expires on its own
+HANDLING_DEADLINE = 60  # handling stops before its claim can expire under it
+_USED = "used"
+
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[3] then return 0 end
+return -1
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class TokenInProgress(Exception):
+    """Another copy of this webhook is being handled now: the sender should try again shortly."""
+
+
+class TokenUsed(Exception):
+    """This webhook's token was used before: a replay."""
+
+
+@dataclass(frozen=True)
+class TokenClaim:
+    """This request's hold on a token while it handles the webhook (`claim`)."""
+
+    key: str
+    holder: str
+
+    async def used(self, client: aioredis.Redis, max_age: float = MAX_AGE) -> None:
+        """The bounce is recorded: the token is used, kept a little longer than a signature
+        stays fresh, so a replay inside the window is caught and the key then expires."""
+        await client.set(self.key, _USED, ex=int(max_age * 2) + 60)
+
+    async def release(self, client: aioredis.Redis) -> None:
+        """Handling failed: let the next copy in, unless the claim is no longer ours (it expired
+        and another copy holds the token now, or marked it used)."""
+        await client.eval(_RELEASE, 1, self.key, self.holder)
+
+
+def token_key(body: dict[str, Any]) -> str:
     token = str(body["signature"]["token"])
-    key = _SEEN_PREFIX + hashlib.sha256(token.encode()).hexdigest()
-    return bool(await client.set(key, b"1", nx=True, ex=int(max_age * 2) + 60))
+    return _SEEN_PREFIX + hashlib.sha256(token.encode()).hexdigest()
+
+
+async def claim(client: aioredis.Redis, body: dict[str, Any]) -> TokenClaim:
+    """Claim this signature's token as pending while the webhook is handled (SET NX, one
+    script): TokenInProgress while another copy holds it, TokenUsed once it was used."""
+    held = TokenClaim(token_key(body), f"pending:{secrets.token_hex(16)}")
+    result = int(await client.eval(_CLAIM, 1, held.key, held.holder, PENDING_TTL, _USED))
+    if result == 0:
+        raise TokenUsed
+    if result < 0:
+        raise TokenInProgress
+    return held
 
 
 def bounces(body: dict[str, Any]) -> list[Bounce]:
-    """A `failed` event of severity `permanent`; temporary failures Mailgun retries itself."""
+    """A `failed` event of severity `permanent`; temporary failures Mailgun retries itself.
+    Mailgun's signature covers only timestamp and token, not `event-data`: what the event says
+    is checked against the notification it names (`bounces.apply`)."""
     event = body.get("event-data")
     if not isinstance(event, dict) or event.get("event") != "failed" or event.get("severity") != "permanent":
         return []
@@ -129,10 +188,12 @@ def bounces(body: dict[str, Any]) -> list[Bounce]:
     variables = event.get("user-variables")
     variables = variables if isinstance(variables, dict) else {}
     notification_id = variables.get("notification_id")
+    recipient = event.get("recipient")
     return [
         Bounce(
             provider="mailgun",
             notification_id=str(notification_id) if notification_id else None,
             reason=f"{event.get('reason') or 'failed'}: {detail}",
+            recipient=recipient if isinstance(recipient, str) else None,
         )
     ]

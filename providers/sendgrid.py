@@ -151,12 +151,14 @@ def bounces(events: list[Any]) -> list[Bounce]:
         kind = str(event.get("type") or event["event"])
         detail = " ".join(str(event[k]) for k in ("status", "reason") if event.get(k))
         notification_id = event.get("notification_id")
+        recipient = event.get("email")
         found.append(
             Bounce(
                 provider="sendgrid",
                 notification_id=str(notification_id) if notification_id else None,
                 reason=f"{kind}: {detail}" if detail else kind,
                 suppress=kind != "blocked",
+                recipient=recipient if isinstance(recipient, str) else None,
             )
         )
     return found

@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
@@ -29,14 +29,16 @@ from common.config import Config, ConfigError
 from common.data import db
 from common.delivery.worker import DeliveryError
 from common.features.email_links import unsubscribe
-from common.keys import METRICS_KEY
+from common.keys import METRICS_KEY, REDIS_KEY
 from email_worker import check_settings
+from providers import mailgun as mailgun_provider
 from providers.breaker import CircuitBreaker, State
 from providers.email import FAILURE_CLASSES, HeaderInjection, OutgoingEmail, is_transient
 from providers.smtp import SmtpProvider
 from tests.conftest import Stack
 from tests.provider_fakes import Answer, FakeMailgun, FakeProvider, FakeSendGrid, Received
 from tests.smtp_sink import SmtpSink, free_port
+from tests.tcp_proxy import TcpProxy
 
 MAILGUN_SIGNING_KEY = "mailgun-signing-key-0123456789"
 
@@ -585,6 +587,175 @@ async def test_old_and_replayed_webhooks_are_refused(
     body = await replay.json()
     assert replay.status == 409 and body["error"] == "replayed", body
     assert (await stack.notification(record["notification_id"]))["status"] == "delivered"
+
+
+@pytest.fixture
+async def user_link() -> AsyncIterator[TcpProxy]:
+    """A proxy between the gateway and the user service, to cut or freeze; its target is set
+    once the user service's port is known (`_behind_link`)."""
+    link = TcpProxy("127.0.0.1", 1)
+    await link.start()
+    yield link
+    await link.close()
+
+
+async def _behind_link(stack_factory: Any, link: TcpProxy, **config: Any) -> Stack:
+    """A stack whose gateway reaches the user service through `link` (the worker directly)."""
+    stack = await stack_factory(
+        **config, gateway_config={"user_service_url": f"http://127.0.0.1:{link.port}"}
+    )
+    users = urlsplit(stack.urls["user_service"])
+    link.target = (users.hostname or "127.0.0.1", users.port or 80)
+    return stack
+
+
+def _bounces_counted(stack: Stack, provider: str) -> float:
+    registry = stack.apps["gateway"][METRICS_KEY].registry
+    return registry.get_sample_value("notify_email_bounces_total", {"provider": provider}) or 0.0
+
+
+async def test_a_mailgun_bounce_that_failed_with_a_503_is_handled_on_mailguns_retry(
+    stack_factory: Any, sendgrid: FakeSendGrid, mailgun: FakeMailgun, user_link: TcpProxy
+) -> None:
+    stack = await _behind_link(
+        stack_factory,
+        user_link,
+        **_providers(sendgrid, mailgun, "mailgun", mailgun_webhook_signing_key=MAILGUN_SIGNING_KEY),
+    )
+    user = await stack.create_user()
+    template = await _template(stack)
+    record = await _deliver_one(stack, user, template)
+    assert record["status"] == "delivered" and record["provider"] == "mailgun"
+    signed = _mailgun_signed(_mailgun_failure(user["email"], record["notification_id"]))
+
+    await user_link.cut()  # the user service briefly unreachable from the gateway
+    response = await stack.gateway.post("/api/v1/webhooks/mailgun", json=signed)
+    body = await response.json()
+    assert response.status == 503 and body["error"] == "service_unavailable", body
+    assert "Retry-After" in response.headers
+    assert (await stack.notification(record["notification_id"]))["status"] == "delivered"
+
+    await user_link.restore()
+    retry = await stack.gateway.post("/api/v1/webhooks/mailgun", json=signed)  # Mailgun's retry
+    body = await retry.json()
+    assert retry.status == 200, body
+    assert body["data"] == {"received": 1, "bounces": 1, "ignored": 0}
+    record = await stack.notification(record["notification_id"])
+    assert record["status"] == "failed" and "550 No such user here" in record["error"]
+    assert [h["status"] for h in record["history"]][-2:] == ["delivered", "failed"]
+    await _assert_suppressed(stack, user, template)
+
+    replay = await stack.gateway.post("/api/v1/webhooks/mailgun", json=signed)
+    assert replay.status == 409 and (await replay.json())["error"] == "replayed"
+
+
+async def test_two_copies_of_a_mailgun_bounce_at_once_apply_it_once(
+    stack_factory: Any, sendgrid: FakeSendGrid, mailgun: FakeMailgun, user_link: TcpProxy
+) -> None:
+    stack = await _behind_link(
+        stack_factory,
+        user_link,
+        **_providers(sendgrid, mailgun, "mailgun", mailgun_webhook_signing_key=MAILGUN_SIGNING_KEY),
+    )
+    user = await stack.create_user()
+    template = await _template(stack)
+    first_record = await _deliver_one(stack, user, template)
+    second_record = await _deliver_one(stack, user, template)
+    redis = stack.apps["gateway"][REDIS_KEY]
+    signed = _mailgun_signed(_mailgun_failure(user["email"], first_record["notification_id"]))
+    key = mailgun_provider.token_key(signed)
+
+    # The first copy is held mid-handling (its user service call goes nowhere) ...
+    user_link.freeze()
+    first = asyncio.create_task(stack.gateway.post("/api/v1/webhooks/mailgun", json=signed))
+    deadline = time.monotonic() + 5
+    while (held := cast(bytes | None, await redis.get(key))) is None:
+        assert time.monotonic() < deadline and not first.done(), "the first copy never claimed the token"
+        await asyncio.sleep(0.01)
+    assert held.startswith(b"pending:")
+    # ... while the second arrives: Mailgun is told to come back, not that it replayed.
+    second = await stack.gateway.post("/api/v1/webhooks/mailgun", json=signed)
+    body = await second.json()
+    assert second.status == 503 and body["error"] == "webhook_in_progress", body
+    assert "Retry-After" in second.headers
+    user_link.thaw()
+    response = await first
+    body = await response.json()
+    assert response.status == 200 and body["data"]["bounces"] == 1, body
+    assert await redis.get(key) == b"used"
+    later = await stack.gateway.post("/api/v1/webhooks/mailgun", json=signed)
+    assert later.status == 409 and (await later.json())["error"] == "replayed"
+
+    # Five copies of another bounce at once: one handles it, each other is told why not.
+    other = _mailgun_signed(_mailgun_failure(user["email"], second_record["notification_id"]))
+    answers = await asyncio.gather(
+        *(stack.gateway.post("/api/v1/webhooks/mailgun", json=other) for _ in range(5))
+    )
+    outcomes = sorted([(a.status, (await a.json())["error"]) for a in answers], key=str)
+    assert outcomes.count((200, None)) == 1, outcomes
+    assert set(outcomes) - {(200, None)} <= {(503, "webhook_in_progress"), (409, "replayed")}, outcomes
+
+    for record in (first_record, second_record):
+        history = (await stack.notification(record["notification_id"]))["history"]
+        assert [h["status"] for h in history].count("failed") == 1, history
+    assert _bounces_counted(stack, "mailgun") == 2
+
+
+async def test_a_bounce_applies_only_to_what_its_provider_sent_to_its_recipient(
+    stack_factory: Any, sendgrid: FakeSendGrid, mailgun: FakeMailgun
+) -> None:
+    secret = "hook-secret-0123456789"
+    stack = await stack_factory(
+        **_providers(
+            sendgrid,
+            mailgun,
+            "sendgrid",
+            "mailgun",
+            sendgrid_webhook_secret=secret,
+            mailgun_webhook_signing_key=MAILGUN_SIGNING_KEY,
+        )
+    )
+    user = await stack.create_user()
+    template = await _template(stack)
+    by_sendgrid = await _deliver_one(stack, user, template)
+    sendgrid.script = [Answer(503, {"errors": [{"message": "Service Unavailable"}]})]
+    by_mailgun = await _deliver_one(stack, user, template)  # failed over
+    assert (by_sendgrid["provider"], by_mailgun["provider"]) == ("sendgrid", "mailgun")
+    stranger = "someone-else@example.com"
+
+    ignored: list[tuple[str, Any, int]] = [
+        # Mailgun does not sign event-data: a token can carry any event. Another address ...
+        ("mailgun", _mailgun_signed(_mailgun_failure(stranger, by_mailgun["notification_id"])), 1),
+        # ... no address, or a notification another provider sent.
+        (
+            "mailgun",
+            _mailgun_signed({**_mailgun_failure("", by_mailgun["notification_id"]), "recipient": None}),
+            1,
+        ),
+        ("mailgun", _mailgun_signed(_mailgun_failure(user["email"], by_sendgrid["notification_id"])), 1),
+        ("sendgrid", _sendgrid_bounce(user["email"], by_mailgun["notification_id"]), 2),
+        ("sendgrid", _sendgrid_bounce(stranger, by_sendgrid["notification_id"]), 2),
+    ]
+    for provider, payload, received in ignored:
+        response = await stack.gateway.post(
+            f"/api/v1/webhooks/{provider}", json=payload, headers={"X-Webhook-Token": secret}
+        )
+        body = await response.json()
+        assert response.status == 200, body
+        assert body["data"] == {"received": received, "bounces": 0, "ignored": received}, (provider, body)
+    for record in (by_sendgrid, by_mailgun):
+        now = await stack.notification(record["notification_id"])
+        assert now["status"] == "delivered" and len(now["history"]) == len(record["history"]), now
+    assert (await _preferences(stack, user["id"]))["email"] is True
+    assert _bounces_counted(stack, "mailgun") == _bounces_counted(stack, "sendgrid") == 0
+
+    # The right address (its case aside) from the provider that sent it: applied.
+    right = _mailgun_signed(_mailgun_failure(user["email"].upper(), by_mailgun["notification_id"]))
+    response = await stack.gateway.post("/api/v1/webhooks/mailgun", json=right)
+    assert response.status == 200 and (await response.json())["data"]["bounces"] == 1
+    assert (await stack.notification(by_mailgun["notification_id"]))["status"] == "failed"
+    assert (await stack.notification(by_sendgrid["notification_id"]))["status"] == "delivered"
+    await _assert_suppressed(stack, user, template)
 
 
 async def test_the_sendgrid_secret_is_taken_from_a_header(

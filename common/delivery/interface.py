@@ -129,3 +129,6 @@ class Bounce:
     # A hard bounce or a drop says the address does not take mail: stop sending to it.
     # A block (the receiving server refused for reputation or content) does not.
     suppress: bool = True
+    # The address the provider reports it could not deliver to: a bounce applies only to a
+    # notification that provider sent to that address (none given: it applies to none).
+    recipient: str | None = None

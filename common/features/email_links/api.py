@@ -4,6 +4,7 @@ bounce webhooks (SendGrid's signed events, Mailgun's signed and single-use ones)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -64,16 +65,42 @@ async def mailgun_webhook(request: web.Request) -> web.Response:
         raise _webhook_refused("Mailgun", bool(key), "MAILGUN_WEBHOOK_SIGNING_KEY")
     if not mailgun.webhook_fresh(body, time.time()):
         raise ApiError(401, "unauthorized", "The Mailgun webhook's signature is older than 5 minutes.")
+    redis = request.config_dict[REDIS_KEY]
     try:
-        first = await mailgun.first_use(request.config_dict[REDIS_KEY], body)
+        held = await mailgun.claim(redis, body)
     except RedisError:
         # Without the record of used tokens a replay cannot be told apart: Mailgun retries.
         raise ApiError(
             503, "service_unavailable", "Try again shortly.", headers={"Retry-After": "5"}
         ) from None
-    if not first:
-        raise ApiError(409, "replayed", "This Mailgun webhook's token was used before.")
-    return await _bounced(request, mailgun.bounces(body), 1)
+    except mailgun.TokenInProgress:
+        raise ApiError(
+            503,
+            "webhook_in_progress",
+            "Another copy of this Mailgun webhook is being handled; try again shortly.",
+            headers={"Retry-After": "5"},
+        ) from None
+    except mailgun.TokenUsed:
+        raise ApiError(409, "replayed", "This Mailgun webhook's token was used before.") from None
+    try:
+        # Within the claim's lifetime: it cannot expire while this copy still works on it.
+        async with asyncio.timeout(mailgun.HANDLING_DEADLINE):
+            response = await _bounced(request, mailgun.bounces(body), 1)
+    except BaseException:
+        # Not handled (a 503 for our own infrastructure, or anything else): Mailgun's retry of
+        # this same webhook must be handled, not refused as a replay.
+        try:
+            await asyncio.shield(held.release(redis))
+        except (RedisError, asyncio.CancelledError):
+            log.warning("a Mailgun webhook's token claim was not released; it expires on its own")
+        raise
+    try:
+        await held.used(redis)
+    except RedisError:
+        # Recorded all the same; until the claim expires a replay is refused, and after it a
+        # replay only repeats what was done (applying a bounce is idempotent).
+        log.warning("a Mailgun webhook's token was not marked used: Redis did not answer")
+    return response
 
 
 async def unsubscribe_page(request: web.Request) -> web.Response:
