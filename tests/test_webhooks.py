@@ -283,9 +283,21 @@ async def test_a_provider_bounce_reaches_the_client_as_bounced(
     stack = await _stack(stack_factory, sendgrid_webhook_secret=SENDGRID_TOKEN)
     endpoint = await _endpoint(stack, receiver.url("/bounces"), ["notification.bounced"])
     record = await _deliver(stack)
+    # As if SendGrid had sent it (a bounce applies only to a notification its provider sent to
+    # that address; tests/test_email_providers.py takes the whole path through SendGrid's fake).
+    database = await db.connect(stack.config.notifications_db_url, maxsize=1)
+    try:
+        await database.execute(
+            "UPDATE notifications SET provider = 'sendgrid' WHERE id = %s",
+            uuid.UUID(record["notification_id"]),
+        )
+    finally:
+        await database.close()
+    user = await stack.gateway.get(f"/api/v1/users/{record['user_id']}", headers=_auth())
+    address = (await user.json())["data"]["email"]
     events = [
         {
-            "email": "someone@example.com",
+            "email": address,
             "event": "bounce",
             "type": "bounce",
             "reason": "550 5.1.1 No such user",
