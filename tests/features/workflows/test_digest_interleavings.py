@@ -198,6 +198,7 @@ async def test_a_carrier_that_fails_gives_up_its_window_and_the_next_event_opens
     window = await store.join(carrier, STEP, "k", far, None)
     assert window.carrier == carrier["id"] and window.status == "open"
     row = await database.fetchrow("SELECT * FROM workflow_runs WHERE id = %s", carrier["id"])
+    assert row is not None
     # Its version gone, the engine fails the run at the digest step.
     assert await runs.write(
         row, status="failed", step_index=0, steps=[], due_at=None, reason="workflow version is gone"
