@@ -23,6 +23,9 @@ from common.keys import BATCHES_KEY, FANOUT_KEY
 from common.lookups.cache import user_key
 from tests.conftest import API_KEY, Stack
 from tests.processes import ServiceProcess
+from tests.smtp_sink import free_port
+
+OTHER_KEY = "test-other-topics-key-9876543210"
 
 
 def _rss_mb() -> float:
@@ -150,7 +153,7 @@ async def test_topic_crud_and_keyset_paging(stack: Stack) -> None:
         f"/api/v1/topics/{key}", json={"name": "Renamed"}, headers=stack.headers()
     )
     assert response.status == 200
-    ids = sorted(str(uuid.uuid4()) for _ in range(25))
+    ids = sorted(str(u["id"]) for u in await _direct_users(stack, 25))
     status, answer, _ = await _post(stack, f"/api/v1/topics/{key}/subscribers", {"user_ids": ids[:20]})
     assert status == 200 and answer["data"]["added"] == 20
     status, answer, _ = await _post(stack, f"/api/v1/topics/{key}/subscribers", {"user_ids": ids})
@@ -181,6 +184,42 @@ async def test_topic_crud_and_keyset_paging(stack: Stack) -> None:
         f"/api/v1/topics/{key}", headers={"Authorization": f"Bearer {stack.config.internal_api_token}"}
     )
     assert response.status in (403, 404)
+
+
+async def _subscriber_ids(stack: Stack, key: str) -> list[str]:
+    status, page = await _get(stack, f"/api/v1/topics/{key}/subscribers?limit=1000")
+    assert status == 200, page
+    return [r["user_id"] for r in page["data"]]
+
+
+async def test_only_the_projects_users_can_be_subscribed(stack_factory: Any) -> None:
+    stack = await stack_factory(workers=False, gateway_api_keys=(API_KEY, f"other:{OTHER_KEY}"))
+    key = await _topic_with(stack, [])
+    mine = [str(u["id"]) for u in await _direct_users(stack, 3)]
+    theirs = (await stack.create_user(key=OTHER_KEY))["id"]  # a user, of another project
+    unknown = [str(uuid.uuid4()) for _ in range(24)]
+    status, answer, _ = await _post(
+        stack, f"/api/v1/topics/{key}/subscribers", {"user_ids": [*mine, theirs, *unknown]}
+    )
+    assert status == 422 and answer["error"] == "unknown_users", answer
+    # Named (the first 20, in the order given), counted, and nothing subscribed, not even the known.
+    assert answer["data"] == {"user_ids": [theirs, *unknown][:20], "count": 25}
+    assert await _subscriber_ids(stack, key) == []
+    status, answer, _ = await _post(stack, f"/api/v1/topics/{key}/subscribers", {"user_ids": mine})
+    assert status == 200 and answer["data"]["added"] == 3
+    assert sorted(await _subscriber_ids(stack, key)) == sorted(mine)
+
+
+async def test_subscribing_while_the_user_service_is_away_is_a_503(stack_factory: Any) -> None:
+    away = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    stack = await stack_factory(workers=False, gateway_config={"user_service_url": away})
+    key = await _topic_with(stack, [])
+    status, answer, headers = await _post(
+        stack, f"/api/v1/topics/{key}/subscribers", {"user_ids": [str(uuid.uuid4())]}
+    )
+    assert status == 503 and answer["error"] == "service_unavailable", answer
+    assert headers["Retry-After"] == "1"
+    assert await _subscriber_ids(stack, key) == []
 
 
 async def _topic_with(stack: Stack, users: list[dict[str, Any]]) -> str:
@@ -227,16 +266,19 @@ async def test_topic_fanout_delivers_once_each_in_pages(stack: Stack) -> None:
     assert status == 404
 
 
-async def _direct_users(stack: Stack, count: int, opted_out: int = 0) -> list[dict[str, Any]]:
-    """`count` users written in SQL (fast), the first `opted_out` of them off email."""
+async def _direct_users(
+    stack: Stack, count: int, opted_out: int = 0, project: str = "default"
+) -> list[dict[str, Any]]:
+    """`count` users of `project` written in SQL (fast), the first `opted_out` of them off email."""
     tag = uuid.uuid4().hex[:8]
     users = await db.connect(stack.config.users_db_url, maxsize=1)
     try:
         return await users.fetch(
-            "INSERT INTO users (name, email, password_hash, preferences)"
-            " SELECT 'Sub ' || i, 'sub-' || %s || '-' || i || '@example.com', 'x',"
+            "INSERT INTO users (project_id, name, email, password_hash, preferences)"
+            " SELECT %s, 'Sub ' || i, 'sub-' || %s || '-' || i || '@example.com', 'x',"
             " jsonb_build_object('email', i > %s, 'push', true)"
             " FROM generate_series(1, %s) AS i ORDER BY i RETURNING id, email",
+            project,
             tag,
             opted_out,
             count,

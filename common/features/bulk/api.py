@@ -35,6 +35,9 @@ from common.web.validation import CODE_RE, USER_ID_HINT, USER_ID_RE, Fields, par
 
 log = logging.getLogger(__name__)
 
+# The unknown user ids a 422 names (it says how many there were in all).
+UNKNOWN_LISTED = 20
+
 
 def _unavailable(exc: Exception) -> ApiError:
     return ApiError(503, "service_unavailable", f"Cannot accept now: {exc}.", headers={"Retry-After": "1"})
@@ -277,6 +280,20 @@ async def add_subscribers(request: web.Request) -> web.Response:
                 fields.error(f"user_ids[{i}]", USER_ID_HINT)
     fields.check()
     unique = list(dict.fromkeys(ids))
+    # Only the project's users: looked up as a bulk send looks its recipients up (the cache, then
+    # the user service's batch lookup); one unknown id and nothing is subscribed.
+    try:
+        found = await profiles(request.config_dict[REDIS_KEY], request.config_dict[USERS_KEY], unique)
+    except ServiceUnavailable as exc:
+        raise _unavailable(exc) from None
+    unknown = [u for u in unique if u not in found]
+    if unknown:
+        raise ApiError(
+            422,
+            "unknown_users",
+            f"{len(unknown)} of these user ids are no user of this project; nothing was subscribed.",
+            data={"user_ids": unknown[:UNKNOWN_LISTED], "count": len(unknown)},
+        )
     added = await request.config_dict[BATCHES_KEY].subscribe(client_id, key, unique)
     return json_response(
         {"topic": key, "added": added, "already_subscribed": len(unique) - added}, "subscribers added"
