@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from common.broker import amqp
 from common.data import db
+from common.features.bulk import api as bulk_api
 from common.keys import BATCHES_KEY, FANOUT_KEY
 from common.lookups.cache import user_key
 from tests.conftest import API_KEY, Stack
@@ -26,6 +27,7 @@ from tests.processes import ServiceProcess
 from tests.smtp_sink import free_port
 
 OTHER_KEY = "test-other-topics-key-9876543210"
+THIRD_KEY = "test-third-topics-key-5555555555"
 
 
 def _rss_mb() -> float:
@@ -220,6 +222,70 @@ async def test_subscribing_while_the_user_service_is_away_is_a_503(stack_factory
     assert status == 503 and answer["error"] == "service_unavailable", answer
     assert headers["Retry-After"] == "1"
     assert await _subscriber_ids(stack, key) == []
+
+
+async def test_the_topic_caps_hold_under_concurrent_requests(stack_factory: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(bulk_api, "MAX_TOPICS_PER_PROJECT", 5)
+    monkeypatch.setattr(bulk_api, "MAX_TOPIC_SUBSCRIBERS", 10)
+    # Projects of their own: no topic of another test counts.
+    project, third = f"caps{uuid.uuid4().hex[:8]}", f"caps{uuid.uuid4().hex[:8]}"
+    stack = await stack_factory(
+        workers=False, gateway_api_keys=(API_KEY, f"{project}:{OTHER_KEY}", f"{third}:{THIRD_KEY}")
+    )
+    auth = stack.headers(OTHER_KEY)
+
+    async def put(key: str) -> tuple[int, dict[str, Any]]:
+        response = await stack.gateway.put(f"/api/v1/topics/{key}", json={"name": key}, headers=auth)
+        return response.status, await response.json()
+
+    async def add(key: str, user_ids: list[str]) -> tuple[int, dict[str, Any]]:
+        response = await stack.gateway.post(
+            f"/api/v1/topics/{key}/subscribers", json={"user_ids": user_ids}, headers=auth
+        )
+        return response.status, await response.json()
+
+    # 20 new topics at once: exactly 5 made, the others refused naming the limit.
+    answers = await asyncio.gather(*(put(f"t{i:02d}") for i in range(20)))
+    made = [i for i, (status, _) in enumerate(answers) if status == 201]
+    refused = [answer for status, answer in answers if status == 409]
+    assert len(made) == 5 and len(refused) == 15, [status for status, _ in answers]
+    assert {a["error"] for a in refused} == {"too_many_topics"} and "at most 5 topics" in refused[0][
+        "message"
+    ]
+    # Renaming one is not a new topic; another project's topics are counted apart.
+    key = f"t{made[0]:02d}"
+    assert (await put(key))[0] == 200
+    response = await stack.gateway.put(
+        "/api/v1/topics/t99", json={"name": "x"}, headers=stack.headers(THIRD_KEY)
+    )
+    assert response.status == 201
+    notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
+    try:
+        assert await notes.fetchval("SELECT count(*) FROM topics WHERE client_id = %s", project) == 5
+    finally:
+        await notes.close()
+
+    # 14 users added one each, at once, to a topic that takes 10: exactly 10 subscribed.
+    users = [str(u["id"]) for u in await _direct_users(stack, 14, project=project)]
+    answers = await asyncio.gather(*(add(key, [u]) for u in users))
+    assert sorted(status for status, _ in answers) == [200] * 10 + [409] * 4, answers
+    refused = [answer for status, answer in answers if status == 409]
+    assert {a["error"] for a in refused} == {"too_many_subscribers"}
+    assert "at most 10 subscribers" in refused[0]["message"]
+    response = await stack.gateway.get(f"/api/v1/topics/{key}", headers=auth)
+    assert (await response.json())["data"]["subscribers"] == 10
+    subscribed = {u for u, (status, _) in zip(users, answers, strict=True) if status == 200}
+    left = [u for u in users if u not in subscribed]
+    # One removed, two added: one too many, so neither is; one already there and one new: fine.
+    gone = sorted(subscribed)[0]
+    response = await stack.gateway.delete(f"/api/v1/topics/{key}/subscribers/{gone}", headers=auth)
+    assert (await response.json())["data"]["removed"] is True
+    status, answer = await add(key, left[:2])
+    assert status == 409 and answer["error"] == "too_many_subscribers"
+    response = await stack.gateway.get(f"/api/v1/topics/{key}", headers=auth)
+    assert (await response.json())["data"]["subscribers"] == 9
+    status, answer = await add(key, [sorted(subscribed)[1], left[0]])
+    assert status == 200 and (answer["data"]["added"], answer["data"]["already_subscribed"]) == (1, 1)
 
 
 async def _topic_with(stack: Stack, users: list[dict[str, Any]]) -> str:

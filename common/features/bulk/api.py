@@ -35,6 +35,10 @@ from common.web.validation import CODE_RE, USER_ID_HINT, USER_ID_RE, Fields, par
 
 log = logging.getLogger(__name__)
 
+# Topics per project, and subscribers per topic: one more is a 409 naming the limit. Counted under
+# an advisory lock (`BatchStore.put_topic`, `subscribe`), so concurrent requests cannot pass them.
+MAX_TOPICS_PER_PROJECT = 1000
+MAX_TOPIC_SUBSCRIBERS = 100_000
 # The unknown user ids a 422 names (it says how many there were in all).
 UNKNOWN_LISTED = 20
 
@@ -241,7 +245,16 @@ async def put_topic(request: web.Request) -> web.Response:
     name = fields.string("name", max_len=200)
     fields.check()
     assert name is not None
-    row, created = await request.config_dict[BATCHES_KEY].put_topic(principal.subject, key, name)
+    batches = request.config_dict[BATCHES_KEY]
+    put = await batches.put_topic(principal.subject, key, name, MAX_TOPICS_PER_PROJECT)
+    if put is None:
+        raise ApiError(
+            409,
+            "too_many_topics",
+            f"A project has at most {MAX_TOPICS_PER_PROJECT:,} topics: reuse one, or rename one with PUT.",
+            data={"limit": MAX_TOPICS_PER_PROJECT},
+        )
+    row, created = put
     return json_response(row, "topic created" if created else "topic updated", status=201 if created else 200)
 
 
@@ -294,7 +307,15 @@ async def add_subscribers(request: web.Request) -> web.Response:
             f"{len(unknown)} of these user ids are no user of this project; nothing was subscribed.",
             data={"user_ids": unknown[:UNKNOWN_LISTED], "count": len(unknown)},
         )
-    added = await request.config_dict[BATCHES_KEY].subscribe(client_id, key, unique)
+    added = await request.config_dict[BATCHES_KEY].subscribe(client_id, key, unique, MAX_TOPIC_SUBSCRIBERS)
+    if added is None:
+        raise ApiError(
+            409,
+            "too_many_subscribers",
+            f"A topic has at most {MAX_TOPIC_SUBSCRIBERS:,} subscribers: these would pass it; nothing was"
+            " subscribed.",
+            data={"limit": MAX_TOPIC_SUBSCRIBERS},
+        )
     return json_response(
         {"topic": key, "added": added, "already_subscribed": len(unique) - added}, "subscribers added"
     )

@@ -161,17 +161,35 @@ class BatchStore:
 
     # topics
 
-    async def put_topic(self, client_id: str, key: str, name: str) -> tuple[db.Row, bool]:
-        row = await self.db.fetchrow(
-            """
-            INSERT INTO topics (client_id, key, name) VALUES (%s, %s, %s)
-            ON CONFLICT (client_id, key) DO UPDATE SET name = EXCLUDED.name, updated_at = now()
-            RETURNING key, name, created_at, updated_at, (xmax = 0) AS created
-            """,
-            client_id,
-            key,
-            name,
-        )
+    async def put_topic(self, client_id: str, key: str, name: str, limit: int) -> tuple[db.Row, bool] | None:
+        """The topic created or renamed, and whether it was created; None when it would be new
+        and the project has `limit` topics already. Under the project's lock, so that concurrent
+        creations cannot pass the limit together (a rename is not counted)."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", f"topics\x1f{client_id}"
+            )
+            renamed = await tx.fetchrow(
+                "UPDATE topics SET name = %s, updated_at = now() WHERE client_id = %s AND key = %s"
+                " RETURNING key, name, created_at, updated_at",
+                name,
+                client_id,
+                key,
+            )
+            if renamed is not None:
+                return renamed, False
+            if await tx.fetchval("SELECT count(*) FROM topics WHERE client_id = %s", client_id) >= limit:
+                return None
+            row = await tx.fetchrow(
+                """
+                INSERT INTO topics (client_id, key, name) VALUES (%s, %s, %s)
+                ON CONFLICT (client_id, key) DO UPDATE SET name = EXCLUDED.name, updated_at = now()
+                RETURNING key, name, created_at, updated_at, (xmax = 0) AS created
+                """,
+                client_id,
+                key,
+                name,
+            )
         assert row is not None
         return row, bool(row.pop("created"))
 
@@ -187,18 +205,39 @@ class BatchStore:
     async def topic_exists(self, client_id: str, key: str) -> bool:
         return await topics.exists(self.db, client_id, key)
 
-    async def subscribe(self, client_id: str, key: str, user_ids: list[str]) -> int:
-        """Adds the ones not yet subscribed; returns how many were added."""
-        rows = await self.db.fetch(
-            """
-            INSERT INTO topic_subscribers (client_id, topic_key, user_id)
-            SELECT %s, %s, u FROM unnest(%s::text[]) AS u
-            ON CONFLICT DO NOTHING RETURNING user_id
-            """,
-            client_id,
-            key,
-            user_ids,
-        )
+    async def subscribe(self, client_id: str, key: str, user_ids: list[str], limit: int) -> int | None:
+        """Adds the ones not yet subscribed; returns how many were added, or None (and adds
+        none) when the topic would have more than `limit` subscribers. Counted and inserted
+        under the topic's lock, so that concurrent adds cannot pass the limit together."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                f"topic-subscribers\x1f{client_id}\x1f{key}",
+            )
+            have = await tx.fetchval(
+                "SELECT count(*) FROM topic_subscribers WHERE client_id = %s AND topic_key = %s",
+                client_id,
+                key,
+            )
+            new = await tx.fetchval(
+                "SELECT count(DISTINCT u) FROM unnest(%s::text[]) AS u WHERE NOT EXISTS (SELECT 1"
+                " FROM topic_subscribers s WHERE s.client_id = %s AND s.topic_key = %s AND s.user_id = u)",
+                user_ids,
+                client_id,
+                key,
+            )
+            if int(have) + int(new) > limit:
+                return None
+            rows = await tx.fetch(
+                """
+                INSERT INTO topic_subscribers (client_id, topic_key, user_id)
+                SELECT %s, %s, u FROM unnest(%s::text[]) AS u
+                ON CONFLICT DO NOTHING RETURNING user_id
+                """,
+                client_id,
+                key,
+                user_ids,
+            )
         return len(rows)
 
     async def unsubscribe(self, client_id: str, key: str, user_id: str) -> bool:
