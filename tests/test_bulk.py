@@ -332,6 +332,53 @@ async def test_topic_fanout_delivers_once_each_in_pages(stack: Stack) -> None:
     assert status == 404
 
 
+async def _fanout_messages(amqp_channel: Any, batch_id: str) -> int:
+    """Takes every message off fanout.queue; how many were for `batch_id`."""
+    queue = await amqp_channel.get_queue(amqp.work_queue(amqp.FANOUT))
+    count = 0
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        count += orjson.loads(message.body)["batch_id"] == batch_id
+    return count
+
+
+async def test_a_replay_of_an_unfinished_fanout_publishes_no_second_message(
+    stack_factory: Any, amqp_channel: Any
+) -> None:
+    stack = await stack_factory(workers=False)
+    fanout = stack.gateway.app[FANOUT_KEY]
+    await fanout.channel.close()  # nobody takes the fan-out: it stays unfinished, its message queued
+    fanout.stalled_after = 1.0  # (the redrive loop keeps its own 60 s)
+    code = (await stack.create_template())["code"]
+    key = await _topic_with(stack, [await stack.create_user()])
+    body = {
+        "notification_type": "email",
+        "topic": key,
+        "template_code": code,
+        "variables": {"name": "N", "link": "l"},
+        "request_id": f"replayed-{uuid.uuid4()}",
+    }
+    status, answer, _ = await stack.send(body)
+    assert status == 202, answer
+    batch_id = answer["data"]["batch_id"]
+    try:
+        for _ in range(3):  # replays while the first message waits: none published
+            status, again, headers = await stack.send(body)
+            assert status == 202 and headers["Idempotent-Replayed"] == "true"
+            assert again["data"]["batch_id"] == batch_id
+        assert await _fanout_messages(amqp_channel, batch_id) == 1
+        # Nothing has touched it for longer than the stall threshold (its message lost, say): a
+        # replay publishes it again, once.
+        await asyncio.sleep(1.5)
+        await asyncio.gather(*(stack.send(body) for _ in range(3)))
+        assert await _fanout_messages(amqp_channel, batch_id) == 1
+    finally:  # left unfinished, a later test's redrive would fan it out
+        notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
+        try:
+            await notes.execute("UPDATE batches SET failed_at = now() WHERE id = %s", batch_id)
+        finally:
+            await notes.close()
+
+
 async def _direct_users(
     stack: Stack, count: int, opted_out: int = 0, project: str = "default"
 ) -> list[dict[str, Any]]:

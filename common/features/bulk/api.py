@@ -178,13 +178,11 @@ async def notify_topic(request: web.Request, client_id: str, body: dict[str, Any
         created = False
     if existing["body_hash"] != body_hash or existing["kind"] != "topic":
         raise _conflict(payload["request_id"])
-    if created or (existing["fanned_out_at"] is None and existing["failed_at"] is None):
-        # A replay of one whose fan-out message may never have been published: again (harmless,
-        # the fan-out is idempotent); if the broker refuses, the redrive loop publishes it.
-        try:
-            await request.config_dict[FANOUT_KEY].publish(existing["id"])
-        except Exception as exc:  # noqa: BLE001 - stored: the redrive publishes it later
-            log.warning("fan-out of batch %s not published now (%s); the redrive will", existing["id"], exc)
+    if existing["fanned_out_at"] is None and existing["failed_at"] is None:
+        # New, or a replay of one not finished: its fan-out message is published unless one was
+        # recently, or the fan-out is moving (a replay adds no second message behind the first);
+        # if the broker refuses, a replay or the redrive loop publishes it.
+        await request.config_dict[FANOUT_KEY].start(existing["id"])
     message = "topic notification accepted" if created else "topic notification already accepted"
     headers = None if created else {"Idempotent-Replayed": "true"}
     return json_response(_topic_view(existing), message, status=202, headers=headers)

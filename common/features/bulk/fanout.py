@@ -109,6 +109,7 @@ class Fanout:
         self.queue_bound = QUEUE_BOUND
         self.max_attempts = FANOUT_ATTEMPTS
         self.failure_pause = FAILURE_PAUSE
+        self.stalled_after = STALLED_AFTER  # the redrive's threshold (set by `fanout`)
         # One fan-out at a time per gateway (its channel's prefetch is 1); an unparseable
         # message is a dead letter in failed.queue, as the workers' are.
         self.consumer = Consumer(
@@ -119,6 +120,21 @@ class Fanout:
             concurrent=False,
             failed=FailedRoute(lambda: broker.exchange, amqp.FAILED_ROUTING_KEY),
         )
+
+    async def start(self, batch_id: uuid.UUID) -> bool:
+        """Publish a topic batch's fan-out message, unless one was published recently or the
+        fan-out is moving (a replay of the request while it runs publishes nothing); whether it
+        was published. A broker that refuses is logged: the redrive publishes it later."""
+        if not await self.batches.claim_publish(batch_id, self.stalled_after):
+            return False
+        try:
+            await self.publish(batch_id)
+        except Exception as exc:  # noqa: BLE001 - stored: a replay or the redrive publishes it later
+            log.warning("fan-out of batch %s not published now (%s); the redrive will", batch_id, exc)
+            with contextlib.suppress(Exception):
+                await self.batches.unclaim_publish(batch_id)
+            return False
+        return True
 
     async def publish(self, batch_id: uuid.UUID) -> None:
         await amqp.publish(
@@ -253,7 +269,7 @@ async def redrive_round(batches: BatchStore, fanout: Fanout, stalled_after: floa
     for batch_id in stalled:
         await fanout.publish(batch_id)
     if stalled:
-        await batches.touch(stalled)
+        await batches.touch(stalled, published=True)
         log.warning("published %d stalled fan-out(s) again", len(stalled))
 
 
@@ -268,6 +284,7 @@ async def fanout(app: web.Application) -> AsyncIterator[None]:
     worker = Fanout(batches, app[STORE_KEY], app[OUTBOX_KEY], broker, channel, app[REDIS_KEY], app[USERS_KEY])
     app[FANOUT_KEY] = worker
     stalled_after = max(STALLED_AFTER, config.reconcile_after)
+    worker.stalled_after = stalled_after
     stop = asyncio.Event()
     redriver = asyncio.create_task(
         background.rounds(

@@ -14,7 +14,8 @@ from common.vocabulary import FINAL_STATUSES
 
 _BATCH_COLUMNS = (
     "id, client_id, request_id, body_hash, kind, topic_key, payload, total, rejected, result, "
-    "fanout_cursor, fanned_out_at, fanout_attempts, fanout_error, failed_at, created_at, updated_at"
+    "fanout_cursor, fanned_out_at, fanout_attempts, fanout_error, failed_at, fanout_published_at, "
+    "created_at, updated_at"
 )
 
 
@@ -156,8 +157,34 @@ class BatchStore:
         )
         return [r["id"] for r in rows]
 
-    async def touch(self, batch_ids: list[uuid.UUID]) -> None:
-        await self.db.execute("UPDATE batches SET updated_at = now() WHERE id = ANY(%s)", batch_ids)
+    async def touch(self, batch_ids: list[uuid.UUID], *, published: bool = False) -> None:
+        """Mark the batches as moving now (and, `published`, their fan-out message as sent now)."""
+        await self.db.execute(
+            "UPDATE batches SET updated_at = now(),"
+            " fanout_published_at = CASE WHEN %s THEN now() ELSE fanout_published_at END"
+            " WHERE id = ANY(%s)",
+            published,
+            batch_ids,
+        )
+
+    async def claim_publish(self, batch_id: uuid.UUID, stalled_after: float) -> bool:
+        """Whether the caller is to publish the batch's fan-out message now (and it is recorded as
+        published): yes for an unfinished fan-out whose message was never published, or that
+        nothing has touched for `stalled_after` seconds; no while a message published or a
+        fan-out in progress is recent. One of concurrent callers wins."""
+        claimed = await self.db.fetchval(
+            "UPDATE batches SET fanout_published_at = now(), updated_at = now()"
+            " WHERE id = %s AND kind = 'topic' AND fanned_out_at IS NULL AND failed_at IS NULL"
+            " AND (fanout_published_at IS NULL OR updated_at < now() - make_interval(secs => %s))"
+            " RETURNING id",
+            batch_id,
+            stalled_after,
+        )
+        return claimed is not None
+
+    async def unclaim_publish(self, batch_id: uuid.UUID) -> None:
+        """The message claimed was not published after all: the next replay publishes it."""
+        await self.db.execute("UPDATE batches SET fanout_published_at = NULL WHERE id = %s", batch_id)
 
     # topics
 
