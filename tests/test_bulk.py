@@ -400,12 +400,15 @@ async def _direct_users(
         await users.close()
 
 
-async def _direct_subscribers(stack: Stack, key: str, count: int) -> list[str]:
-    """`count` users and their subscriptions, written in SQL (fast); returns their emails."""
-    rows = await _direct_users(stack, count)
+async def _direct_subscribers(stack: Stack, key: str, count: int, project: str = "default") -> list[str]:
+    """`count` users of `project` and their subscriptions to its topic `key`, written in SQL
+    (fast); returns their emails."""
+    rows = await _direct_users(stack, count, project=project)
     notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
     try:
-        client_id = await notes.fetchval("SELECT client_id FROM topics WHERE key = %s", key)
+        client_id = await notes.fetchval(
+            "SELECT client_id FROM topics WHERE key = %s AND client_id = %s", key, project
+        )
         await notes.execute(
             "INSERT INTO topic_subscribers (client_id, topic_key, user_id) SELECT %s, %s, unnest(%s::uuid[])",
             client_id,
@@ -415,6 +418,116 @@ async def _direct_subscribers(stack: Stack, key: str, count: int) -> list[str]:
     finally:
         await notes.close()
     return [r["email"] for r in rows]
+
+
+async def test_a_large_topic_does_not_hold_up_another_projects_small_one(stack_factory: Any) -> None:
+    stack = await stack_factory(workers=False, gateway_api_keys=(API_KEY, f"other:{OTHER_KEY}"))
+    fanout = stack.gateway.app[FANOUT_KEY]
+    fanout.page = 50  # 60 pages for the large topic
+    fanout.queue_bound = 10**6  # no worker: the queue only grows, and must not hold either up
+    body = {"notification_type": "email", "variables": {"name": "N", "link": "l"}}
+    large = await _topic_with(stack, [])
+    await _direct_subscribers(stack, large, 3000)
+    small = f"small-{uuid.uuid4().hex[:8]}"
+    response = await stack.gateway.put(
+        f"/api/v1/topics/{small}", json={"name": small}, headers=stack.headers(OTHER_KEY)
+    )
+    assert response.status == 201
+    await _direct_subscribers(stack, small, 5, project="other")
+    large_code = (await stack.create_template())["code"]
+    small_code = (await stack.create_template(key=OTHER_KEY))["code"]
+    notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
+    try:
+        status, answer, _ = await stack.send(
+            {**body, "topic": large, "template_code": large_code, "request_id": f"large-{uuid.uuid4()}"}
+        )
+        assert status == 202, answer
+        large_id = answer["data"]["batch_id"]
+        deadline = time.monotonic() + 30
+        while not await notes.fetchval("SELECT count(*) FROM notifications WHERE batch_id = %s", large_id):
+            assert time.monotonic() < deadline, "the large fan-out did not start"
+            await asyncio.sleep(0.01)
+        # Sent once the large one is under way, by another project.
+        status, answer, _ = await stack.send(
+            {**body, "topic": small, "template_code": small_code, "request_id": f"small-{uuid.uuid4()}"},
+            Authorization=f"Bearer {OTHER_KEY}",
+        )
+        assert status == 202, answer
+        small_id = answer["data"]["batch_id"]
+        deadline = time.monotonic() + 120
+        while True:
+            rows = await notes.fetch(
+                "SELECT id, fanned_out_at, (SELECT count(*) FROM notifications n WHERE n.batch_id = b.id)"
+                " AS stored FROM batches b WHERE id = ANY(%s)",
+                [uuid.UUID(large_id), uuid.UUID(small_id)],
+            )
+            done = {str(r["id"]): r for r in rows}
+            if done[small_id]["fanned_out_at"] is not None and done[small_id]["stored"] == 5:
+                # All of the small topic's accepted while the large one is still going.
+                assert done[large_id]["fanned_out_at"] is None, done
+                assert done[large_id]["stored"] < 3000, done
+                break
+            assert done[large_id]["fanned_out_at"] is None, f"the small one waited for the large one: {done}"
+            assert time.monotonic() < deadline, done
+            await asyncio.sleep(0.01)
+        # And the large one goes on to the end, each subscriber once.
+        deadline = time.monotonic() + 120
+        while (await _batch(stack, large_id))["fanned_out"] is False:
+            assert time.monotonic() < deadline, "the large fan-out did not finish"
+            await asyncio.sleep(0.1)
+        stored = await notes.fetchrow(
+            "SELECT count(*) AS n, count(DISTINCT user_id) AS users FROM notifications WHERE batch_id = %s",
+            large_id,
+        )
+        assert stored == {"n": 3000, "users": 3000}
+    finally:
+        await notes.close()
+
+
+async def test_duplicate_fanout_messages_send_each_subscriber_once(
+    stack_factory: Any, amqp_channel: Any
+) -> None:
+    stack = await stack_factory(workers=False)
+    fanout = stack.gateway.app[FANOUT_KEY]
+    await fanout.consumer.stop(0)  # the test runs the pages itself
+    fanout.page = 3
+    key = await _topic_with(stack, [])
+    emails = await _direct_subscribers(stack, key, 10)
+    notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
+    try:
+        # Two subscribers that are no users (any more): rejected by the fan-out, counted once.
+        await notes.execute(
+            "INSERT INTO topic_subscribers (client_id, topic_key, user_id)"
+            " SELECT client_id, key, unnest(%s::text[]) FROM topics WHERE key = %s",
+            [f"gone-{uuid.uuid4()}", f"gone-{uuid.uuid4()}"],
+            key,
+        )
+        code = (await stack.create_template())["code"]
+        status, answer, _ = await stack.send(
+            {
+                "notification_type": "email",
+                "topic": key,
+                "template_code": code,
+                "variables": {"name": "N", "link": "l"},
+                "request_id": f"dup-{uuid.uuid4()}",
+            }
+        )
+        assert status == 202, answer
+        batch_id = answer["data"]["batch_id"]
+        # Four consumers on each page at once (a message, the redrive's and replays' duplicates,
+        # on four gateways): one moves the cursor and publishes the rest, the others stop.
+        for _ in range(10):
+            await asyncio.gather(*(fanout.run(uuid.UUID(batch_id)) for _ in range(4)))
+            if (batch := await _batch(stack, batch_id))["fanned_out"]:
+                break
+        assert batch["fanned_out"] and batch["rejected"] == 2, batch
+        assert batch["by_status"] == {"pending": 10}, batch
+        rows = await notes.fetch("SELECT user_id FROM notifications WHERE batch_id = %s", batch_id)
+        assert len(rows) == len({r["user_id"] for r in rows}) == len(emails)
+        # The first message, and one continuation per full page (12 subscribers, pages of 3).
+        assert await _fanout_messages(amqp_channel, batch_id) == 1 + 4
+    finally:
+        await notes.close()
 
 
 async def test_a_bulk_of_1000_with_unknown_opted_out_and_a_duplicate_delivers_once_each(stack: Stack) -> None:

@@ -99,17 +99,19 @@ class BatchStore:
             batch_id,
         )
 
-    async def advance(self, batch_id: uuid.UUID, cursor: str, rejected: int) -> None:
-        """Move a fan-out's cursor forward (never back: a second consumer on the same batch
-        only ever repeats pages, which insert nothing)."""
-        await self.db.execute(
+    async def advance(self, batch_id: uuid.UUID, start: str | None, cursor: str, rejected: int) -> bool:
+        """Move a fan-out's cursor from `start` (the page's) to `cursor` (its last subscriber),
+        counting the page's rejected users; False when the cursor is no longer at `start` (a
+        second consumer on the same page moved it first: the page is counted once)."""
+        moved = await self.db.fetchval(
             "UPDATE batches SET fanout_cursor = %s, rejected = rejected + %s, updated_at = now()"
-            " WHERE id = %s AND (fanout_cursor IS NULL OR fanout_cursor < %s)",
+            " WHERE id = %s AND fanout_cursor IS NOT DISTINCT FROM %s RETURNING id",
             cursor,
             rejected,
             batch_id,
-            cursor,
+            start,
         )
+        return moved is not None
 
     async def fanned_out(self, batch_id: uuid.UUID) -> None:
         await self.db.execute(
