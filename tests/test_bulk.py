@@ -19,10 +19,15 @@ import redis.asyncio as aioredis
 
 from common.broker import amqp
 from common.data import db
+from common.features.bulk import api as bulk_api
 from common.keys import BATCHES_KEY, FANOUT_KEY
 from common.lookups.cache import user_key
 from tests.conftest import API_KEY, Stack
 from tests.processes import ServiceProcess
+from tests.smtp_sink import free_port
+
+OTHER_KEY = "test-other-topics-key-9876543210"
+THIRD_KEY = "test-third-topics-key-5555555555"
 
 
 def _rss_mb() -> float:
@@ -150,7 +155,7 @@ async def test_topic_crud_and_keyset_paging(stack: Stack) -> None:
         f"/api/v1/topics/{key}", json={"name": "Renamed"}, headers=stack.headers()
     )
     assert response.status == 200
-    ids = sorted(str(uuid.uuid4()) for _ in range(25))
+    ids = sorted(str(u["id"]) for u in await _direct_users(stack, 25))
     status, answer, _ = await _post(stack, f"/api/v1/topics/{key}/subscribers", {"user_ids": ids[:20]})
     assert status == 200 and answer["data"]["added"] == 20
     status, answer, _ = await _post(stack, f"/api/v1/topics/{key}/subscribers", {"user_ids": ids})
@@ -181,6 +186,106 @@ async def test_topic_crud_and_keyset_paging(stack: Stack) -> None:
         f"/api/v1/topics/{key}", headers={"Authorization": f"Bearer {stack.config.internal_api_token}"}
     )
     assert response.status in (403, 404)
+
+
+async def _subscriber_ids(stack: Stack, key: str) -> list[str]:
+    status, page = await _get(stack, f"/api/v1/topics/{key}/subscribers?limit=1000")
+    assert status == 200, page
+    return [r["user_id"] for r in page["data"]]
+
+
+async def test_only_the_projects_users_can_be_subscribed(stack_factory: Any) -> None:
+    stack = await stack_factory(workers=False, gateway_api_keys=(API_KEY, f"other:{OTHER_KEY}"))
+    key = await _topic_with(stack, [])
+    mine = [str(u["id"]) for u in await _direct_users(stack, 3)]
+    theirs = (await stack.create_user(key=OTHER_KEY))["id"]  # a user, of another project
+    unknown = [str(uuid.uuid4()) for _ in range(24)]
+    status, answer, _ = await _post(
+        stack, f"/api/v1/topics/{key}/subscribers", {"user_ids": [*mine, theirs, *unknown]}
+    )
+    assert status == 422 and answer["error"] == "unknown_users", answer
+    # Named (the first 20, in the order given), counted, and nothing subscribed, not even the known.
+    assert answer["data"] == {"user_ids": [theirs, *unknown][:20], "count": 25}
+    assert await _subscriber_ids(stack, key) == []
+    status, answer, _ = await _post(stack, f"/api/v1/topics/{key}/subscribers", {"user_ids": mine})
+    assert status == 200 and answer["data"]["added"] == 3
+    assert sorted(await _subscriber_ids(stack, key)) == sorted(mine)
+
+
+async def test_subscribing_while_the_user_service_is_away_is_a_503(stack_factory: Any) -> None:
+    away = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    stack = await stack_factory(workers=False, gateway_config={"user_service_url": away})
+    key = await _topic_with(stack, [])
+    status, answer, headers = await _post(
+        stack, f"/api/v1/topics/{key}/subscribers", {"user_ids": [str(uuid.uuid4())]}
+    )
+    assert status == 503 and answer["error"] == "service_unavailable", answer
+    assert headers["Retry-After"] == "1"
+    assert await _subscriber_ids(stack, key) == []
+
+
+async def test_the_topic_caps_hold_under_concurrent_requests(stack_factory: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(bulk_api, "MAX_TOPICS_PER_PROJECT", 5)
+    monkeypatch.setattr(bulk_api, "MAX_TOPIC_SUBSCRIBERS", 10)
+    # Projects of their own: no topic of another test counts.
+    project, third = f"caps{uuid.uuid4().hex[:8]}", f"caps{uuid.uuid4().hex[:8]}"
+    stack = await stack_factory(
+        workers=False, gateway_api_keys=(API_KEY, f"{project}:{OTHER_KEY}", f"{third}:{THIRD_KEY}")
+    )
+    auth = stack.headers(OTHER_KEY)
+
+    async def put(key: str) -> tuple[int, dict[str, Any]]:
+        response = await stack.gateway.put(f"/api/v1/topics/{key}", json={"name": key}, headers=auth)
+        return response.status, await response.json()
+
+    async def add(key: str, user_ids: list[str]) -> tuple[int, dict[str, Any]]:
+        response = await stack.gateway.post(
+            f"/api/v1/topics/{key}/subscribers", json={"user_ids": user_ids}, headers=auth
+        )
+        return response.status, await response.json()
+
+    # 20 new topics at once: exactly 5 made, the others refused naming the limit.
+    answers = await asyncio.gather(*(put(f"t{i:02d}") for i in range(20)))
+    made = [i for i, (status, _) in enumerate(answers) if status == 201]
+    refused = [answer for status, answer in answers if status == 409]
+    assert len(made) == 5 and len(refused) == 15, [status for status, _ in answers]
+    assert {a["error"] for a in refused} == {"too_many_topics"} and "at most 5 topics" in refused[0][
+        "message"
+    ]
+    # Renaming one is not a new topic; another project's topics are counted apart.
+    key = f"t{made[0]:02d}"
+    assert (await put(key))[0] == 200
+    response = await stack.gateway.put(
+        "/api/v1/topics/t99", json={"name": "x"}, headers=stack.headers(THIRD_KEY)
+    )
+    assert response.status == 201
+    notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
+    try:
+        assert await notes.fetchval("SELECT count(*) FROM topics WHERE client_id = %s", project) == 5
+    finally:
+        await notes.close()
+
+    # 14 users added one each, at once, to a topic that takes 10: exactly 10 subscribed.
+    users = [str(u["id"]) for u in await _direct_users(stack, 14, project=project)]
+    answers = await asyncio.gather(*(add(key, [u]) for u in users))
+    assert sorted(status for status, _ in answers) == [200] * 10 + [409] * 4, answers
+    refused = [answer for status, answer in answers if status == 409]
+    assert {a["error"] for a in refused} == {"too_many_subscribers"}
+    assert "at most 10 subscribers" in refused[0]["message"]
+    response = await stack.gateway.get(f"/api/v1/topics/{key}", headers=auth)
+    assert (await response.json())["data"]["subscribers"] == 10
+    subscribed = {u for u, (status, _) in zip(users, answers, strict=True) if status == 200}
+    left = [u for u in users if u not in subscribed]
+    # One removed, two added: one too many, so neither is; one already there and one new: fine.
+    gone = sorted(subscribed)[0]
+    response = await stack.gateway.delete(f"/api/v1/topics/{key}/subscribers/{gone}", headers=auth)
+    assert (await response.json())["data"]["removed"] is True
+    status, answer = await add(key, left[:2])
+    assert status == 409 and answer["error"] == "too_many_subscribers"
+    response = await stack.gateway.get(f"/api/v1/topics/{key}", headers=auth)
+    assert (await response.json())["data"]["subscribers"] == 9
+    status, answer = await add(key, [sorted(subscribed)[1], left[0]])
+    assert status == 200 and (answer["data"]["added"], answer["data"]["already_subscribed"]) == (1, 1)
 
 
 async def _topic_with(stack: Stack, users: list[dict[str, Any]]) -> str:
@@ -227,16 +332,66 @@ async def test_topic_fanout_delivers_once_each_in_pages(stack: Stack) -> None:
     assert status == 404
 
 
-async def _direct_users(stack: Stack, count: int, opted_out: int = 0) -> list[dict[str, Any]]:
-    """`count` users written in SQL (fast), the first `opted_out` of them off email."""
+async def _fanout_messages(amqp_channel: Any, batch_id: str) -> int:
+    """Takes every message off fanout.queue; how many were for `batch_id`."""
+    queue = await amqp_channel.get_queue(amqp.work_queue(amqp.FANOUT))
+    count = 0
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        count += orjson.loads(message.body)["batch_id"] == batch_id
+    return count
+
+
+async def test_a_replay_of_an_unfinished_fanout_publishes_no_second_message(
+    stack_factory: Any, amqp_channel: Any
+) -> None:
+    stack = await stack_factory(workers=False)
+    fanout = stack.gateway.app[FANOUT_KEY]
+    await fanout.channel.close()  # nobody takes the fan-out: it stays unfinished, its message queued
+    fanout.stalled_after = 1.0  # (the redrive loop keeps its own 60 s)
+    code = (await stack.create_template())["code"]
+    key = await _topic_with(stack, [await stack.create_user()])
+    body = {
+        "notification_type": "email",
+        "topic": key,
+        "template_code": code,
+        "variables": {"name": "N", "link": "l"},
+        "request_id": f"replayed-{uuid.uuid4()}",
+    }
+    status, answer, _ = await stack.send(body)
+    assert status == 202, answer
+    batch_id = answer["data"]["batch_id"]
+    try:
+        for _ in range(3):  # replays while the first message waits: none published
+            status, again, headers = await stack.send(body)
+            assert status == 202 and headers["Idempotent-Replayed"] == "true"
+            assert again["data"]["batch_id"] == batch_id
+        assert await _fanout_messages(amqp_channel, batch_id) == 1
+        # Nothing has touched it for longer than the stall threshold (its message lost, say): a
+        # replay publishes it again, once.
+        await asyncio.sleep(1.5)
+        await asyncio.gather(*(stack.send(body) for _ in range(3)))
+        assert await _fanout_messages(amqp_channel, batch_id) == 1
+    finally:  # left unfinished, a later test's redrive would fan it out
+        notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
+        try:
+            await notes.execute("UPDATE batches SET failed_at = now() WHERE id = %s", batch_id)
+        finally:
+            await notes.close()
+
+
+async def _direct_users(
+    stack: Stack, count: int, opted_out: int = 0, project: str = "default"
+) -> list[dict[str, Any]]:
+    """`count` users of `project` written in SQL (fast), the first `opted_out` of them off email."""
     tag = uuid.uuid4().hex[:8]
     users = await db.connect(stack.config.users_db_url, maxsize=1)
     try:
         return await users.fetch(
-            "INSERT INTO users (name, email, password_hash, preferences)"
-            " SELECT 'Sub ' || i, 'sub-' || %s || '-' || i || '@example.com', 'x',"
+            "INSERT INTO users (project_id, name, email, password_hash, preferences)"
+            " SELECT %s, 'Sub ' || i, 'sub-' || %s || '-' || i || '@example.com', 'x',"
             " jsonb_build_object('email', i > %s, 'push', true)"
             " FROM generate_series(1, %s) AS i ORDER BY i RETURNING id, email",
+            project,
             tag,
             opted_out,
             count,
@@ -245,12 +400,15 @@ async def _direct_users(stack: Stack, count: int, opted_out: int = 0) -> list[di
         await users.close()
 
 
-async def _direct_subscribers(stack: Stack, key: str, count: int) -> list[str]:
-    """`count` users and their subscriptions, written in SQL (fast); returns their emails."""
-    rows = await _direct_users(stack, count)
+async def _direct_subscribers(stack: Stack, key: str, count: int, project: str = "default") -> list[str]:
+    """`count` users of `project` and their subscriptions to its topic `key`, written in SQL
+    (fast); returns their emails."""
+    rows = await _direct_users(stack, count, project=project)
     notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
     try:
-        client_id = await notes.fetchval("SELECT client_id FROM topics WHERE key = %s", key)
+        client_id = await notes.fetchval(
+            "SELECT client_id FROM topics WHERE key = %s AND client_id = %s", key, project
+        )
         await notes.execute(
             "INSERT INTO topic_subscribers (client_id, topic_key, user_id) SELECT %s, %s, unnest(%s::uuid[])",
             client_id,
@@ -260,6 +418,116 @@ async def _direct_subscribers(stack: Stack, key: str, count: int) -> list[str]:
     finally:
         await notes.close()
     return [r["email"] for r in rows]
+
+
+async def test_a_large_topic_does_not_hold_up_another_projects_small_one(stack_factory: Any) -> None:
+    stack = await stack_factory(workers=False, gateway_api_keys=(API_KEY, f"other:{OTHER_KEY}"))
+    fanout = stack.gateway.app[FANOUT_KEY]
+    fanout.page = 50  # 60 pages for the large topic
+    fanout.queue_bound = 10**6  # no worker: the queue only grows, and must not hold either up
+    body = {"notification_type": "email", "variables": {"name": "N", "link": "l"}}
+    large = await _topic_with(stack, [])
+    await _direct_subscribers(stack, large, 3000)
+    small = f"small-{uuid.uuid4().hex[:8]}"
+    response = await stack.gateway.put(
+        f"/api/v1/topics/{small}", json={"name": small}, headers=stack.headers(OTHER_KEY)
+    )
+    assert response.status == 201
+    await _direct_subscribers(stack, small, 5, project="other")
+    large_code = (await stack.create_template())["code"]
+    small_code = (await stack.create_template(key=OTHER_KEY))["code"]
+    notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
+    try:
+        status, answer, _ = await stack.send(
+            {**body, "topic": large, "template_code": large_code, "request_id": f"large-{uuid.uuid4()}"}
+        )
+        assert status == 202, answer
+        large_id = answer["data"]["batch_id"]
+        deadline = time.monotonic() + 30
+        while not await notes.fetchval("SELECT count(*) FROM notifications WHERE batch_id = %s", large_id):
+            assert time.monotonic() < deadline, "the large fan-out did not start"
+            await asyncio.sleep(0.01)
+        # Sent once the large one is under way, by another project.
+        status, answer, _ = await stack.send(
+            {**body, "topic": small, "template_code": small_code, "request_id": f"small-{uuid.uuid4()}"},
+            Authorization=f"Bearer {OTHER_KEY}",
+        )
+        assert status == 202, answer
+        small_id = answer["data"]["batch_id"]
+        deadline = time.monotonic() + 120
+        while True:
+            rows = await notes.fetch(
+                "SELECT id, fanned_out_at, (SELECT count(*) FROM notifications n WHERE n.batch_id = b.id)"
+                " AS stored FROM batches b WHERE id = ANY(%s)",
+                [uuid.UUID(large_id), uuid.UUID(small_id)],
+            )
+            done = {str(r["id"]): r for r in rows}
+            if done[small_id]["fanned_out_at"] is not None and done[small_id]["stored"] == 5:
+                # All of the small topic's accepted while the large one is still going.
+                assert done[large_id]["fanned_out_at"] is None, done
+                assert done[large_id]["stored"] < 3000, done
+                break
+            assert done[large_id]["fanned_out_at"] is None, f"the small one waited for the large one: {done}"
+            assert time.monotonic() < deadline, done
+            await asyncio.sleep(0.01)
+        # And the large one goes on to the end, each subscriber once.
+        deadline = time.monotonic() + 120
+        while (await _batch(stack, large_id))["fanned_out"] is False:
+            assert time.monotonic() < deadline, "the large fan-out did not finish"
+            await asyncio.sleep(0.1)
+        stored = await notes.fetchrow(
+            "SELECT count(*) AS n, count(DISTINCT user_id) AS users FROM notifications WHERE batch_id = %s",
+            large_id,
+        )
+        assert stored == {"n": 3000, "users": 3000}
+    finally:
+        await notes.close()
+
+
+async def test_duplicate_fanout_messages_send_each_subscriber_once(
+    stack_factory: Any, amqp_channel: Any
+) -> None:
+    stack = await stack_factory(workers=False)
+    fanout = stack.gateway.app[FANOUT_KEY]
+    await fanout.consumer.stop(0)  # the test runs the pages itself
+    fanout.page = 3
+    key = await _topic_with(stack, [])
+    emails = await _direct_subscribers(stack, key, 10)
+    notes = await db.connect(stack.config.notifications_db_url, maxsize=1)
+    try:
+        # Two subscribers that are no users (any more): rejected by the fan-out, counted once.
+        await notes.execute(
+            "INSERT INTO topic_subscribers (client_id, topic_key, user_id)"
+            " SELECT client_id, key, unnest(%s::text[]) FROM topics WHERE key = %s",
+            [f"gone-{uuid.uuid4()}", f"gone-{uuid.uuid4()}"],
+            key,
+        )
+        code = (await stack.create_template())["code"]
+        status, answer, _ = await stack.send(
+            {
+                "notification_type": "email",
+                "topic": key,
+                "template_code": code,
+                "variables": {"name": "N", "link": "l"},
+                "request_id": f"dup-{uuid.uuid4()}",
+            }
+        )
+        assert status == 202, answer
+        batch_id = answer["data"]["batch_id"]
+        # Four consumers on each page at once (a message, the redrive's and replays' duplicates,
+        # on four gateways): one moves the cursor and publishes the rest, the others stop.
+        for _ in range(10):
+            await asyncio.gather(*(fanout.run(uuid.UUID(batch_id)) for _ in range(4)))
+            if (batch := await _batch(stack, batch_id))["fanned_out"]:
+                break
+        assert batch["fanned_out"] and batch["rejected"] == 2, batch
+        assert batch["by_status"] == {"pending": 10}, batch
+        rows = await notes.fetch("SELECT user_id FROM notifications WHERE batch_id = %s", batch_id)
+        assert len(rows) == len({r["user_id"] for r in rows}) == len(emails)
+        # The first message, and one continuation per full page (12 subscribers, pages of 3).
+        assert await _fanout_messages(amqp_channel, batch_id) == 1 + 4
+    finally:
+        await notes.close()
 
 
 async def test_a_bulk_of_1000_with_unknown_opted_out_and_a_duplicate_delivers_once_each(stack: Stack) -> None:

@@ -35,6 +35,13 @@ from common.web.validation import CODE_RE, USER_ID_HINT, USER_ID_RE, Fields, par
 
 log = logging.getLogger(__name__)
 
+# Topics per project, and subscribers per topic: one more is a 409 naming the limit. Counted under
+# an advisory lock (`BatchStore.put_topic`, `subscribe`), so concurrent requests cannot pass them.
+MAX_TOPICS_PER_PROJECT = 1000
+MAX_TOPIC_SUBSCRIBERS = 100_000
+# The unknown user ids a 422 names (it says how many there were in all).
+UNKNOWN_LISTED = 20
+
 
 def _unavailable(exc: Exception) -> ApiError:
     return ApiError(503, "service_unavailable", f"Cannot accept now: {exc}.", headers={"Retry-After": "1"})
@@ -171,13 +178,11 @@ async def notify_topic(request: web.Request, client_id: str, body: dict[str, Any
         created = False
     if existing["body_hash"] != body_hash or existing["kind"] != "topic":
         raise _conflict(payload["request_id"])
-    if created or (existing["fanned_out_at"] is None and existing["failed_at"] is None):
-        # A replay of one whose fan-out message may never have been published: again (harmless,
-        # the fan-out is idempotent); if the broker refuses, the redrive loop publishes it.
-        try:
-            await request.config_dict[FANOUT_KEY].publish(existing["id"])
-        except Exception as exc:  # noqa: BLE001 - stored: the redrive publishes it later
-            log.warning("fan-out of batch %s not published now (%s); the redrive will", existing["id"], exc)
+    if existing["fanned_out_at"] is None and existing["failed_at"] is None:
+        # New, or a replay of one not finished: its fan-out message is published unless one was
+        # recently, or the fan-out is moving (a replay adds no second message behind the first);
+        # if the broker refuses, a replay or the redrive loop publishes it.
+        await request.config_dict[FANOUT_KEY].start(existing["id"])
     message = "topic notification accepted" if created else "topic notification already accepted"
     headers = None if created else {"Idempotent-Replayed": "true"}
     return json_response(_topic_view(existing), message, status=202, headers=headers)
@@ -238,7 +243,16 @@ async def put_topic(request: web.Request) -> web.Response:
     name = fields.string("name", max_len=200)
     fields.check()
     assert name is not None
-    row, created = await request.config_dict[BATCHES_KEY].put_topic(principal.subject, key, name)
+    batches = request.config_dict[BATCHES_KEY]
+    put = await batches.put_topic(principal.subject, key, name, MAX_TOPICS_PER_PROJECT)
+    if put is None:
+        raise ApiError(
+            409,
+            "too_many_topics",
+            f"A project has at most {MAX_TOPICS_PER_PROJECT:,} topics: reuse one, or rename one with PUT.",
+            data={"limit": MAX_TOPICS_PER_PROJECT},
+        )
+    row, created = put
     return json_response(row, "topic created" if created else "topic updated", status=201 if created else 200)
 
 
@@ -277,7 +291,29 @@ async def add_subscribers(request: web.Request) -> web.Response:
                 fields.error(f"user_ids[{i}]", USER_ID_HINT)
     fields.check()
     unique = list(dict.fromkeys(ids))
-    added = await request.config_dict[BATCHES_KEY].subscribe(client_id, key, unique)
+    # Only the project's users: looked up as a bulk send looks its recipients up (the cache, then
+    # the user service's batch lookup); one unknown id and nothing is subscribed.
+    try:
+        found = await profiles(request.config_dict[REDIS_KEY], request.config_dict[USERS_KEY], unique)
+    except ServiceUnavailable as exc:
+        raise _unavailable(exc) from None
+    unknown = [u for u in unique if u not in found]
+    if unknown:
+        raise ApiError(
+            422,
+            "unknown_users",
+            f"{len(unknown)} of these user ids are no user of this project; nothing was subscribed.",
+            data={"user_ids": unknown[:UNKNOWN_LISTED], "count": len(unknown)},
+        )
+    added = await request.config_dict[BATCHES_KEY].subscribe(client_id, key, unique, MAX_TOPIC_SUBSCRIBERS)
+    if added is None:
+        raise ApiError(
+            409,
+            "too_many_subscribers",
+            f"A topic has at most {MAX_TOPIC_SUBSCRIBERS:,} subscribers: these would pass it; nothing was"
+            " subscribed.",
+            data={"limit": MAX_TOPIC_SUBSCRIBERS},
+        )
     return json_response(
         {"topic": key, "added": added, "already_subscribed": len(unique) - added}, "subscribers added"
     )

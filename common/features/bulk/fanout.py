@@ -6,15 +6,21 @@ their subscribers, and the topic fan-out.
   (`common/sending/decision.py`), with an id derived from (batch, user), so a replay or a
   resumed fan-out inserts nothing twice (the `(client_id, request_id)` constraint decides);
 - `Fanout`: the consumer of `fanout.queue`. A notification to a topic stores its batch and
-  publishes one fan-out message; the consumer walks the topic's subscribers (as of the batch's
-  creation) by user_id in pages, inserts each page with `StatusStore.create_many`, hands the rows
-  to the outbox and moves the batch's cursor. Before each page it waits while the channel's work
-  queue holds more than `QUEUE_BOUND` messages or the outbox more than a page unconfirmed
-  (back-pressure, and memory bounded by a page). A fan-out that dies is redelivered and resumes
-  from its cursor; a page done again inserts nothing (the ids conflict) and rows inserted but
-  never published are the relay's, so no recipient gets two and none is skipped. A fan-out that
-  fails for another reason than the infrastructure's is tried `FANOUT_ATTEMPTS` times in all,
-  the pause doubling, and then the batch is failed with the reason (`failed_at`, `fanout_error`).
+  publishes one fan-out message; each message is one page: the consumer reads the topic's
+  subscribers (as of the batch's creation) by user_id after the batch's cursor, inserts the page
+  with `StatusStore.create_many`, hands the rows to the outbox, moves the batch's cursor and
+  publishes a continuation message for the rest, behind whatever is queued already: the pages of
+  every batch in progress take turns, so a large topic of one project does not hold up another
+  project's small one. Before each page it waits while the channel's work queue holds more than
+  `QUEUE_BOUND` messages or the outbox more than a page unconfirmed (back-pressure, and memory
+  bounded by a page). The cursor moves only from where the page started (compare and set): of
+  two messages on one page (a redrive's or a replay's duplicate) one goes on, the other stops,
+  and a continuation the batch has moved past is dropped unread. A fan-out that dies is
+  redelivered and resumes from its cursor; a page done again inserts nothing (the ids conflict)
+  and rows inserted but never published are the relay's, so no recipient gets two and none is
+  skipped. A fan-out that fails for another reason than the infrastructure's is tried
+  `FANOUT_ATTEMPTS` times in all, the pause doubling, and then the batch is failed with the
+  reason (`failed_at`, `fanout_error`).
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ from common.sending.decision import Send, accept
 log = logging.getLogger(__name__)
 
 PAGE = 500
+# A message that names no cursor: the fan-out goes on from wherever its batch is.
+ANYWHERE = object()
 # Back-pressure: a fan-out waits while its channel's work queue holds more than this, or while
 # the outbox has more than a page not yet confirmed by the broker.
 QUEUE_BOUND = 5000
@@ -109,6 +117,7 @@ class Fanout:
         self.queue_bound = QUEUE_BOUND
         self.max_attempts = FANOUT_ATTEMPTS
         self.failure_pause = FAILURE_PAUSE
+        self.stalled_after = STALLED_AFTER  # the redrive's threshold (set by `fanout`)
         # One fan-out at a time per gateway (its channel's prefetch is 1); an unparseable
         # message is a dead letter in failed.queue, as the workers' are.
         self.consumer = Consumer(
@@ -120,25 +129,48 @@ class Fanout:
             failed=FailedRoute(lambda: broker.exchange, amqp.FAILED_ROUTING_KEY),
         )
 
-    async def publish(self, batch_id: uuid.UUID) -> None:
-        await amqp.publish(
-            self.broker.exchange,
-            amqp.FANOUT,
-            {"batch_id": str(batch_id)},
-            message_id=str(batch_id),
-            timeout=5.0,
-        )
+    async def start(self, batch_id: uuid.UUID) -> bool:
+        """Publish a topic batch's fan-out message, unless one was published recently or the
+        fan-out is moving (a replay of the request while it runs publishes nothing); whether it
+        was published. A broker that refuses is logged: the redrive publishes it later."""
+        if not await self.batches.claim_publish(batch_id, self.stalled_after):
+            return False
+        try:
+            await self.publish(batch_id)
+        except Exception as exc:  # noqa: BLE001 - stored: a replay or the redrive publishes it later
+            log.warning("fan-out of batch %s not published now (%s); the redrive will", batch_id, exc)
+            with contextlib.suppress(Exception):
+                await self.batches.unclaim_publish(batch_id)
+            return False
+        return True
+
+    async def publish(self, batch_id: uuid.UUID, after: str | None = None) -> None:
+        """A message for the batch's next page: the one after `after` (a continuation, published
+        by the page before), or, without it, wherever the batch's cursor is (a start, a replay,
+        the redrive)."""
+        body: dict[str, Any] = {"batch_id": str(batch_id)}
+        if after is not None:
+            body["after"] = after
+        await amqp.publish(self.broker.exchange, amqp.FANOUT, body, message_id=str(batch_id), timeout=5.0)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         """The handler `self.consumer` runs (it acknowledges the message when this returns)."""
         try:
-            batch_id = uuid.UUID(str(orjson.loads(message.body)["batch_id"]))
-        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+            body = orjson.loads(message.body)
+            batch_id = uuid.UUID(str(body["batch_id"]))
+            after = body.get("after", ANYWHERE)
+            if after is not ANYWHERE and not isinstance(after, str):
+                raise TypeError(f"after is {type(after).__name__}, not a string")
+        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError, AttributeError) as exc:
             log.error("fan-out message unparseable, to failed.queue: %s", exc)
             await self.consumer.dead_letter(message, f"unparseable message: {type(exc).__name__}: {exc}")
             return
+        # Redelivered (its consumer died, or it was put back after a failure): from wherever the
+        # batch is, since the page it was for may be done and its continuation never published.
+        if message.redelivered:
+            after = ANYWHERE
         try:
-            await self.run(batch_id)
+            await self.run(batch_id, after)
         except Exception as exc:  # noqa: BLE001 - logged; the message goes back, or the batch fails
             await self._failed(message, batch_id, exc)
 
@@ -190,43 +222,52 @@ class Fanout:
                 await self.batches.touch([batch_id])
             await asyncio.sleep(PRESSURE_PAUSE)
 
-    async def run(self, batch_id: uuid.UUID) -> None:
+    async def run(self, batch_id: uuid.UUID, after: object = ANYWHERE) -> None:
+        """One page of the batch's fan-out, then a continuation message for the rest (or the
+        batch marked fanned out). `after`: the cursor the message was published for; a message
+        the batch has moved past is a duplicate (the redrive's, a replay's) and does nothing."""
         batch = await hold("reading a batch", lambda: self.batches.get(batch_id))
         if batch is None or batch["kind"] != "topic":
             log.warning("fan-out of batch %s: no such topic batch; dropped", batch_id)
             return
         if batch["fanned_out_at"] is not None or batch["failed_at"] is not None:
             return
+        cursor: str | None = batch["fanout_cursor"]
+        if after is not ANYWHERE and after != cursor:
+            log.debug("fan-out of batch %s: a message for a page done already; dropped", batch_id)
+            return
         send = Send.from_stored(batch)
         token = correlation_id_var.set(send.correlation_id)
         # The batch's project: the profiles it reads are that project's users.
         project = project_var.set(send.client_id)
         try:
-            cursor: str | None = batch["fanout_cursor"]
-            while True:
-                await self._pressure(send.notification_type, batch_id)
-                page = await hold(
-                    "reading subscribers",
-                    lambda c=cursor: self.batches.subscribers(  # type: ignore[misc]
-                        send.client_id,
-                        batch["topic_key"],
-                        after=c,
-                        limit=self.page,
-                        as_of=batch["created_at"],
-                    ),
-                )
-                if not page:
-                    break
+            await self._pressure(send.notification_type, batch_id)
+            page = await hold(
+                "reading subscribers",
+                lambda: self.batches.subscribers(
+                    send.client_id,
+                    batch["topic_key"],
+                    after=cursor,
+                    limit=self.page,
+                    as_of=batch["created_at"],
+                ),
+            )
+            if page:
                 rejected = await self._page(send, [str(r["user_id"]) for r in page])
-                cursor = page[-1]["user_id"]
-                await hold(
+                last = str(page[-1]["user_id"])
+                # Only the consumer that moves the cursor goes on: two on one page (a duplicate
+                # message) leave one continuation, not two.
+                moved = await hold(
                     "moving the fan-out cursor",
-                    lambda c=cursor, n=rejected: self.batches.advance(  # type: ignore[misc]
-                        batch_id, c, n
-                    ),
+                    lambda: self.batches.advance(batch_id, cursor, last, rejected),
                 )
-                if len(page) < self.page:
-                    break
+                if not moved:
+                    return
+                if len(page) == self.page:
+                    # The rest behind the messages already queued: every other batch's next page
+                    # comes before this one's, whichever project it is.
+                    await hold("publishing the rest of a fan-out", lambda: self.publish(batch_id, last))
+                    return
             await hold("finishing a fan-out", lambda: self.batches.fanned_out(batch_id))
             log.info("fan-out of batch %s done", batch_id)
         finally:
@@ -253,7 +294,7 @@ async def redrive_round(batches: BatchStore, fanout: Fanout, stalled_after: floa
     for batch_id in stalled:
         await fanout.publish(batch_id)
     if stalled:
-        await batches.touch(stalled)
+        await batches.touch(stalled, published=True)
         log.warning("published %d stalled fan-out(s) again", len(stalled))
 
 
@@ -268,6 +309,7 @@ async def fanout(app: web.Application) -> AsyncIterator[None]:
     worker = Fanout(batches, app[STORE_KEY], app[OUTBOX_KEY], broker, channel, app[REDIS_KEY], app[USERS_KEY])
     app[FANOUT_KEY] = worker
     stalled_after = max(STALLED_AFTER, config.reconcile_after)
+    worker.stalled_after = stalled_after
     stop = asyncio.Event()
     redriver = asyncio.create_task(
         background.rounds(

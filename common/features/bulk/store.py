@@ -14,7 +14,8 @@ from common.vocabulary import FINAL_STATUSES
 
 _BATCH_COLUMNS = (
     "id, client_id, request_id, body_hash, kind, topic_key, payload, total, rejected, result, "
-    "fanout_cursor, fanned_out_at, fanout_attempts, fanout_error, failed_at, created_at, updated_at"
+    "fanout_cursor, fanned_out_at, fanout_attempts, fanout_error, failed_at, fanout_published_at, "
+    "created_at, updated_at"
 )
 
 
@@ -98,17 +99,19 @@ class BatchStore:
             batch_id,
         )
 
-    async def advance(self, batch_id: uuid.UUID, cursor: str, rejected: int) -> None:
-        """Move a fan-out's cursor forward (never back: a second consumer on the same batch
-        only ever repeats pages, which insert nothing)."""
-        await self.db.execute(
+    async def advance(self, batch_id: uuid.UUID, start: str | None, cursor: str, rejected: int) -> bool:
+        """Move a fan-out's cursor from `start` (the page's) to `cursor` (its last subscriber),
+        counting the page's rejected users; False when the cursor is no longer at `start` (a
+        second consumer on the same page moved it first: the page is counted once)."""
+        moved = await self.db.fetchval(
             "UPDATE batches SET fanout_cursor = %s, rejected = rejected + %s, updated_at = now()"
-            " WHERE id = %s AND (fanout_cursor IS NULL OR fanout_cursor < %s)",
+            " WHERE id = %s AND fanout_cursor IS NOT DISTINCT FROM %s RETURNING id",
             cursor,
             rejected,
             batch_id,
-            cursor,
+            start,
         )
+        return moved is not None
 
     async def fanned_out(self, batch_id: uuid.UUID) -> None:
         await self.db.execute(
@@ -156,22 +159,66 @@ class BatchStore:
         )
         return [r["id"] for r in rows]
 
-    async def touch(self, batch_ids: list[uuid.UUID]) -> None:
-        await self.db.execute("UPDATE batches SET updated_at = now() WHERE id = ANY(%s)", batch_ids)
+    async def touch(self, batch_ids: list[uuid.UUID], *, published: bool = False) -> None:
+        """Mark the batches as moving now (and, `published`, their fan-out message as sent now)."""
+        await self.db.execute(
+            "UPDATE batches SET updated_at = now(),"
+            " fanout_published_at = CASE WHEN %s THEN now() ELSE fanout_published_at END"
+            " WHERE id = ANY(%s)",
+            published,
+            batch_ids,
+        )
+
+    async def claim_publish(self, batch_id: uuid.UUID, stalled_after: float) -> bool:
+        """Whether the caller is to publish the batch's fan-out message now (and it is recorded as
+        published): yes for an unfinished fan-out whose message was never published, or that
+        nothing has touched for `stalled_after` seconds; no while a message published or a
+        fan-out in progress is recent. One of concurrent callers wins."""
+        claimed = await self.db.fetchval(
+            "UPDATE batches SET fanout_published_at = now(), updated_at = now()"
+            " WHERE id = %s AND kind = 'topic' AND fanned_out_at IS NULL AND failed_at IS NULL"
+            " AND (fanout_published_at IS NULL OR updated_at < now() - make_interval(secs => %s))"
+            " RETURNING id",
+            batch_id,
+            stalled_after,
+        )
+        return claimed is not None
+
+    async def unclaim_publish(self, batch_id: uuid.UUID) -> None:
+        """The message claimed was not published after all: the next replay publishes it."""
+        await self.db.execute("UPDATE batches SET fanout_published_at = NULL WHERE id = %s", batch_id)
 
     # topics
 
-    async def put_topic(self, client_id: str, key: str, name: str) -> tuple[db.Row, bool]:
-        row = await self.db.fetchrow(
-            """
-            INSERT INTO topics (client_id, key, name) VALUES (%s, %s, %s)
-            ON CONFLICT (client_id, key) DO UPDATE SET name = EXCLUDED.name, updated_at = now()
-            RETURNING key, name, created_at, updated_at, (xmax = 0) AS created
-            """,
-            client_id,
-            key,
-            name,
-        )
+    async def put_topic(self, client_id: str, key: str, name: str, limit: int) -> tuple[db.Row, bool] | None:
+        """The topic created or renamed, and whether it was created; None when it would be new
+        and the project has `limit` topics already. Under the project's lock, so that concurrent
+        creations cannot pass the limit together (a rename is not counted)."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", f"topics\x1f{client_id}"
+            )
+            renamed = await tx.fetchrow(
+                "UPDATE topics SET name = %s, updated_at = now() WHERE client_id = %s AND key = %s"
+                " RETURNING key, name, created_at, updated_at",
+                name,
+                client_id,
+                key,
+            )
+            if renamed is not None:
+                return renamed, False
+            if await tx.fetchval("SELECT count(*) FROM topics WHERE client_id = %s", client_id) >= limit:
+                return None
+            row = await tx.fetchrow(
+                """
+                INSERT INTO topics (client_id, key, name) VALUES (%s, %s, %s)
+                ON CONFLICT (client_id, key) DO UPDATE SET name = EXCLUDED.name, updated_at = now()
+                RETURNING key, name, created_at, updated_at, (xmax = 0) AS created
+                """,
+                client_id,
+                key,
+                name,
+            )
         assert row is not None
         return row, bool(row.pop("created"))
 
@@ -187,18 +234,39 @@ class BatchStore:
     async def topic_exists(self, client_id: str, key: str) -> bool:
         return await topics.exists(self.db, client_id, key)
 
-    async def subscribe(self, client_id: str, key: str, user_ids: list[str]) -> int:
-        """Adds the ones not yet subscribed; returns how many were added."""
-        rows = await self.db.fetch(
-            """
-            INSERT INTO topic_subscribers (client_id, topic_key, user_id)
-            SELECT %s, %s, u FROM unnest(%s::text[]) AS u
-            ON CONFLICT DO NOTHING RETURNING user_id
-            """,
-            client_id,
-            key,
-            user_ids,
-        )
+    async def subscribe(self, client_id: str, key: str, user_ids: list[str], limit: int) -> int | None:
+        """Adds the ones not yet subscribed; returns how many were added, or None (and adds
+        none) when the topic would have more than `limit` subscribers. Counted and inserted
+        under the topic's lock, so that concurrent adds cannot pass the limit together."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                f"topic-subscribers\x1f{client_id}\x1f{key}",
+            )
+            have = await tx.fetchval(
+                "SELECT count(*) FROM topic_subscribers WHERE client_id = %s AND topic_key = %s",
+                client_id,
+                key,
+            )
+            new = await tx.fetchval(
+                "SELECT count(DISTINCT u) FROM unnest(%s::text[]) AS u WHERE NOT EXISTS (SELECT 1"
+                " FROM topic_subscribers s WHERE s.client_id = %s AND s.topic_key = %s AND s.user_id = u)",
+                user_ids,
+                client_id,
+                key,
+            )
+            if int(have) + int(new) > limit:
+                return None
+            rows = await tx.fetch(
+                """
+                INSERT INTO topic_subscribers (client_id, topic_key, user_id)
+                SELECT %s, %s, u FROM unnest(%s::text[]) AS u
+                ON CONFLICT DO NOTHING RETURNING user_id
+                """,
+                client_id,
+                key,
+                user_ids,
+            )
         return len(rows)
 
     async def unsubscribe(self, client_id: str, key: str, user_id: str) -> bool:
