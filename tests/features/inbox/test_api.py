@@ -50,11 +50,19 @@ async def test_list_counts_read_archive_and_read_all(inbox: Stack) -> None:
         "archived_at": None,
     }
     assert body["meta"] == {"limit": 20, "next": None, "has_next": False}
-    assert (await _get(inbox, "/api/v1/inbox/counts", me))[1]["data"] == {"unread": 3, "unseen": 3, "total": 3}
+    assert (await _get(inbox, "/api/v1/inbox/counts", me))[1]["data"] == {
+        "unread": 3,
+        "unseen": 3,
+        "total": 3,
+    }
 
     status, body = await _post(inbox, f"/api/v1/inbox/messages/{second['id']}/read", me)
     assert status == 200 and body["data"]["read_at"] and body["data"]["seen_at"], body
-    assert (await _get(inbox, "/api/v1/inbox/counts", me))[1]["data"] == {"unread": 2, "unseen": 2, "total": 3}
+    assert (await _get(inbox, "/api/v1/inbox/counts", me))[1]["data"] == {
+        "unread": 2,
+        "unseen": 2,
+        "total": 3,
+    }
     status, body = await _get(inbox, "/api/v1/inbox/messages?status=unread", me)
     assert [m["title"] for m in body["data"]] == ["Third", "First"]
     status, body = await _get(inbox, "/api/v1/inbox/messages?status=read", me)
@@ -66,7 +74,11 @@ async def test_list_counts_read_archive_and_read_all(inbox: Stack) -> None:
     assert status == 200 and body["data"]["seen_at"] and body["data"]["read_at"] is None
     status, body = await _post(inbox, f"/api/v1/inbox/messages/{first['id']}/archive", me)
     assert status == 200 and body["data"]["archived_at"]
-    assert (await _get(inbox, "/api/v1/inbox/counts", me))[1]["data"] == {"unread": 2, "unseen": 0, "total": 2}
+    assert (await _get(inbox, "/api/v1/inbox/counts", me))[1]["data"] == {
+        "unread": 2,
+        "unseen": 0,
+        "total": 2,
+    }
     assert [m["title"] for m in (await _get(inbox, "/api/v1/inbox/messages", me))[1]["data"]] == [
         "Third",
         "Second",
@@ -78,7 +90,11 @@ async def test_list_counts_read_archive_and_read_all(inbox: Stack) -> None:
     assert status == 200 and body["data"] == {"unread": 0, "unseen": 0, "total": 2}, body
     status, body = await _post(inbox, f"/api/v1/inbox/messages/{first['id']}/unarchive", me)
     assert status == 200 and body["data"]["archived_at"] is None and body["data"]["read_at"]
-    assert (await _get(inbox, "/api/v1/inbox/counts", me))[1]["data"] == {"unread": 0, "unseen": 0, "total": 3}
+    assert (await _get(inbox, "/api/v1/inbox/counts", me))[1]["data"] == {
+        "unread": 0,
+        "unseen": 0,
+        "total": 3,
+    }
 
     # Delivery is idempotent by the notification.
     again = await deliver(inbox, user_id, "First", notification_id=first["notification_id"])
@@ -120,7 +136,9 @@ async def test_a_client_key_acts_for_the_user_it_names(inbox: Stack) -> None:
     assert status == 200 and [m["id"] for m in body["data"]] == [str(message["id"])]
     status, body = await _post(inbox, f"/api/v1/inbox/messages/{message['id']}/read?user_id={user_id}", KEY)
     assert status == 200 and body["data"]["read_at"]
-    status, body = await _post(inbox, f"/api/v1/inbox/messages/{message['id']}/read?user_id=someone-else", KEY)
+    status, body = await _post(
+        inbox, f"/api/v1/inbox/messages/{message['id']}/read?user_id=someone-else", KEY
+    )
     assert status == 404
     assert (await _get(inbox, f"/api/v1/inbox/counts?user_id={user_id}", KEY))[1]["data"]["unread"] == 0
     status, body = await _post(inbox, "/api/v1/inbox/tickets", KEY)
@@ -179,7 +197,9 @@ async def test_cors_opens_the_inbox_to_the_allowed_origin_only(inbox: Stack) -> 
     for origin in ("https://evil.example.com", ORIGIN + ".evil.com", "http://app.example.com"):
         response = await inbox.gateway.options("/api/v1/inbox/messages", headers={"Origin": origin, **asking})
         assert response.status == 403 and "Access-Control-Allow-Origin" not in response.headers, origin
-        response = await inbox.gateway.get("/api/v1/inbox/counts", headers={"Origin": origin, **bearer(token)})
+        response = await inbox.gateway.get(
+            "/api/v1/inbox/counts", headers={"Origin": origin, **bearer(token)}
+        )
         assert response.status == 200 and "Access-Control-Allow-Origin" not in response.headers
 
     response = await inbox.gateway.get("/api/v1/inbox/counts", headers={"Origin": ORIGIN, **bearer(token)})
@@ -208,11 +228,15 @@ async def test_retention_and_erasure_delete_the_inbox(inbox: Stack) -> None:
     assert await database.fetchval("SELECT count(*) FROM inbox_messages WHERE id = %s", old["id"]) == 0
     assert await database.fetchval("SELECT count(*) FROM inbox_events WHERE message_id = %s", old["id"]) == 0
     assert await database.fetchval("SELECT count(*) FROM inbox_messages WHERE id = %s", young["id"]) == 1
-    assert await database.fetchval("SELECT count(*) FROM inbox_events WHERE message_id = %s", young["id"]) == 1
+    assert (
+        await database.fetchval("SELECT count(*) FROM inbox_events WHERE message_id = %s", young["id"]) == 1
+    )
     await retention.purge_finished(database, 90, datetime.now(UTC) + timedelta(days=8))
-    assert await database.fetchval("SELECT count(*) FROM inbox_events WHERE message_id = %s", young["id"]) == 0
+    assert (
+        await database.fetchval("SELECT count(*) FROM inbox_events WHERE message_id = %s", young["id"]) == 0
+    )
 
-    user_id, token = await new_user(inbox)
+    user_id, _ = await new_user(inbox)
     await deliver(inbox, user_id)
     response = await inbox.gateway.delete(f"/api/v1/users/{user_id}", headers=KEY)
     assert response.status == 200, await response.text()
