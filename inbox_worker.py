@@ -59,8 +59,8 @@ class InboxDelivery:
             image_url=parts.get("image_url") or None,
             data=_data(metadata),
         )
-        if created:
-            await live.announce(self.redis, project, str(job.body["user_id"]), message["seq"])
+        if created and message.get("event_seq") is not None:
+            await live.announce(self.redis, project, str(job.body["user_id"]), int(message["event_seq"]))
         else:
             log.info(
                 "notification %s was in the inbox already: recorded, not stored again", job.notification_id

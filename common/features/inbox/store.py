@@ -20,7 +20,8 @@ from typing import Any, Literal
 from aiohttp import web
 
 from common.data import db
-from common.keys import DB_KEY, INBOX_KEY
+from common.data.store import StatusStore
+from common.keys import DB_KEY, INBOX_KEY, STORE_KEY
 
 Status = Literal["unread", "read", "all"]
 Action = Literal["read", "unread", "seen", "archive", "unarchive"]
@@ -78,8 +79,12 @@ def _counts(row: db.Row | None) -> dict[str, int]:
 class InboxStore:
     """Inbox messages and events in notifications_db."""
 
-    def __init__(self, database: db.Database) -> None:
+    def __init__(self, database: db.Database, status: StatusStore | None = None) -> None:
         self.db = database
+        # Where a read or a seen is told to the notification's history and the client's
+        # webhooks (`notification.read`, `notification.seen`), in the change's transaction;
+        # the inbox worker, which only delivers, has none.
+        self.status = status
 
     # delivery (the inbox worker)
 
@@ -246,7 +251,13 @@ class InboxStore:
                     "message": message_id,
                 },
             )
+            if action in ("read", "seen"):
+                await self._engaged(tx, [row["notification_id"]], action)
         return row, int(seq)
+
+    async def _engaged(self, tx: db.Executor, notification_ids: list[uuid.UUID], action: str) -> None:
+        if self.status is not None:
+            await self.status.engaged(tx, [(i, f"notification.{action}") for i in notification_ids])
 
     async def read_all(self, project: str, user_id: str) -> tuple[dict[str, int], int | None]:
         """Every unread message read (archived ones too): (the counts after, the event's seq or
@@ -270,25 +281,30 @@ class InboxStore:
         async with self.db.transaction() as tx:
             await _lock(tx, project, user_id)
             # One statement: the messages changed and, when there were any, the one event.
-            seq = await tx.fetchval(
+            done = await tx.fetchrow(
                 f"""
                 WITH changed AS (
                     UPDATE inbox_messages SET {sets}, updated_at = now()
                     WHERE project_id = %(project)s AND user_id = %(user)s AND {when}
-                    RETURNING 1
+                    RETURNING notification_id
+                ), event AS (
+                    INSERT INTO inbox_events (project_id, user_id, kind, action, message_id)
+                    SELECT %(project)s, %(user)s, 'message.updated', %(action)s, NULL
+                    WHERE EXISTS (SELECT 1 FROM changed)
+                    RETURNING seq
                 )
-                INSERT INTO inbox_events (project_id, user_id, kind, action, message_id)
-                SELECT %(project)s, %(user)s, 'message.updated', %(action)s, NULL
-                WHERE EXISTS (SELECT 1 FROM changed)
-                RETURNING seq
+                SELECT (SELECT seq FROM event) AS seq, ARRAY(SELECT notification_id FROM changed) AS ids
                 """,
                 values,
             )
+            assert done is not None
+            seq = done["seq"]
+            await self._engaged(tx, list(done["ids"]), action.removesuffix("_all"))
             counts = _counts(await tx.fetchrow(_COUNTS, values))
         return counts, None if seq is None else int(seq)
 
 
 async def inbox_store(app: web.Application) -> AsyncIterator[None]:
     """A cleanup context: the inbox store over the gateway's database (INBOX_KEY)."""
-    app[INBOX_KEY] = InboxStore(app[DB_KEY])
+    app[INBOX_KEY] = InboxStore(app[DB_KEY], app[STORE_KEY])
     yield
