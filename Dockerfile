@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # One image for every notify process; the command chooses which one runs:
-#   python gateway.py | user_service.py | template_service.py | email_worker.py | push_worker.py
+#   python gateway.py | user_service.py | template_service.py | email_worker.py | push_worker.py | inbox_worker.py
 #   python -m common.data.migrate      (create and migrate the three databases, then exit)
 #   python -m topology            (declare the RabbitMQ exchange and queues, then exit)
 # Settings come from the environment at run time (see README "Settings"); none are baked in.
@@ -40,7 +40,7 @@ COPY scripts/ scripts/
 COPY *.py ./
 RUN python -m compileall -q /app
 USER 10001:10001
-EXPOSE 8000 8001 8002 8003 8004
+EXPOSE 8000 8001 8002 8003 8004 8005
 # Asks /health/live on $PORT, or on the default port of the service in the command.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-m", "scripts.healthcheck"]

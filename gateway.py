@@ -9,6 +9,7 @@ hands each request to the feature that answers it (each a room of its own under
 - client status webhooks (endpoints, relay, signed delivery): `webhooks/`;
 - workflows, their triggers and runs, and the engine that moves runs along: `workflows/`;
 - provider bounce webhooks and one-click unsubscribe links: `email_links/`;
+- the in-app inbox (messages, counts, read state, the live event stream, its CORS): `inbox/`;
 - the console (`/console`), and the user and template APIs, proxied to their services.
 """
 
@@ -37,6 +38,9 @@ from common.features.bulk import api as bulk_api
 from common.features.bulk.fanout import fanout
 from common.features.email_links import api as email_links_api
 from common.features.erasure import api as erasure_api
+from common.features.inbox import api as inbox_api
+from common.features.inbox.live import live as inbox_live
+from common.features.inbox.store import inbox_store
 from common.features.webhooks import api as webhooks_api
 from common.features.webhooks.delivery import webhooks
 from common.features.workflows import api as workflows_api
@@ -210,7 +214,8 @@ async def accept_batch_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: Config) -> web.Application:
     app = base_app("gateway", config)
-    app.middlewares.append(auth.middleware(_resolve, _PUBLIC_PREFIXES))
+    app.middlewares.append(inbox_api.cors)  # answers the inbox's preflights, which carry no key
+    app.middlewares.append(auth.middleware(_resolve, _PUBLIC_PREFIXES, inbox_api.TICKET_PATHS))
     app.middlewares.append(ratelimit.middleware)
     app.cleanup_ctx.extend(
         [
@@ -228,8 +233,11 @@ def create_app(config: Config) -> web.Application:
             workflows_api.engine,
             webhooks,
             fanout,
+            inbox_store,
+            inbox_live,
         ]
     )
+    app.on_shutdown.append(inbox_api.end_streams)
     r = app.router
     for path in ("/api/v1/notifications", "/api/v1/notifications/"):
         r.add_post(path, post_notification)
@@ -238,6 +246,7 @@ def create_app(config: Config) -> web.Application:
     webhooks_api.add_routes(app)
     email_links_api.add_routes(app)
     workflows_api.add_routes(app)
+    inbox_api.add_routes(app)
     erasure_api.add_routes(app)  # before the proxy of /api/v1/users…
     openapi.add_routes(app)
     users = _proxy(USERS_KEY)

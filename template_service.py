@@ -150,7 +150,7 @@ async def create_template(request: web.Request) -> web.Response:
     code = fields.string("code", max_len=100, pattern=CODE_RE, hint="letters, digits, _ . - only")
     channel = fields.string("notification_type", max_len=10)
     if channel is not None and channel not in CHANNELS:
-        fields.error("notification_type", "must be email or push")
+        fields.error("notification_type", "must be one of " + ", ".join(CHANNELS))
         channel = None
     language = fields.language() or "en"
     fields.check()

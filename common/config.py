@@ -123,6 +123,9 @@ class Config:
     console_keys: tuple[str, ...] = ()
     console_session_ttl: int = 8 * 3600
     console_secret: str = ""
+    # The in-app inbox: browser origins (scheme://host[:port]) that may call /api/v1/inbox/
+    # from a web page (CORS); none by default.
+    inbox_allowed_origins: tuple[str, ...] = ()
 
     @property
     def client_keys(self) -> tuple[tuple[str, str], ...]:
@@ -280,6 +283,33 @@ def _amqp_urls(raw: str) -> str:
     return ",".join(urls)
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    """Web origins, comma-separated: each `http(s)://host[:port]`, nothing after it; `*` is not
+    one (the inbox answers each allowed origin by name)."""
+    found = []
+    for entry in _csv(raw):
+        parts = urlsplit(entry)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or port == -1
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or parts.username is not None
+            or entry.endswith("/")
+        ):
+            raise ValueError(
+                f"{entry!r} is not an origin: write scheme://host[:port], e.g. https://app.example.com"
+            )
+        found.append(f"{parts.scheme}://{parts.netloc.lower()}")
+    return tuple(dict.fromkeys(found))
+
+
 def _ec_public_key(raw: str) -> str:
     """SendGrid's verification key: base64 DER (as its dashboard shows it) or PEM."""
     from cryptography.exceptions import UnsupportedAlgorithm
@@ -389,6 +419,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "webhook_disable_after": _positive_float,
     "console_keys": _csv,
     "console_session_ttl": _positive_int,
+    "inbox_allowed_origins": _origins,
     "vapid_private_key": _vapid_private_key,
     "vapid_subject": _vapid_subject,
 }

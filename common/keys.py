@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from common.data.store import StatusStore
     from common.features.bulk.fanout import Fanout
     from common.features.bulk.store import BatchStore
+    from common.features.inbox.live import Live
+    from common.features.inbox.store import InboxStore
     from common.features.webhooks.store import WebhookStore
     from common.features.workflows.engine import Engine
     from common.features.workflows.fanout import TopicFanout
@@ -75,6 +77,9 @@ WEBHOOKS_KEY: web.AppKey[WebhookStore] = web.AppKey("webhooks")
 WORKFLOWS_KEY: web.AppKey[WorkflowStore] = web.AppKey("workflows")
 WORKFLOW_ENGINE_KEY: web.AppKey[Engine] = web.AppKey("workflow_engine")
 WORKFLOW_FANOUT_KEY: web.AppKey[TopicFanout] = web.AppKey("workflow_fanout")
+# the in-app inbox: its store, and this process's open event streams with their subscription
+INBOX_KEY: web.AppKey[InboxStore] = web.AppKey("inbox")
+INBOX_LIVE_KEY: web.AppKey[Live] = web.AppKey("inbox_live")
 CONSOLE_TEMPLATES_KEY: web.AppKey[jinja2.Environment] = web.AppKey("console_templates")
 
 # The user service

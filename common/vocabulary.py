@@ -3,7 +3,7 @@ the events a client's webhook can hear. A new channel is one line here (and its 
 
 from __future__ import annotations
 
-CHANNELS = ("email", "push")
+CHANNELS = ("email", "push", "in_app")
 # A route segment matching a channel, e.g. "/api/v1/{channel:email|push}/status".
 CHANNEL_PATTERN = "|".join(CHANNELS)
 
@@ -33,4 +33,7 @@ EVENT_TYPES = (
     "notification.bounced",
     "notification.skipped",
     "notification.cancelled",
+    # An in-app notification's message seen (shown in an open inbox) or read by its user.
+    "notification.seen",
+    "notification.read",
 )

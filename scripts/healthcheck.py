@@ -24,6 +24,7 @@ SERVICE_PORTS = {
     "template_service": 8002,
     "email_worker": 8003,
     "push_worker": 8004,
+    "inbox_worker": 8005,
 }
 _ANY_ADDRESS = ("", "0.0.0.0", "::", "[::]")
 

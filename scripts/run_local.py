@@ -32,7 +32,7 @@ from common.data.migrate import migrate_all
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = ROOT / ".env"
-SERVICES = ("user_service", "template_service", "gateway", "email_worker", "push_worker")
+SERVICES = ("user_service", "template_service", "gateway", "email_worker", "push_worker", "inbox_worker")
 # Long enough for a loaded machine's loopback or LAN, short enough that a dependency that drops
 # packets does not make `make run` look hung.
 CONNECT_TIMEOUT = 1.5

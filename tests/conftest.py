@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import email_worker
 import gateway
+import inbox_worker
 import push_worker
 import template_service
 import user_service
@@ -289,6 +290,7 @@ async def stack_factory(base_config: Config, amqp_channel: Any, smtp_sink: SmtpS
         *,
         workers: bool = True,
         push: bool = False,
+        inbox: bool = False,
         gateway_config: dict[str, Any] | None = None,
         worker_config: dict[str, Any] | None = None,
         **overrides: Any,
@@ -321,6 +323,11 @@ async def stack_factory(base_config: Config, amqp_channel: Any, smtp_sink: SmtpS
             started.append(push_server)
             apps["push_worker"] = push_server.app
             urls["push_worker"] = str(push_server.make_url("")).rstrip("/")
+        if inbox:
+            inbox_server = await _serve(inbox_worker.create_app(config))
+            started.append(inbox_server)
+            apps["inbox_worker"] = inbox_server.app
+            urls["inbox_worker"] = str(inbox_server.make_url("")).rstrip("/")
         return Stack(config, client, apps, urls, smtp_sink)
 
     yield start

@@ -29,8 +29,9 @@ DESIGN_PORTS = {
     "template_service": 8002,
     "email_worker": 8003,
     "push_worker": 8004,
+    "inbox_worker": 8005,
 }
-WORKERS = ("email_worker", "push_worker")
+WORKERS = ("email_worker", "push_worker", "inbox_worker")
 CONFIG_VARIABLES = {f.name.upper() for f in fields(Config)}
 SECRET_VARIABLES = {"GATEWAY_API_KEYS", "INTERNAL_API_TOKEN", "JWT_SECRET", "UNSUBSCRIBE_SECRET"}
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")

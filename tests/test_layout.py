@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = {"gateway", "user_service", "template_service", "email_worker", "push_worker"}
+SERVICES = {"gateway", "user_service", "template_service", "email_worker", "push_worker", "inbox_worker"}
 UPPER_FLOORS = {"topology", "providers", "console", *SERVICES}
 FEATURES = ROOT / "common" / "features"
 FLOOR = sorted(p for p in (ROOT / "common").rglob("*.py") if FEATURES not in p.parents)

@@ -13,8 +13,9 @@ migrations/notifications_db/006_partitions.sql). Every service holding the statu
   notification cannot keep its month's neighbours past RETENTION_DAYS;
 - the other tables with a time dimension are purged row-wise under the same RETENTION_DAYS:
   final webhook deliveries (their attempts with them), finished bulk and topic batches, finished
-  workflow fan-outs, runs and digest windows, and dead throttle places; and webhook endpoints'
-  previous secrets once their overlap after a rotation has expired.
+  workflow fan-outs, runs and digest windows, dead throttle places, and in-app inbox messages
+  (their change log after INBOX_EVENTS_DAYS already); and webhook endpoints' previous secrets
+  once their overlap after a rotation has expired.
 
 After RETENTION_DAYS a notification is gone, and its request_id may be used again.
 """
@@ -45,6 +46,7 @@ LOCK = 72616005
 # rather than queue behind a long query and hold up every insert meanwhile.
 LOCK_TIMEOUT = "3s"
 KEY_BATCH = 10_000
+INBOX_EVENTS_DAYS = 7  # the inbox's change log (what a reconnecting stream replays) is kept this long
 
 _BOUND = re.compile(r"FROM \('([^']+)'\) TO \('([^']+)'\)")
 
@@ -173,6 +175,12 @@ _FINISHED = (
     " WHERE status NOT IN ('running', 'waiting') AND updated_at < %(cutoff)s LIMIT %(batch)s))",
     "DELETE FROM workflow_throttle_passes WHERE ctid = ANY(ARRAY(SELECT ctid FROM workflow_throttle_passes"
     " WHERE passed_at < %(now)s - interval '31 days' LIMIT %(batch)s))",
+    # The in-app inbox: a message is kept as long as the notification that made it; the log of
+    # changes its live streams replay from only INBOX_EVENTS_DAYS (a client away longer reloads).
+    "DELETE FROM inbox_messages WHERE ctid = ANY(ARRAY(SELECT ctid FROM inbox_messages"
+    " WHERE created_at < %(cutoff)s LIMIT %(batch)s))",
+    "DELETE FROM inbox_events WHERE ctid = ANY(ARRAY(SELECT ctid FROM inbox_events"
+    " WHERE created_at < %(events_cutoff)s LIMIT %(batch)s))",
     # Not history but a secret: an endpoint's previous one, once its overlap after a rotation
     # is over, is no longer used to sign and is not kept (its expiry is a timestamp, not a
     # retention).
@@ -184,7 +192,12 @@ _FINISHED = (
 async def purge_finished(database: Database, retention_days: int, now: datetime | None = None) -> int:
     """The rows of `_FINISHED` older than the retention deleted; how many."""
     moment = now or datetime.now(UTC)
-    values = {"cutoff": moment - timedelta(days=retention_days), "now": moment, "batch": KEY_BATCH}
+    values = {
+        "cutoff": moment - timedelta(days=retention_days),
+        "events_cutoff": moment - timedelta(days=min(retention_days, INBOX_EVENTS_DAYS)),
+        "now": moment,
+        "batch": KEY_BATCH,
+    }
     purged = 0
     for statement in _FINISHED:
         while count := await database.execute(statement, values):

@@ -181,6 +181,36 @@ class StatusStore:
         value = await self.db.fetchval("SELECT client_id FROM notifications WHERE id = %s", notification_id)
         return None if value is None else str(value)
 
+    async def engagement(self, notification_id: uuid.UUID) -> Row | None:
+        """When an in-app notification's message was seen and read in the inbox (None when it
+        is not there: another channel, or not delivered yet)."""
+        return await self.db.fetchrow(
+            "SELECT seen_at, read_at FROM inbox_messages WHERE notification_id = %s", notification_id
+        )
+
+    async def engaged(self, db: Executor, events: list[tuple[uuid.UUID, str]]) -> None:
+        """A user saw or read in-app notifications (`notification.seen`, `notification.read`):
+        a history entry each and the client's webhook queued, in `db`'s transaction (the inbox
+        change's). The status stays `delivered`."""
+        if not events:
+            return
+        await db.execute(
+            f"""
+            WITH v AS (
+                SELECT * FROM unnest(%(ids)s::uuid[], %(events)s::text[]) AS v(id, event_type)
+            ), n AS (
+                SELECT t.id, t.attempts, t.client_id, t.request_id, t.user_id, t.notification_type,
+                    t.status, t.error, t.provider, t.workflow_run_id, t.step, v.event_type
+                FROM notifications AS t JOIN v ON v.id = t.id WHERE t.id = ANY(%(ids)s::uuid[])
+            ), e AS (
+                INSERT INTO notification_events (notification_id, status, attempt, detail)
+                SELECT id, split_part(event_type, '.', 2), attempts, 'in the inbox' FROM n
+            ), {_webhook_deliveries("n")}
+            SELECT count(*) FROM n
+            """,
+            {"ids": [e[0] for e in events], "events": [e[1] for e in events]},
+        )
+
     async def history(self, notification_id: uuid.UUID) -> list[Row]:
         return await self.db.fetch(
             "SELECT status, attempt, provider, device, detail, created_at"

@@ -386,10 +386,11 @@ def worker_app(
     config: Config,
     *,
     declare: amqp.Declare,
-    providers: resources.CleanupCtx,
+    providers: resources.CleanupCtx | None,
     delivery: DeliveryFactory,
 ) -> web.Application:
-    """A worker: its resources, its providers, then the consumer (closed first on shutdown)."""
+    """A worker: its resources, its providers (none for a channel that delivers into our own
+    store), then the consumer (closed first on shutdown)."""
     app = base_app(service, config)
     app.cleanup_ctx.append(resources.database(lambda c: c.notifications_db_url, "postgres"))
     app.cleanup_ctx.append(resources.status_store)
@@ -398,6 +399,7 @@ def worker_app(
     app.cleanup_ctx.append(resources.http_client)
     app.cleanup_ctx.append(resources.redis_client())
     app.cleanup_ctx.append(resources.render_pool())
-    app.cleanup_ctx.append(providers)
+    if providers is not None:
+        app.cleanup_ctx.append(providers)
     app.cleanup_ctx.append(consumer(channel, delivery))
     return app

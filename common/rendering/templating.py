@@ -1,8 +1,8 @@
 """Template rendering rules, shared by the template service (preview, /render) and the workers.
 
 Jinja2 runs in an immutable sandbox with StrictUndefined: a missing variable is an error naming
-it, never an empty string. HTML email bodies are autoescaped; subjects, text parts and push
-fields are not.
+it, never an empty string. HTML email bodies and in-app titles and bodies are autoescaped;
+subjects, text parts and push fields are not.
 
 Budgets. A template is client text, so its cost is bounded three ways:
 - at creation, what can be known from the source is refused (`budget_errors`): a literal width,
@@ -35,9 +35,12 @@ from common.lru import LRU
 PARTS = {
     "email": ("subject", "body", "text_body"),
     "push": ("title", "body", "image_url", "link"),
+    "in_app": ("title", "body", "image_url", "link"),
 }
-REQUIRED_PARTS = {"email": ("subject", "body"), "push": ("title", "body")}
-HTML_PARTS = {("email", "body")}
+REQUIRED_PARTS = {"email": ("subject", "body"), "push": ("title", "body"), "in_app": ("title", "body")}
+# Autoescaped: variables cannot add markup. An in-app message is shown in a web page, so its
+# title and body are HTML fragments (the template's own markup kept, its variables escaped).
+HTML_PARTS = {("email", "body"), ("in_app", "title"), ("in_app", "body")}
 SINGLE_LINE_PARTS = ("subject", "title", "image_url", "link")
 
 OUTPUT_BUDGET = 1_000_000  # characters per rendered part, and per value a template may build

@@ -35,7 +35,7 @@ def parse(body: dict[str, Any], to: str = "user_id") -> tuple[dict[str, Any], sc
     fields.unknown(SHARED_FIELDS | {to})
     channel = fields.string("notification_type", max_len=10)
     if channel is not None and channel not in CHANNELS:
-        fields.error("notification_type", "must be email or push")
+        fields.error("notification_type", "must be one of " + ", ".join(CHANNELS))
     target: Any
     if to == "topic":
         target = fields.string("topic", max_len=100, pattern=CODE_RE, hint=TOPIC_HINT)

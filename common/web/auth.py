@@ -110,18 +110,30 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def middleware(
-    resolve: Resolver, public_prefixes: Iterable[str] = ()
+    resolve: Resolver, public_prefixes: Iterable[str] = (), ticket_paths: Iterable[str] = ()
 ) -> Callable[..., Awaitable[web.StreamResponse]]:
     """The one authentication middleware: every `/api/` request but the public ones presents a
     credential, the service's resolver says whose it is, and the handler finds the principal
-    under PRINCIPAL_KEY."""
+    under PRINCIPAL_KEY.
+
+    A GET of one of `ticket_paths` (exact paths) with a `ticket` query parameter and no
+    credential goes on without a principal: its handler authenticates it by the ticket (a
+    browser's EventSource cannot send a header), and by nothing else."""
     public = tuple(public_prefixes)
+    tickets = frozenset(ticket_paths)
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/api/") or (public and request.path.startswith(public)):
             return await handler(request)
         presented = presented_credential(request)
+        if (
+            presented is None
+            and request.method == "GET"
+            and request.path in tickets
+            and request.query.get("ticket")
+        ):
+            return await handler(request)
         if presented is None:
             raise unauthorized()
         guard = request.config_dict.get(WRONG_KEYS_KEY)  # where the service counts wrong keys

@@ -149,6 +149,10 @@ async def get_notification(request: web.Request) -> web.Response:
     if row is None:
         raise not_found("Notification")
     view = parsing.view(row)
+    if row["notification_type"] == "in_app":
+        engagement = await store.engagement(notification_id)
+        view["seen_at"] = engagement["seen_at"] if engagement else None
+        view["read_at"] = engagement["read_at"] if engagement else None
     view["history"] = await store.history(notification_id)
     return json_response(view, "notification")
 

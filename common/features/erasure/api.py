@@ -4,7 +4,8 @@ The user service deletes the profile and devices (and its cached copy) first; th
 person is redacted from what the notifications database keeps of them: every notification's
 variables, metadata, pinned recipient and error text (which can hold an address), the details
 of its history, the webhook deliveries' payloads about it, their topic subscriptions, and the
-payload and pinned recipient of their workflow runs (an unfinished run stops).
+payload and pinned recipient of their workflow runs (an unfinished run stops); their in-app
+inbox (messages and events) is deleted.
 Ids, statuses and timestamps stay, for the record. A notification later sent to the erased id
 is refused like one to an unknown user. Done in one transaction; a retry of the DELETE (after a
 503, say) redacts again, harmlessly.
@@ -51,6 +52,9 @@ _REDACT = (
     # Their digest windows (with the payloads they held) and throttle places.
     """DELETE FROM workflow_digests WHERE project_id = %(project)s AND user_id = %(user)s""",
     """DELETE FROM workflow_throttle_passes WHERE project_id = %(project)s AND user_id = %(user)s""",
+    # Their in-app inbox: the messages and the log of changes to it.
+    """DELETE FROM inbox_messages WHERE project_id = %(project)s AND user_id = %(user)s""",
+    """DELETE FROM inbox_events WHERE project_id = %(project)s AND user_id = %(user)s""",
 )
 
 

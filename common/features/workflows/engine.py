@@ -168,7 +168,8 @@ class Engine:
                         state["status"] = "completed"
                 index += 1
                 continue
-            scope = context(run["payload"], run["recipient"], states[:index], gathered)
+            inbox = await self._inbox_states(step, states[:index])
+            scope = context(run["payload"], run["recipient"], states[:index], gathered, inbox)
             action = next_action(step, scope, now)
             if isinstance(action, Skip):
                 state.update(status="skipped", reason=action.reason)
@@ -290,6 +291,17 @@ class Engine:
                 if state.get("notification_id") and state.get("notification_status") not in FINAL_STATUSES:
                     await self.sender.cancel(project_id, uuid.UUID(state["notification_id"]))
         return len(cancelled)
+
+    async def _inbox_states(self, step: Step, earlier: list[dict[str, Any]]) -> dict[uuid.UUID, Row]:
+        """The read state of earlier in-app steps' messages, for a condition that may ask."""
+        if step.condition is None:
+            return {}
+        ids = [
+            uuid.UUID(s["notification_id"])
+            for s in earlier
+            if s.get("type") == "in_app" and s.get("notification_id")
+        ]
+        return await self.store.inbox_states(ids)
 
     async def _wait_notification(
         self, run: Row, index: int, states: list[dict[str, Any]], notification_id: uuid.UUID

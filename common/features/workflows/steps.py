@@ -50,15 +50,26 @@ def context(
     recipient: Mapping[str, Any],
     states: list[dict[str, Any]],
     digest: Mapping[str, Any] | None = None,
+    inbox: Mapping[uuid.UUID, Mapping[str, Any]] | None = None,
 ) -> dict:
     """What conditions see: the trigger's payload, the recipient pinned at trigger, each earlier
-    step by name (a channel step's `status` is its notification's final status), and what the
-    last digest step before gathered (`digest.count`, `.events`, `.first`, `.last`)."""
+    step by name (a channel step's `status` is its notification's final status; an in-app
+    step's `read` and `seen` whether its message was, from `inbox`, its notification's row in
+    the inbox now), and what the last digest step before gathered (`digest.count`, `.events`,
+    `.first`, `.last`)."""
     steps = {}
     for state in states:
         seen = dict(state)
         if state.get("notification_status") is not None:
             seen["status"] = state["notification_status"]
+        if state.get("type") == "in_app":
+            message = (
+                (inbox or {}).get(uuid.UUID(state["notification_id"]))
+                if state.get("notification_id")
+                else None
+            )
+            seen["read"] = message is not None and message["read_at"] is not None
+            seen["seen"] = message is not None and message["seen_at"] is not None
         steps[state["name"]] = seen
     return {"payload": payload, "recipient": recipient, "steps": steps, "digest": dict(digest or {})}
 

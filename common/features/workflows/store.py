@@ -317,6 +317,19 @@ class WorkflowStore:
         )
         return {row["id"]: row for row in rows}
 
+    async def inbox_states(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, Row]:
+        """When the in-app messages of these notifications were seen and read (none when not
+        delivered yet): what `steps.<name>.read` and `.seen` see, read when a condition is
+        evaluated, since a user reads long after delivery."""
+        if not ids:
+            return {}
+        rows = await self.db.fetch(
+            "SELECT notification_id, seen_at, read_at FROM inbox_messages"
+            " WHERE notification_id = ANY(%s::uuid[])",
+            [str(i) for i in ids],
+        )
+        return {row["notification_id"]: row for row in rows}
+
     async def runs_page(
         self,
         project_id: str,
