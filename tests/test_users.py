@@ -59,7 +59,7 @@ async def test_create_read_update_list_delete(stack: Stack) -> None:
     assert status == 201, body
     user = body["data"]
     assert user["email"] == email and user["language"] == "pt-BR" and user["timezone"] == "Europe/Lisbon"
-    assert user["preferences"] == {"email": True, "push": False}
+    assert user["preferences"] == {"email": True, "push": False, "in_app": True}
     assert [(d["platform"], d["token"]) for d in user["devices"]] == [("fcm", "fcm-token-1")]
     assert "password" not in str(body) and "password_hash" not in user
 
@@ -70,7 +70,7 @@ async def test_create_read_update_list_delete(stack: Stack) -> None:
         stack, "PATCH", f"/api/v1/users/{user['id']}", {"name": "Grace H.", "preferences": {"push": True}}
     )
     assert status == 200, body
-    assert body["data"]["name"] == "Grace H." and body["data"]["preferences"] == {"email": True, "push": True}
+    assert body["data"]["name"] == "Grace H." and body["data"]["preferences"] == {"email": True, "push": True, "in_app": True}
 
     status, body = await call(stack, "GET", "/api/v1/users/?page=1&limit=2")
     assert status == 200 and len(body["data"]) <= 2
@@ -124,9 +124,9 @@ async def test_preferences_read_and_write_with_errors_named(stack_factory: Any) 
     user = await stack.create_user()
     path = f"/api/v1/users/{user['id']}/preferences"
     status, body = await call(stack, "GET", path)
-    assert status == 200 and body["data"] == {"email": True, "push": True}
+    assert status == 200 and body["data"] == {"email": True, "push": True, "in_app": True}
     status, body = await call(stack, "PUT", path, {"push": False})
-    assert status == 200 and body["data"] == {"email": True, "push": False}
+    assert status == 200 and body["data"] == {"email": True, "push": False, "in_app": True}
     status, body = await call(stack, "PUT", path, {"sms": False})
     assert status == 400 and "sms" in body["data"]["fields"]
     status, body = await call(stack, "PUT", path, {"email": "no"})
