@@ -70,7 +70,8 @@ async def test_create_read_update_list_delete(stack: Stack) -> None:
         stack, "PATCH", f"/api/v1/users/{user['id']}", {"name": "Grace H.", "preferences": {"push": True}}
     )
     assert status == 200, body
-    assert body["data"]["name"] == "Grace H." and body["data"]["preferences"] == {"email": True, "push": True, "in_app": True}
+    assert body["data"]["name"] == "Grace H."
+    assert body["data"]["preferences"] == {"email": True, "push": True, "in_app": True}
 
     status, body = await call(stack, "GET", "/api/v1/users/?page=1&limit=2")
     assert status == 200 and len(body["data"]) <= 2
