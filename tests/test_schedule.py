@@ -258,7 +258,10 @@ async def test_quiet_hours_preference_self_service_and_validation(stack: Stack) 
     body = await response.json()
     assert response.status == 200, body
     assert body["data"] == {
-        "email": True, "push": True, "in_app": True, "quiet_hours": {"start": "22:00", "end": "07:00"}
+        "email": True,
+        "push": True,
+        "in_app": True,
+        "quiet_hours": {"start": "22:00", "end": "07:00"},
     }
     response = await stack.gateway.get(path, headers=mine)
     assert (await response.json())["data"]["quiet_hours"] == {"start": "22:00", "end": "07:00"}
