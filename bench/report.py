@@ -66,7 +66,10 @@ def commit() -> str:
 
 
 def command() -> str:
-    run = "python -m bench " + shlex.join(sys.argv[1:])
+    # `python -m bench` runs bench/__main__.py; `python -m bench.inbox` runs bench/inbox.py.
+    stem = Path(sys.argv[0]).stem
+    module = "bench" if stem in ("__main__", "bench") else f"bench.{stem}"
+    run = " ".join(["python -m", module, shlex.join(sys.argv[1:])]).rstrip()
     # `make bench` sets BENCH_VIA_MAKE, so the record names what was typed and what it ran.
     return f"make bench` → `{run}" if os.environ.get("BENCH_VIA_MAKE") else run
 
