@@ -129,7 +129,7 @@ function isWebUrl(value) {
   }
 }
 
-// A message body is the template's HTML: shown as its text, parsed in an inert document
+// A message's title and body are the template's HTML (autoescaped): shown as their text, parsed in an inert document
 // (nothing in it runs or loads) and never inserted as markup.
 function plainText(html) {
   if (typeof html !== "string" || html === "") return "";
@@ -518,7 +518,15 @@ export class NotifyInbox extends HTMLElement {
     }
     if (message.archived_at) return;
     const item = this._build(message);
-    this._list.prepend(item.el);
+    // Newest first: before the first one older than it (a page and the stream may interleave).
+    const created = Date.parse(message.created_at) || Infinity;
+    const older = [...this._list.children].find((el) => {
+      const other = this._items.get(el.dataset.id);
+      return other && (Date.parse(other.message.created_at) || 0) < created;
+    });
+    if (older) this._list.insertBefore(item.el, older);
+    else if (this._next === null || this._items.size === 1) this._list.append(item.el);
+    else this._items.delete(message.id); // older than all shown with more to load: it comes with them
     this._renderChrome();
   }
 
@@ -584,7 +592,7 @@ export class NotifyInbox extends HTMLElement {
     status.textContent = message.read_at ? "" : "Unread. ";
     const title = document.createElement("p");
     title.className = "title";
-    title.textContent = message.title || "";
+    title.textContent = plainText(message.title);
     content.append(status, title);
     const text = plainText(message.body);
     if (text) {
@@ -613,7 +621,7 @@ export class NotifyInbox extends HTMLElement {
     archive.type = "button";
     archive.className = "archive";
     archive.setAttribute("part", "archive");
-    archive.setAttribute("aria-label", `Archive: ${message.title || "message"}`);
+    archive.setAttribute("aria-label", `Archive: ${plainText(message.title) || "message"}`);
     archive.title = "Archive";
     archive.innerHTML = ARCHIVE_SVG; // fixed markup
     archive.addEventListener("click", (event) => {
