@@ -51,7 +51,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _page(request: web.Request) -> web.Response:
+async def _page(request: web.Request) -> web.Response:
     """The customer's page: the three lines of the README's embed, nothing else of ours."""
     q = request.query
     base, token = html.escape(q["gateway"]), html.escape(q["token"])
@@ -75,7 +75,7 @@ def _page(request: web.Request) -> web.Response:
     return web.Response(text=body, content_type="text/html")
 
 
-def _landing(request: web.Request) -> web.Response:
+async def _landing(request: web.Request) -> web.Response:
     return web.Response(
         text='<!doctype html><title>Post</title><link rel="icon" href="data:,"><p>the post',
         content_type="text/html",
@@ -344,25 +344,46 @@ async def test_keyboard_enter_opens_arrows_move_enter_reads_and_escape_closes(em
     page = await embed.open(_gateway_url(stack), token)
     await _badge_is(page, "1")
     bell = page.locator(BELL)
+    focused = "document.activeElement.shadowRoot.activeElement.getAttribute('part')"
     await bell.focus()
     await page.keyboard.press("Enter")
     await expect(page.locator(PANEL)).to_be_visible()
     await expect(bell).to_have_attribute("aria-expanded", "true")
-    await page.keyboard.press("Escape")
+    for part in ("mark-all-read", "message", "archive"):  # every control is reached by Tab
+        await page.keyboard.press("Tab")
+        assert await page.evaluate(focused) == part
+    await page.keyboard.press("Escape")  # from anywhere in the panel
     await expect(page.locator(PANEL)).to_be_hidden()
     await expect(bell).to_have_attribute("aria-expanded", "false")
-    assert (
-        await page.evaluate("document.activeElement.shadowRoot.activeElement.getAttribute('part')") == "bell"
-    )
+    assert await page.evaluate(focused) == "bell"  # focus back on the bell
 
     await page.keyboard.press("Space")
     await expect(page.locator(PANEL)).to_be_visible()
     await page.keyboard.press("Tab")  # mark all read
     await page.keyboard.press("ArrowDown")  # the first message
-    focused = "document.activeElement.shadowRoot.activeElement.getAttribute('part')"
     assert await page.evaluate(focused) == "message"
     await page.keyboard.press("Enter")  # read, and its link followed
     await page.wait_for_url(f"{embed.site}/posts/7")
     counts = await stack.gateway.get("/api/v1/inbox/counts", headers=bearer(token))
     assert (await counts.json())["data"]["unread"] == 0
+    assert embed.errors == []
+
+
+async def test_a_new_token_shows_the_other_users_inbox(embed: Embed) -> None:
+    stack = embed.stack
+    ada, ada_token = await new_user(stack)
+    bob, bob_token = await new_user(stack)
+    await embed.send(ada)
+    page = await embed.open(_gateway_url(stack), ada_token)
+    await _badge_is(page, "1")
+    await page.locator("notify-inbox").evaluate("(el, token) => el.setAttribute('token', token)", bob_token)
+    await _badge_is(page, "")
+    await page.locator(BELL).click()
+    await expect(page.locator("notify-inbox [part=empty]")).to_be_visible()
+    await embed.send(bob, name="Carol")  # and live for the new user
+    await _badge_is(page, "1")
+    await expect(page.locator(f"{MESSAGE} .title")).to_have_text("Carol commented on your post")
+    await embed.send(ada, name="Dan")  # the first user's no longer reach this page
+    await asyncio.sleep(0.5)
+    await expect(page.locator(MESSAGE)).to_have_count(1)
     assert embed.errors == []

@@ -105,7 +105,7 @@ const ARCHIVE_SVG = `<svg viewBox="0 0 24 24" fill="none" stroke="currentColor" 
 const MARKUP = `<style>${STYLE}</style>
 <button part="bell" class="bell" type="button" aria-label="Notifications" aria-expanded="false"
   aria-haspopup="dialog" aria-controls="panel">${BELL_SVG}<span class="live" aria-live="polite"
-  aria-atomic="true"><span part="badge" class="badge" hidden></span><span class="sr-only"></span></span></button>
+  aria-atomic="true"><span part="badge" class="badge" aria-hidden="true" hidden></span><span class="sr-only"></span></span></button>
 <section part="panel" class="panel" id="panel" role="dialog" aria-label="Notifications" hidden>
   <div class="head"><h2>Notifications</h2>
     <button part="mark-all-read" class="link-button mark-all" type="button">Mark all as read</button></div>
@@ -628,7 +628,6 @@ export class NotifyInbox extends HTMLElement {
       event.stopPropagation();
       this.archive(message.id);
     });
-    archive.addEventListener("keydown", (event) => event.stopPropagation());
 
     el.append(marker, content, archive);
     el.addEventListener("click", () => this._activate(message.id));
