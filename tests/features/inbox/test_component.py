@@ -82,6 +82,17 @@ async def _landing(request: web.Request) -> web.Response:
     )
 
 
+# A 1x1 PNG, the picture of a message.
+PIXEL = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c489"
+    "0000000d49444154789c6360f8cfc0f01f0005000201a5f3d6a50000000049454e44ae426082"
+)
+
+
+async def _pixel(request: web.Request) -> web.Response:
+    return web.Response(body=PIXEL, content_type="image/png")
+
+
 @dataclass
 class Embed:
     stack: Stack
@@ -139,6 +150,7 @@ async def embed(stack_factory: Any, browser: Browser, inbox_shots: Path) -> Asyn
     site_app = web.Application()
     site_app.router.add_get("/", _page)
     site_app.router.add_get("/posts/{post}", _landing)
+    site_app.router.add_get("/pixel.png", _pixel)
     site = await _serve(site_app)
     origin = str(site.make_url("")).rstrip("/")
     stack: Stack = await stack_factory(workers=False, inbox=True, inbox_allowed_origins=(origin,))
@@ -386,4 +398,59 @@ async def test_a_new_token_shows_the_other_users_inbox(embed: Embed) -> None:
     await embed.send(ada, name="Dan")  # the first user's no longer reach this page
     await asyncio.sleep(0.5)
     await expect(page.locator(MESSAGE)).to_have_count(1)
+    assert embed.errors == []
+
+
+async def test_an_image_and_a_link_only_when_http_and_nothing_else_runs(embed: Embed) -> None:
+    """The backend stores whatever the template renders: the component shows an image and
+    follows a link only for http(s) ones."""
+    stack = embed.stack
+    template = await stack.create_template(
+        notification_type="in_app",
+        subject=None,
+        title="{{ title }}",
+        body="{{ body }}",
+        image_url="{{ image }}",
+        link="{{ link }}",
+    )
+    user_id, token = await new_user(stack)
+    page = await embed.open(_gateway_url(stack), token)
+    hostile = "javascript:window.pwned=1"
+    for count, variables in enumerate(
+        (
+            {"title": "Safe", "body": "b", "image": f"{embed.site}/pixel.png", "link": hostile},
+            {
+                "title": "<img src=x onerror=window.pwned=2>",
+                "body": "<script>window.pwned=3</script>",
+                "image": hostile,
+                "link": f"{embed.site}/posts/9",
+            },
+        ),
+        1,
+    ):
+        status, body, _ = await stack.send(
+            {
+                "notification_type": "in_app",
+                "user_id": user_id,
+                "template_code": template["code"],
+                "variables": variables,
+                "request_id": f"req-{uuid.uuid4()}",
+            }
+        )
+        assert status == 202, body
+        await _badge_is(page, str(count))
+    await page.locator(BELL).click()
+    newest, safe = page.locator(MESSAGE).nth(0), page.locator(MESSAGE).nth(1)
+    await expect(newest.locator(".title")).to_have_text("<img src=x onerror=window.pwned=2>")
+    await expect(newest.locator(".body")).to_have_text("<script>window.pwned=3</script>")
+    assert await newest.locator("img, script").count() == 0  # no image for a javascript: URL
+    image = safe.locator("img[part=image]")
+    await expect(image).to_have_attribute("src", f"{embed.site}/pixel.png")
+    await expect(image).to_have_js_property("naturalWidth", 1)  # loaded
+
+    await safe.click()  # read, but a javascript: link is not followed
+    await expect(safe).to_have_attribute("data-read", "true")
+    await _badge_is(page, "1")
+    assert page.url.startswith(embed.site + "/?")
+    assert await page.evaluate("window.pwned") is None
     assert embed.errors == []
