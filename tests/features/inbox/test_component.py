@@ -102,6 +102,7 @@ class Embed:
     shots: Path
     contexts: list[BrowserContext] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    tickets: list[str] = field(default_factory=list)  # the POST /tickets the pages sent
 
     async def open(
         self, gateway_url: str, token: str, viewport: dict[str, int] = DESKTOP, **query: str
@@ -116,6 +117,7 @@ class Embed:
             ),
         )
         page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        page.on("request", lambda r: self.tickets.append(r.url) if r.url.endswith("/tickets") else None)
         url = str(URL(f"{self.site}/").with_query({"gateway": gateway_url, "token": token, **query}))
         await page.goto(url)
         await page.wait_for_function("() => customElements.get('notify-inbox') !== undefined")
@@ -388,8 +390,10 @@ async def test_a_new_token_shows_the_other_users_inbox(embed: Embed) -> None:
     await embed.send(ada)
     page = await embed.open(_gateway_url(stack), ada_token)
     await _badge_is(page, "1")
+    assert len(embed.tickets) == 1  # one stream opened, once
     await page.locator("notify-inbox").evaluate("(el, token) => el.setAttribute('token', token)", bob_token)
     await _badge_is(page, "")
+    assert len(embed.tickets) == 2
     await page.locator(BELL).click()
     await expect(page.locator("notify-inbox [part=empty]")).to_be_visible()
     await embed.send(bob, name="Carol")  # and live for the new user

@@ -189,6 +189,8 @@ export class NotifyInbox extends HTMLElement {
     this._next = null;
     this._loaded = false;
     this._unread = 0;
+    this._started = false;
+    this._restartQueued = false;
 
     this._bell.addEventListener("click", () => this.toggle());
     this._markAll.addEventListener("click", () => this.markAllRead());
@@ -224,6 +226,7 @@ export class NotifyInbox extends HTMLElement {
     window.addEventListener("resize", this._onResize);
     window.addEventListener("online", this._onOnline);
     this._clockTimer = setInterval(() => this._refreshTimes(), 60000);
+    this._started = true;
     this._restart();
   }
 
@@ -233,17 +236,19 @@ export class NotifyInbox extends HTMLElement {
     window.removeEventListener("resize", this._onResize);
     window.removeEventListener("online", this._onOnline);
     clearInterval(this._clockTimer);
+    this._started = false;
     this._stop();
   }
 
   attributeChangedCallback(name, before, after) {
-    if (before === after || !this.isConnected) return;
+    // An upgrade reports every attribute before connectedCallback, which starts once anyway.
+    if (before === after || !this._started) return;
     // Several attributes set in a row restart once.
     if (!this._restartQueued) {
       this._restartQueued = true;
       queueMicrotask(() => {
         this._restartQueued = false;
-        if (this.isConnected) this._restart();
+        if (this._started) this._restart();
       });
     }
   }
