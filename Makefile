@@ -12,7 +12,7 @@ help:
 	@echo "make run       install, create databases, migrate, declare topology, start all services"
 	@echo "make test      run the test suite against the local PostgreSQL, Redis and RabbitMQ"
 	@echo "make test-fast run only the pure tests (no servers), in seconds"
-	@echo "make screenshots  run the console's browser tests, keeping their pictures in docs/console/"
+	@echo "make screenshots  run the browser tests, keeping their pictures in docs/console/ and docs/inbox/"
 	@echo "make lint      ruff, mypy, hadolint and actionlint"
 	@echo "make migrate   create missing databases and apply migrations"
 	@echo "make topology  declare the RabbitMQ exchange and queues"
@@ -47,9 +47,11 @@ test: venv browser
 test-fast: venv
 	$(BIN)/python -m pytest -m "not stack" -q
 
-# The console's browser tests, keeping their pictures of each page in docs/console/.
+# The browser tests, keeping their pictures: the console's pages in docs/console/, the inbox
+# component's in docs/inbox/.
 screenshots: venv browser
 	CONSOLE_SCREENSHOTS=docs/console $(BIN)/python -m pytest tests/test_console.py
+	INBOX_SCREENSHOTS=docs/inbox $(BIN)/python -m pytest tests/features/inbox/test_component.py
 
 lint: venv
 	$(BIN)/ruff check .

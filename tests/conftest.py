@@ -29,6 +29,7 @@ from common.config import Config
 from common.data import db
 from common.data.migrate import databases, migrate_all
 from scripts.localenv import rabbitmq_vhost
+from tests.browser import browser  # noqa: F401 - the browser tests' fixture (Chromium)
 from tests.smtp_sink import SmtpSink
 from topology import declare, table
 

@@ -63,7 +63,7 @@ PARTS = {
     "templates": r"^/api/v1/templates",
     "webhooks": r"^/api/v1/(webhooks|unsubscribe)",
     "workflows": r"^/api/v1/(workflows|workflow-runs)",
-    "inbox": r"^/api/v1/inbox/",
+    "inbox": r"^/(api/v1/)?inbox/",  # and the component, /inbox/notify-inbox.js
     "service": r"^/(health|openapi|docs|metrics)",
 }
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,26 +20,13 @@ import pytest
 import redis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from console.session import SIGNIN_FAILURES_ALLOWED
+from tests.browser import DESKTOP, PHONE
 from tests.conftest import API_KEY, Stack
 from tests.tcp_proxy import TcpProxy
 from tests.test_faults import via
-
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-# The closed network of a test machine: nothing that phones home, or Chromium stalls at start.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-PHONE = {"width": 390, "height": 844}
-DESKTOP = {"width": 1280, "height": 900}
 
 
 @pytest.fixture(scope="session")
@@ -52,22 +37,6 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = Path(chosen) if chosen else tmp_path_factory.mktemp("console-screenshots")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    assert os.path.exists(CHROMIUM), (  # noqa: ASYNC240 - once, before the browser starts
-        f"Chromium is not at {CHROMIUM}: `make browser` installs Debian's chromium package"
-    )
-    async with async_playwright() as playwright:
-        # launch() gives every browser a fresh profile of its own, removed on close.
-        launched = await playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 class Console:

@@ -14,6 +14,10 @@ A browser's EventSource cannot send a header: it authenticates with `?ticket=`, 
 ticket and no credential; only the ticket authenticates it then).
 
 CORS, for /api/v1/inbox/ only: the origins of INBOX_ALLOWED_ORIGINS, by exact match.
+
+`GET /inbox/notify-inbox.js` is the drop-in web component (static/notify-inbox.js): public code,
+outside /api/ (no credential), with `Access-Control-Allow-Origin: *` since a
+`<script type="module">` of another origin is fetched with CORS.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from functools import cache
+from pathlib import Path
 from typing import Any, cast
 
 import orjson
@@ -57,6 +63,9 @@ CORS_MAX_AGE = 600
 CORS_METHODS = "GET, POST, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID"
 _MAX_SEQ = 10**18 - 1
+COMPONENT_PATH = "/inbox/notify-inbox.js"
+COMPONENT_FILE = Path(__file__).with_name("static") / "notify-inbox.js"
+COMPONENT_CACHE = "public, max-age=300"  # short: a deploy reaches the pages within minutes
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -425,6 +434,29 @@ async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
+# --- the web component ------------------------------------------------------------------------
+
+
+@cache
+def _component() -> tuple[bytes, str]:
+    """The component's bytes and ETag, read once per process."""
+    body = COMPONENT_FILE.read_bytes()
+    return body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+async def component(request: web.Request) -> web.Response:
+    body, etag = _component()
+    headers = {
+        "Access-Control-Allow-Origin": "*",
+        "Cache-Control": COMPONENT_CACHE,
+        "ETag": etag,
+        "X-Content-Type-Options": "nosniff",
+    }
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, content_type="text/javascript", charset="utf-8", headers=headers)
+
+
 # --- routes ------------------------------------------------------------------------------------
 
 
@@ -438,6 +470,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/v1/inbox/seen-all", _all("seen"))
     r.add_post("/api/v1/inbox/tickets", create_ticket)
     r.add_get(EVENTS_PATH, events)
+    r.add_get(COMPONENT_PATH, component)
 
 
 async def end_streams(app: web.Application) -> None:
