@@ -62,6 +62,7 @@ STACK_FIXTURES = frozenset(
         "quorum_vhost",
         "rabbit_cluster",
         "browser",
+        "own_servers",
     }
 )
 
@@ -105,6 +106,7 @@ def _rank(item: pytest.Item) -> int:
 # most wait on a clock or a fault rather than use a core.
 LONGEST = (
     "templates-negative",
+    "test_restarts.py",
     "test_a_gateway_killed_while_dispatching_loses_nothing",
     "test_send_at_local_and_quiet_hours",
     "test_a_daily_digest_at_a_local_time_in_a_half_hour_zone",

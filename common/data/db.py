@@ -161,6 +161,19 @@ class Executor:
             return int(cur.rowcount)
 
 
+# After a PostgreSQL restart every pooled connection breaks at once. uvloop closes the poll
+# handle of a connection whose socket failed but keeps it under its file descriptor until the
+# reader is removed, so a new connection handed the same descriptor meanwhile cannot register
+# ("RuntimeError: unable to perform operation on <UVPoll closed=True>; the handler is closed").
+# Tried again a moment later it gets through; after HANDLE_TRIES it is the connection error it is.
+HANDLE_TRIES = 5
+HANDLE_PAUSE = 0.02
+
+
+def _stale_handle(exc: RuntimeError) -> bool:
+    return "the handler is closed" in str(exc)
+
+
 class Database(Executor):
     def __init__(self, pool: aiopg.Pool, timeout: float, prepared: bool = True) -> None:
         self.pool = pool
@@ -171,7 +184,17 @@ class Database(Executor):
         # aiopg bounds connecting and each query (`timeout`), not waiting for a free connection:
         # with every connection stuck on a dead server, that wait must end too.
         async def acquire() -> Any:
-            return await self.pool.acquire()
+            for attempt in range(1, HANDLE_TRIES + 1):
+                try:
+                    return await self.pool.acquire()
+                except RuntimeError as exc:
+                    if not _stale_handle(exc):
+                        raise
+                    if attempt == HANDLE_TRIES:
+                        # A connection error like any other: a 503 or a retry, never a 500.
+                        raise OperationalError(f"could not register a new connection: {exc}") from exc
+                    await asyncio.sleep(HANDLE_PAUSE * attempt)
+            raise AssertionError("unreachable")
 
         return await asyncio.wait_for(acquire(), self.timeout)
 
