@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common.config import Config
 from common.data import db
@@ -43,9 +47,18 @@ def database(url_of: Callable[[Config], str], name: str, maxsize: int = 10) -> C
     return ctx
 
 
+def connect_redis(url: str, **options: Any) -> aioredis.Redis:
+    """A Redis client whose command, on a pooled connection the server has closed (it was
+    restarted), is tried once more on a new connection: without this the first command on each
+    pooled connection after a restart fails. Only a closed connection is retried, at once; a
+    timeout (a server not answering) is not, so a black hole still costs one timeout, not two."""
+    retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    return aioredis.from_url(url, retry=retry, **options)
+
+
 def redis_client(critical: bool = False) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        client = aioredis.from_url(app[CONFIG_KEY].redis_url, socket_timeout=1, socket_connect_timeout=1)
+        client = connect_redis(app[CONFIG_KEY].redis_url, socket_timeout=1, socket_connect_timeout=1)
         app[REDIS_KEY] = client
         app[HEALTH_KEY]["redis"] = Check(client.ping, critical=critical)
         try:

@@ -139,6 +139,12 @@ class TokenUsed(Exception):
     """This webhook's token was used before: a replay."""
 
 
+class TokensForgotten(Exception):
+    """This webhook was signed before the Redis server holding the used tokens started: if that
+    start lost them (a restart without persistence), a replay cannot be told from a first copy,
+    so it is refused (fails closed) until it is past its age, rather than applied twice."""
+
+
 @dataclass(frozen=True)
 class TokenClaim:
     """This request's hold on a token while it handles the webhook (`claim`)."""
@@ -162,11 +168,24 @@ def token_key(body: dict[str, Any]) -> str:
     return _SEEN_PREFIX + hashlib.sha256(token.encode()).hexdigest()
 
 
-async def claim(client: aioredis.Redis, body: dict[str, Any]) -> TokenClaim:
+async def claim(client: aioredis.Redis, body: dict[str, Any], now: float) -> TokenClaim:
     """Claim this signature's token as pending while the webhook is handled (SET NX, one
-    script): TokenInProgress while another copy holds it, TokenUsed once it was used."""
+    script): TokenInProgress while another copy holds it, TokenUsed once it was used,
+    TokensForgotten when it was signed before the Redis server started (the server's uptime,
+    read in the same transaction as the claim, so a restart cannot fall between the two)."""
     held = TokenClaim(token_key(body), f"pending:{secrets.token_hex(16)}")
-    result = int(await client.eval(_CLAIM, 1, held.key, held.holder, PENDING_TTL, _USED))
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.info("server")
+        pipe.eval(_CLAIM, 1, held.key, held.holder, PENDING_TTL, _USED)
+        info, raw = await pipe.execute()
+    result = int(raw)
+    started = now - float(info["uptime_in_seconds"])
+    signed = signed_at(body)
+    # A second of slack for the uptime's whole seconds; the signature's own age was checked.
+    if signed is None or signed < started - 1:
+        if result == 1:
+            await held.release(client)
+        raise TokensForgotten
     if result == 0:
         raise TokenUsed
     if result < 0:

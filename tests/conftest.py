@@ -63,6 +63,7 @@ STACK_FIXTURES = frozenset(
         "rabbit_cluster",
         "browser",
         "own_servers",
+        "own_redis",
     }
 )
 

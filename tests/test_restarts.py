@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import socket
 import tempfile
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -35,6 +37,7 @@ from tests.conftest import API_KEY, PREFIX
 from tests.own_servers import OwnPostgres, OwnRedis, postgres_installed, redis_installed
 from tests.processes import ServiceProcess
 from tests.smtp_sink import SmtpSink
+from tests.test_email_providers import MAILGUN_SIGNING_KEY, _mailgun_failure, _mailgun_signed
 
 RATE = 20  # notifications offered per second
 FINAL = ("delivered", "failed", "skipped", "cancelled")
@@ -87,6 +90,67 @@ def own_servers() -> Iterator[Servers]:
         servers.rabbitmq.down(remove=True)
         servers.redis.remove()
         servers.postgres.drop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    if not redis_installed():
+        pytest.skip("needs redis-server on this machine")
+    server = OwnRedis()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+async def test_after_a_redis_restart_what_lived_there_is_rebuilt_or_safely_absent(
+    stack_factory: Any, own_redis: OwnRedis
+) -> None:
+    """Redis keeps caches, rate-limit counters, Mailgun's used tokens and console sessions, and
+    (here, as by default) nothing on disk: a restart loses them all. Lookups go on from
+    PostgreSQL, a console user signs in again, and a Mailgun webhook signed before the restart
+    is refused, since it cannot be told from a replay (fails closed); one signed since is taken."""
+    stack = await stack_factory(redis_url=own_redis.url, mailgun_webhook_signing_key=MAILGUN_SIGNING_KEY)
+    user = await stack.create_user()
+    code = (await stack.create_template())["code"]
+    status, body, _ = await stack.send_email(user["id"], code)
+    assert status == 202, body
+    await stack.wait_for(body["data"]["notification_id"], "delivered")
+
+    client = stack.gateway
+    page = await (await client.get("/console/sign-in")).text()
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert csrf, page
+    answer = await client.post(
+        "/console/sign-in", data={"api_key": API_KEY, "csrf_token": csrf.group(1)}, allow_redirects=False
+    )
+    assert answer.status == 303, await answer.text()
+    assert (await client.get("/console/", allow_redirects=False)).status == 200
+    # Signed after this Redis started (whole seconds either side: hence the pauses), handled.
+    await asyncio.sleep(2)
+    signed = _mailgun_signed(_mailgun_failure(user["email"], body["data"]["notification_id"]))
+    first = await client.post("/api/v1/webhooks/mailgun", json=signed)
+    assert first.status == 200, await first.text()
+    await asyncio.sleep(2)
+
+    await asyncio.to_thread(own_redis.restart)
+
+    # Signed in no more: asked to sign in again, not an error page.
+    answer = await client.get("/console/", allow_redirects=False)
+    assert answer.status in (302, 303) and answer.headers["Location"].startswith("/console/sign-in"), answer
+    # The replay, whose token Redis no longer knows: refused, not applied again.
+    replay = await client.post("/api/v1/webhooks/mailgun", json=signed)
+    refused = await replay.json()
+    assert replay.status == 503 and refused["error"] == "replay_record_lost", refused
+    assert replay.headers["Retry-After"]
+    await asyncio.sleep(2)
+    fresh = _mailgun_signed(_mailgun_failure(user["email"], body["data"]["notification_id"]))
+    assert (await client.post("/api/v1/webhooks/mailgun", json=fresh)).status == 200
+    # Caches cold, counters reset: sending goes on as before.
+    status, body, _ = await stack.send_email(user["id"], code)
+    assert status == 202, body
+    await stack.wait_for(body["data"]["notification_id"], "delivered")
 
 
 @dataclass

@@ -67,7 +67,7 @@ async def mailgun_webhook(request: web.Request) -> web.Response:
         raise ApiError(401, "unauthorized", "The Mailgun webhook's signature is older than 5 minutes.")
     redis = request.config_dict[REDIS_KEY]
     try:
-        held = await mailgun.claim(redis, body)
+        held = await mailgun.claim(redis, body, time.time())
     except RedisError:
         # Without the record of used tokens a replay cannot be told apart: Mailgun retries.
         raise ApiError(
@@ -79,6 +79,14 @@ async def mailgun_webhook(request: web.Request) -> web.Response:
             "webhook_in_progress",
             "Another copy of this Mailgun webhook is being handled; try again shortly.",
             headers={"Retry-After": "5"},
+        ) from None
+    except mailgun.TokensForgotten:
+        raise ApiError(
+            503,
+            "replay_record_lost",
+            "This Mailgun webhook was signed before the record of used tokens restarted, so it "
+            "cannot be told apart from a replay; a copy signed since is accepted.",
+            headers={"Retry-After": "60"},
         ) from None
     except mailgun.TokenUsed:
         raise ApiError(409, "replayed", "This Mailgun webhook's token was used before.") from None

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 
 from common import background
 from common.keys import CONFIG_KEY, INBOX_LIVE_KEY
+from common.resources import connect_redis
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class Live:
 async def live(app: web.Application) -> AsyncIterator[None]:
     """A cleanup context: this process's table of open streams (INBOX_LIVE_KEY) and its one
     Redis subscription, on a connection of its own (no read timeout: it waits for messages)."""
-    client = aioredis.from_url(
+    client = connect_redis(
         app[CONFIG_KEY].redis_url,
         socket_connect_timeout=1,
         health_check_interval=HEALTH_CHECK_INTERVAL,
