@@ -171,6 +171,8 @@ class Pipeline:
         self.body = ""
         self.workers: list[Proc] = []
         self.sink: Proc | None = None  # the SMTP or FCM server: its CPU is part of the picture
+        # Process name -> its py-spy profile during the first N run (the per-step table).
+        self.profiles: dict[str, Path] = {}
 
     @property
     def gateway(self) -> Proc:
@@ -220,10 +222,13 @@ class Pipeline:
             commits_before = await _commits(env)
             meter = CpuMeter(procs)
             meter.start()
-            profile_task = None
+            profile_task = gateway_task = None
             if profile_dir is not None and report.py_spy():
                 raw = profile_dir / f"{self.channel}_worker.pyspy.raw"
-                profile_task = asyncio.create_task(_profile_later(self.workers[0].pid, 15, raw))
+                profile_task = asyncio.create_task(_profile_later(self.workers[0].pid, 15, raw, True))
+                # The gateway too, over the same seconds: the per-step table needs both.
+                raw = profile_dir / f"{self.channel}_gateway.pyspy.raw"
+                gateway_task = asyncio.create_task(_profile_later(self.gateway.pid, 15, raw))
             async with env.autovacuum() as self.vacuumed:
                 load = await run_load(
                     self.spec(
@@ -251,6 +256,11 @@ class Pipeline:
                 raw_path = await profile_task
                 if raw_path is not None:
                     self.profile_raw = raw_path
+                    self.profiles[self.workers[0].name] = raw_path
+            if gateway_task is not None:
+                raw_path = await gateway_task
+                if raw_path is not None:
+                    self.profiles["gateway"] = raw_path
             return result
         finally:
             await self.stop_workers()
@@ -281,9 +291,9 @@ class Pipeline:
     vacuumed = False  # the harness stood in for autovacuum (off on this server)
 
 
-async def _profile_later(pid: int, seconds: float, out: Path) -> Path | None:
+async def _profile_later(pid: int, seconds: float, out: Path, subprocesses: bool = False) -> Path | None:
     await asyncio.sleep(3.0)  # into the steady state, past start-up and the first accepts
-    return await report.profile(pid, seconds, out)
+    return await report.profile(pid, seconds, out, subprocesses)
 
 
 async def _baseline(module: str, args: list[str], opts: E2EOptions) -> dict[str, float]:
@@ -379,6 +389,39 @@ def per_delivered_table(section: report.Section, outcomes: list[Outcome]) -> Non
         "Cost per delivered notification: CPU µs of each process over the run (a worker counted"
         " with its render processes; the shared servers' figures include any other work on the"
         " machine), and status-store transactions",
+    )
+
+
+def step_table(section: report.Section, run: Outcome, profiles: dict[str, Path]) -> None:
+    """CPU µs per delivered notification by step: each profiled process's CPU per delivered
+    notification over the run, shared out as its py-spy samples fall on the steps
+    (`report.STEPS`)."""
+    if not run.cpu_seconds or not run.delivered or not profiles:
+        return
+    shares: dict[str, dict[str, float]] = {}
+    samples = {}
+    for name, path in sorted(profiles.items(), key=lambda item: _service_order(item[0])):
+        total, by_step = report.step_shares(path.read_text())
+        if total:
+            shares[name], samples[name] = by_step, total
+    if not shares:
+        return
+    per = {name: 1e6 * run.cpu_seconds.get(name, 0.0) / run.delivered for name in shares}
+    steps = [label for label, _, _, _ in report.STEPS if label] + [report.OTHER_STEP]
+    rows = [
+        [step, *[fmt_num(per[name] * shares[name].get(step, 0.0)) for name in shares]]
+        for step in steps
+        if any(shares[name].get(step, 0.0) for name in shares)
+    ]
+    rows.append(["**all steps**", *[f"**{fmt_num(per[name])}**" for name in shares]])
+    section.table(
+        ["CPU µs per delivered notification", *shares],
+        rows,
+        f"CPU by step over “{run.label}”: each process's CPU per delivered notification, shared"
+        " out by where its py-spy samples fell ("
+        + ", ".join(f"{name} {samples[name]:,} samples" for name in shares)
+        + "; a sample goes to the most specific step on its stack, so the driver and logging"
+        " under a claim count as the claim)",
     )
 
 
@@ -482,6 +525,8 @@ async def run_email(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, 
         )
     cpu_table(section, outcomes)
     per_delivered_table(section, outcomes)
+    if outcomes:
+        step_table(section, outcomes[0], pipe.profiles)
     vacuum_note(section, pipe)
     flat = _first_rss(section, outcomes)
 
@@ -534,7 +579,11 @@ async def run_push(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, A
     outcomes = []
     for i, n in enumerate(opts.workers):
         label = f"N={opts.count:,}, {n} worker{'s' if n > 1 else ''}"
-        outcomes.append(await pipe.run_n(label, n, sample=(i == 0), profile_dir=None))
+        outcomes.append(
+            await pipe.run_n(
+                label, n, sample=(i == 0), profile_dir=env.log_dir if opts.profile and i == 0 else None
+            )
+        )
     async with aiohttp.ClientSession() as session, session.get(f"{fcm.url}/count") as response:
         fcm_count = (await response.json())["count"]
     for proc in pipe.core.values():
@@ -557,6 +606,8 @@ async def run_push(env: BenchEnv, opts: E2EOptions, record: bool) -> dict[str, A
     )
     cpu_table(section, outcomes)
     per_delivered_table(section, outcomes)
+    if outcomes:
+        step_table(section, outcomes[0], pipe.profiles)
     vacuum_note(section, pipe)
     flat = _first_rss(section, outcomes)
     best = max(outcomes, key=lambda o: o.rate) if outcomes else None

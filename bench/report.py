@@ -182,7 +182,7 @@ def py_spy() -> str | None:
     return str(local) if local.exists() else shutil.which("py-spy")
 
 
-async def profile(pid: int, seconds: float, out: Path) -> Path | None:
+async def profile(pid: int, seconds: float, out: Path, subprocesses: bool = False) -> Path | None:
     """`py-spy record --format raw` on a running process; None when py-spy is missing or fails.
 
     --nonblocking: py-spy reads the process's memory without pausing it, so the figure measured
@@ -196,6 +196,8 @@ async def profile(pid: int, seconds: float, out: Path) -> Path | None:
         "--format",
         "raw",
         "--nonblocking",
+        # A worker's render processes are its children: counted with it, as its CPU is.
+        *(["--subprocesses"] if subprocesses else []),
         "-d",
         str(max(1, int(seconds))),
         "-p",
@@ -248,6 +250,92 @@ def top_functions(raw: str, limit: int = 15) -> tuple[int, list[tuple[str, int, 
         for name in set(names):
             inclusive[name] += count
     return total, [(name, n, inclusive[name]) for name, n in own.most_common(limit)]
+
+
+# The steps of a notification's path, for the per-step CPU table. A sample belongs to the step
+# the frames on its stack name: a specific step (the store's claim, rendering, SMTP …) wins over
+# a general one (the HTTP server, the worker's handler, the driver, logging), and among equals the
+# deepest frame wins; so the driver's and the logger's frames under a claim count as the claim's.
+# Within one frame the first rule that matches is taken: specific paths before general ones.
+SPECIFIC, GENERAL, TRANSPARENT = 2, 1, 0
+STEPS: tuple[tuple[str, int, tuple[str, ...], frozenset[str] | None], ...] = (
+    (
+        "claim (status store)",
+        SPECIFIC,
+        ("common/data/store.py",),
+        frozenset({"claim", "claim_many", "extend"}),
+    ),
+    (
+        "record (status store)",
+        SPECIFIC,
+        ("common/data/store.py",),
+        frozenset({"record", "record_many", "events"}),
+    ),
+    (
+        "insert (status store)",
+        SPECIFIC,
+        ("common/data/store.py",),
+        frozenset({"create", "create_many", "_insert"}),
+    ),
+    ("status store, other", GENERAL, ("common/data/", "aiopg/", "psycopg2/"), None),
+    ("rate limit, Redis", SPECIFIC, ("common/web/ratelimit.py", "redis/"), None),
+    ("HTTP: auth, middlewares, envelope", GENERAL, ("common/web/",), None),
+    (
+        "accept: validate, decide",
+        SPECIFIC,
+        ("common/features/accept/", "common/sending/", "gateway.py"),
+        None,
+    ),
+    ("look up user and template", SPECIFIC, ("common/lookups/",), None),
+    ("render", SPECIFIC, ("common/rendering/", "jinja2/", "markupsafe/"), None),
+    ("build the MIME message", SPECIFIC, ("stdlib/email/",), None),
+    ("send: SMTP", SPECIFIC, ("aiosmtplib/",), None),
+    ("publish, consume, settle (AMQP)", SPECIFIC, ("common/broker/", "aio_pika/", "aiormq/", "pamqp/"), None),
+    # aiohttp's client is a means, not a step: its frames count for the caller's (a lookup, a
+    # provider's send).
+    ("", TRANSPARENT, ("aiohttp/client", "aiohttp/connector", "aiohttp/tracing"), None),
+    ("HTTP server (aiohttp)", GENERAL, ("aiohttp/", "multidict/", "yarl/"), None),
+    (
+        "send: provider (HTTP, Web Push)",
+        SPECIFIC,
+        ("providers/", "pywebpush/", "http_ece/", "py_vapid/"),
+        None,
+    ),
+    ("deliver, other (worker)", GENERAL, ("common/delivery/", "email_worker.py", "push_worker.py"), None),
+    ("group commit", GENERAL, ("common/group_commit.py",), None),
+    ("logging", GENERAL, ("stdlib/logging/", "common/logs.py"), None),
+    ("metrics", GENERAL, ("prometheus_client/", "common/metrics.py"), None),
+)
+OTHER_STEP = "event loop, other"
+
+
+def _step_of(func: str, file: str) -> tuple[str, int]:
+    for label, weight, prefixes, funcs in STEPS:
+        if file.startswith(prefixes) and (funcs is None or func in funcs):
+            return label, weight
+    return OTHER_STEP, TRANSPARENT
+
+
+def step_shares(raw: str) -> tuple[int, dict[str, float]]:
+    """From py-spy's raw output: total samples and each step's share of them (`STEPS`)."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        step, best = OTHER_STEP, TRANSPARENT
+        for frame in reversed(stack.split(";")):  # the deepest first: it wins among equals
+            m = FRAME.match(frame)
+            if m is None:
+                continue
+            label, weight = _step_of(m["func"], short_file(m["file"]))
+            if weight > best:
+                step, best = label, weight
+        counts[step] += count
+    return total, {step: n / total for step, n in counts.items()} if total else {}
 
 
 def profile_rows(raw: str, limit: int = 15) -> tuple[int, list[list[str]]]:

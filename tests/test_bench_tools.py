@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import report
 from bench.load import parse_response
 from bench.report import replace_latest, top_functions
 from bench.stack import cpu_seconds
@@ -122,3 +123,34 @@ def test_a_new_run_replaces_the_latest_of_its_title_and_keeps_the_others() -> No
     assert new.count("### Gateway accept") == 1
     added = replace_latest(new, "Topic fan-out", "### Topic fan-out — 2026-02-02 12:00 UTC\n\nfan\n")
     assert "fan" in added and "new accept" in added and added.index("## Latest figures") < added.index("fan")
+
+
+def test_a_sample_goes_to_the_most_specific_step_on_its_stack() -> None:
+    site = "/v/lib/python3.11/site-packages"
+    raw = "\n".join(
+        [
+            # The driver under a claim is the claim's, however deep; so is a log line there.
+            f"<module> (email_worker.py:1);handle (common/delivery/worker.py:9);"
+            f"claim_many (common/data/store.py:280);execute ({site}/aiopg/cursor.py:1) 5",
+            "<module> (email_worker.py:1);claim_many (common/data/store.py:280);"
+            "info (/v/lib/python3.11/logging/__init__.py:3) 1",
+            # Among specific steps the deepest wins: SMTP under the provider's send.
+            f"handle (common/delivery/worker.py:9);send (providers/smtp.py:3);"
+            f"sendmail ({site}/aiosmtplib/smtp.py:3) 2",
+            # aiohttp's client counts for its caller: a lookup.
+            f"handle (common/delivery/worker.py:9);user (common/lookups/clients.py:10);"
+            f"_request ({site}/aiohttp/client.py:3) 2",
+            # Only general frames: the most general step there is, the worker's handler.
+            "handle (common/delivery/worker.py:9);loads (common/delivery/worker.py:20) 3",
+            "_run_once (/v/lib/python3.11/asyncio/base_events.py:1) 7",
+        ]
+    )
+    total, shares = report.step_shares(raw)
+    assert total == 20
+    assert shares == {
+        "claim (status store)": 6 / 20,
+        "send: SMTP": 2 / 20,
+        "look up user and template": 2 / 20,
+        "deliver, other (worker)": 3 / 20,
+        report.OTHER_STEP: 7 / 20,
+    }
