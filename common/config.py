@@ -90,6 +90,10 @@ class Config:
     retention_days: int = 90
     # Bound on every PostgreSQL call (connect, query, waiting for a pooled connection).
     db_timeout: float = 5.0
+    # Connections each process keeps open to each of its databases, at most; 0: the service's
+    # own (20 for the gateway, whose engines query beside its requests; 10 for the others).
+    # Sized against PostgreSQL's max_connections with every process counted.
+    db_pool_size: int = 0
     # Hot status-store statements are prepared once per connection (a generic plan). Off behind
     # a pooler in transaction mode (PgBouncer), which cannot keep a session's statements.
     db_prepared_statements: bool = True
@@ -398,6 +402,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "reconcile_after": _positive_float,
     "dispatch_interval": _positive_float,
     "db_timeout": _positive_float,
+    "db_pool_size": _non_negative_int,
     "db_prepared_statements": _flag,
     "retention_days": _positive_int,
     "rate_limit": _non_negative_int,

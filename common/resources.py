@@ -35,7 +35,10 @@ def database(url_of: Callable[[Config], str], name: str, maxsize: int = 10) -> C
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG_KEY]
         database = await db.connect(
-            url_of(config), maxsize=maxsize, timeout=config.db_timeout, prepared=config.db_prepared_statements
+            url_of(config),
+            maxsize=config.db_pool_size or maxsize,
+            timeout=config.db_timeout,
+            prepared=config.db_prepared_statements,
         )
         app[DB_KEY] = database
         app[HEALTH_KEY][name] = Check(database.ping)

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from common.config import Config, ConfigError
+from common.keys import DB_KEY
 from tests.conftest import Stack
 from topology import TopologyConflict, declare, table
 
@@ -197,3 +198,12 @@ def test_a_service_refuses_to_start_with_a_clear_message(module: str) -> None:
         [sys.executable, module], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2 and "must be set" in result.stderr
+
+
+async def test_db_pool_size_bounds_every_pool_of_every_service(stack_factory: Any) -> None:
+    stack = await stack_factory(db_pool_size=3)
+    for name, app in stack.apps.items():
+        assert app[DB_KEY].pool.maxsize == 3, name
+    default = await stack_factory()
+    assert default.apps["gateway"][DB_KEY].pool.maxsize == 20
+    assert default.apps["email_worker"][DB_KEY].pool.maxsize == 10
