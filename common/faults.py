@@ -3,7 +3,8 @@
 The classification, as docs/architecture.md ("Failure semantics") has it:
 - infrastructure (`INFRASTRUCTURE_ERRORS`): PostgreSQL driver errors, timeouts, connection and
   socket errors, aio-pika/aiormq channel and connection errors, a publish the broker returned or
-  refused, Redis errors, the user or template service unreachable or answering 5xx. The worker
+  refused, Redis errors, the user or template service unreachable or answering 5xx, uvloop's
+  stale poll handle for a new socket (`common/event_loop.py`). The worker
   holds the message and retries the step, or defers the attempt without using it up;
 - a provider's transient verdict (SMTP 4xx, HTTP 429/5xx, a provider timeout): the retry queue
   for its attempt, `failed` once attempts are exhausted;
@@ -24,6 +25,7 @@ from redis.exceptions import RedisError
 
 from common.broker.amqp import Unroutable
 from common.data.db import DatabaseError
+from common.event_loop import stale_handle
 from common.lookups.clients import ServiceUnavailable
 
 INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
@@ -48,7 +50,7 @@ T = TypeVar("T")
 
 
 def is_infrastructure(exc: BaseException) -> bool:
-    return isinstance(exc, INFRASTRUCTURE_ERRORS)
+    return isinstance(exc, INFRASTRUCTURE_ERRORS) or stale_handle(exc)
 
 
 async def hold(

@@ -10,6 +10,7 @@ import aiohttp
 import orjson
 
 from common.config import Config
+from common.event_loop import stale_handle
 from common.logs import CORRELATION_HEADER, PROJECT_HEADER, correlation_id_var, project_var
 
 # The most users one batch lookup of the user service takes (`POST /api/v1/users/lookup`).
@@ -65,6 +66,10 @@ class ServiceClient:
                 status = response.status
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ServiceUnavailable(f"{self.name} unreachable: {type(exc).__name__} {exc}") from exc
+        except RuntimeError as exc:
+            if not stale_handle(exc):
+                raise
+            raise ServiceUnavailable(f"{self.name} unreachable: could not register a new socket") from exc
         if status >= 500:
             raise ServiceUnavailable(f"{self.name} answered {status}")
         try:

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.config import Config
 from common.data.db import DataError, IntegrityError, OperationalError, ProgramLimitExceeded
+from common.event_loop import stale_handle
 from common.keys import CONFIG_KEY, HEALTH_KEY, METRICS_KEY, SERVICE_KEY
 from common.logs import CORRELATION_HEADER, correlation_id_var, install_record_factory
 from common.lookups.clients import ServiceUnavailable
@@ -272,6 +273,16 @@ async def error_middleware(
         if refused is not None:
             log.warning("input refused by the database: %s", type(exc).__name__)
             return json_response(None, refused.message, status=refused.status, error=refused.code)
+        if stale_handle(exc):
+            # A connection that could not be made (common/event_loop.py): retried, not a 500.
+            log.warning("dependency unavailable: %s", exc)
+            return json_response(
+                None,
+                "A dependency is unavailable; please retry shortly.",
+                status=503,
+                error="service_unavailable",
+                headers={"Retry-After": "1"},
+            )
         if _is_db_unavailable(exc):
             log.warning("database unavailable: %s", exc)
             return json_response(
