@@ -83,6 +83,9 @@ class Options:
     redis_db: int = 5
     out: Path | None = None
     warmup: float = 0.0  # seconds whose samples flatness ignores; 0: a tenth of the run, 30 s at least
+    # The reconciler's RECONCILE_AFTER: short, so that a drain of two minutes covers a pass. Made
+    # long, it shows what the soak sees when nothing redrives what the broker lost.
+    reconcile_after: float = 10.0
 
 
 @dataclass
@@ -97,7 +100,7 @@ class Soak:
     options: Options
     env: BenchEnv
     log_dir: Path
-    rng: random.Random
+    rng: random.Random  # the fault schedule's alone, so a seed always gives the same schedule
     proxies: dict[str, TcpProxy] = field(default_factory=dict)
     sink: SmtpSink = field(default_factory=SmtpSink)
     procs: dict[str, Proc] = field(default_factory=dict)
@@ -113,6 +116,7 @@ class Soak:
     exits: list[str] = field(default_factory=list)
     users: list[dict[str, Any]] = field(default_factory=list)
     t0: float = 0.0
+    pick: random.Random = field(default_factory=random.Random)  # which gateway a request goes to
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -222,7 +226,7 @@ class Soak:
         delay = 0.25
         while self.now() < until:
             urls = self.gateways() or [self.procs["gateway"].url]
-            url = self.rng.choice(urls) + "/api/v1/notifications/"
+            url = self.pick.choice(urls) + "/api/v1/notifications/"
             status: str
             try:
                 async with (
@@ -406,7 +410,7 @@ async def run(options: Options) -> Result:
         http_timeout=5.0,
         # Short enough that a drain of two minutes covers every retry and a reconciler pass.
         retry_delays=(1.0, 2.0, 4.0, 8.0, 16.0),
-        reconcile_after=10.0,
+        reconcile_after=options.reconcile_after,
         claim_timeout=10.0,
     )
     soak = Soak(options, env, out / "logs", random.Random(options.seed))
@@ -480,6 +484,9 @@ def parse(argv: list[str] | None = None) -> Options:
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples (default 5)")
     p.add_argument("--prefix", default="notify_soak", help="databases and vhost (default notify_soak)")
     p.add_argument("--redis-db", type=int, default=5, help="Redis database (default 5)")
+    p.add_argument(
+        "--reconcile-after", type=float, default=10.0, help="RECONCILE_AFTER of the services (default 10)"
+    )
     p.add_argument("--out", type=Path, help="directory for the report, plot and logs")
     a = p.parse_args(argv)
     return Options(
@@ -491,6 +498,7 @@ def parse(argv: list[str] | None = None) -> Options:
         prefix=a.prefix,
         redis_db=a.redis_db,
         out=a.out,
+        reconcile_after=a.reconcile_after,
     )
 
 
