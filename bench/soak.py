@@ -114,6 +114,7 @@ class Soak:
     samples: list[Sample] = field(default_factory=list)
     reclaimed: dict[tuple[str, int], float] = field(default_factory=dict)
     exits: list[str] = field(default_factory=list)
+    restart_failures: list[str] = field(default_factory=list)
     users: list[dict[str, Any]] = field(default_factory=list)
     t0: float = 0.0
     pick: random.Random = field(default_factory=random.Random)  # which gateway a request goes to
@@ -322,7 +323,7 @@ class Soak:
                 self.exits.append(f"{target} exited {code} after SIGTERM")
             await asyncio.sleep(self.rng.uniform(*DOWN))
             self.incarnation[target] += 1
-            await proc.start()
+            await self.restart(proc)
         elif what == "purge":
             vhost = self.options.prefix
             await asyncio.to_thread(
@@ -339,6 +340,23 @@ class Soak:
             self.sink.greylist = {str(u["email"]) for u in chosen}
             await asyncio.sleep(self.rng.uniform(*GREYLIST))
             self.sink.greylist = set()
+
+    async def restart(self, proc: Proc) -> None:
+        """Start a stopped process again, as a supervisor would: until it comes up. On a shared
+        machine it can fail to for a while (the machine's PostgreSQL out of connections: "too
+        many clients already"); each refusal is noted in the report."""
+        while True:
+            try:
+                await proc.start()
+                return
+            except (RuntimeError, TimeoutError) as exc:
+                reason = str(exc).strip().splitlines()[-1][:160]
+                self.restart_failures.append(f"{self.now():.0f} s {proc.name}: {reason}")
+                print(f"soak: {self.now():7.1f} s  {proc.name} did not start again: {reason}", flush=True)
+                if proc.process is not None and proc.process.poll() is None:
+                    proc.process.kill()
+                    await asyncio.to_thread(proc.process.wait, 10)
+                await asyncio.sleep(5)
 
     # --- measuring ------------------------------------------------------------------------------
 
@@ -466,6 +484,7 @@ async def run(options: Options) -> Result:
         traffic_seconds=traffic_seconds,
         drained=drained,
         exits=soak.exits,
+        restart_failures=soak.restart_failures,
     )
     write_report(result, out)
     return result

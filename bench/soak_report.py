@@ -104,6 +104,7 @@ class Result:
     conflicts: int
     faults: list[tuple[str, float, float]]
     exits: list[str]
+    restart_failures: list[str]  # a restart refused (by the machine, not the soak): noted, retried
     traffic_seconds: float
     drained: float
     warmup: float
@@ -131,6 +132,7 @@ class Result:
         traffic_seconds: float,
         drained: float,
         exits: list[str],
+        restart_failures: list[str] | None = None,
     ) -> Result:
         ids = set(accepted.values())
         lost_detail = {
@@ -181,6 +183,7 @@ class Result:
             conflicts=conflicts,
             faults=faults,
             exits=exits,
+            restart_failures=list(restart_failures or ()),
             traffic_seconds=traffic_seconds,
             drained=drained,
             warmup=warmup,
@@ -240,6 +243,8 @@ class Result:
         ]
         if self.exits:
             lines.append(f"Unclean exits: {self.exits}.")
+        if self.restart_failures:
+            lines.append(f"Restarts refused, then retried: {self.restart_failures}.")
         lines += [
             "",
             f"Processes (samples every {o['sample_every']} s; flatness after {self.warmup:.0f} s of warm-up:"
