@@ -115,6 +115,7 @@ class Soak:
     reclaimed: dict[tuple[str, int], float] = field(default_factory=dict)
     exits: list[str] = field(default_factory=list)
     restart_failures: list[str] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the client's, and the faults'
     users: list[dict[str, Any]] = field(default_factory=list)
     t0: float = 0.0
     pick: random.Random = field(default_factory=random.Random)  # which gateway a request goes to
@@ -270,6 +271,7 @@ class Soak:
                     "request_id": f"soak-{n}-{uuid.uuid4().hex[:8]}",
                 }
                 tasks.append(asyncio.create_task(self.submit(session, gate, body, until)))
+                self.tasks.append(tasks[-1])
                 n += 1
             await asyncio.sleep(0.02)
         return tasks
@@ -444,6 +446,7 @@ async def run(options: Options) -> Result:
             stop = asyncio.Event()
             sampler = asyncio.create_task(soak.sampling(stop))
             faults = asyncio.create_task(soak.faults_until(faults_end))
+            soak.tasks += [sampler, faults]
             give_up = traffic_seconds + options.drain
             tasks = await soak.traffic(session, code, traffic_seconds, give_up)
             await faults
@@ -464,6 +467,10 @@ async def run(options: Options) -> Result:
             await sampler
             found = await soak.statuses()
     finally:
+        # Stopped early (SIGTERM, an error): nothing of the client may outlive its session.
+        for task in soak.tasks:
+            task.cancel()
+        await asyncio.gather(*soak.tasks, return_exceptions=True)
         await soak.stop_stack()
     warmup = options.warmup or max(30.0, traffic_seconds / 10)
     result = Result.count(
@@ -521,8 +528,19 @@ def parse(argv: list[str] | None = None) -> Options:
     )
 
 
+async def _until_stopped(options: Options) -> Result:
+    # SIGTERM (and SIGINT, which a shell's background job ignores) stop it the way Ctrl-C does:
+    # the run is cancelled and its processes, databases and vhost are removed on the way out.
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    return await run(options)
+
+
 def main() -> None:
-    result = asyncio.run(run(parse()))
+    result = asyncio.run(_until_stopped(parse()))
     print(result.markdown(), flush=True)
     sys.exit(0 if result.ok else 1)
 
