@@ -9,7 +9,7 @@ black holes (TCP proxies in front of PostgreSQL, RabbitMQ, Redis and the SMTP se
 nothing, for longer than every client timeout), cuts (the proxy drops every connection and
 refuses new ones for a few seconds), SIGKILL and SIGTERM of an extra gateway and an extra email
 worker (restarted afterwards), purged queues (`rabbitmqctl purge_queue` on the soak's own
-vhost), and SMTP greylisting of some recipients. The client retries whatever got no 202 with the
+vhost; the email workers paused first, so the work queue holds a backlog to lose), and SMTP greylisting of some recipients. The client retries whatever got no 202 with the
 same `request_id`.
 
 Everything is its own: databases and vhost `notify_soak_*` (`--prefix`), Redis database 5
@@ -69,6 +69,7 @@ DOWN = (3.0, 8.0)  # seconds a killed or stopped extra process stays down
 GREYLIST = (10.0, 25.0)
 GAP = (3.0, 10.0)  # quiet seconds between two faults
 PREFETCH = 16
+PAUSE = 4.0  # seconds the email workers are stopped (SIGSTOP) before a purge of their queue
 
 
 @dataclass
@@ -328,13 +329,29 @@ class Soak:
             await self.restart(proc)
         elif what == "purge":
             vhost = self.options.prefix
-            await asyncio.to_thread(
-                subprocess.run,
-                ["rabbitmqctl", "-q", "purge_queue", "-p", vhost, target],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
+            # The workers keep the work queue close to empty; paused for a moment (as a broker
+            # node gone would leave its queue), they let a backlog build for the purge to lose.
+            workers = [
+                p.process
+                for n, p in self.procs.items()
+                if n.startswith("email_worker") and p.process is not None and p.process.poll() is None
+            ]
+            if target == "email.queue":
+                for process in workers:
+                    process.send_signal(signal.SIGSTOP)
+                await asyncio.sleep(PAUSE)
+            try:
+                await asyncio.to_thread(
+                    subprocess.run,
+                    ["rabbitmqctl", "-q", "purge_queue", "-p", vhost, target],
+                    check=True,
+                    capture_output=True,
+                    timeout=60,
+                )
+            finally:
+                if target == "email.queue":
+                    for process in workers:
+                        process.send_signal(signal.SIGCONT)
         elif what == "greylist":
             chosen = self.rng.sample(self.users, max(1, len(self.users) // 5))
             # Each window greylists afresh: the sink answers 451 to a listed recipient's first RCPT.
