@@ -9,8 +9,9 @@ black holes (TCP proxies in front of PostgreSQL, RabbitMQ, Redis and the SMTP se
 nothing, for longer than every client timeout), cuts (the proxy drops every connection and
 refuses new ones for a few seconds), SIGKILL and SIGTERM of an extra gateway and an extra email
 worker (restarted afterwards), purged queues (`rabbitmqctl purge_queue` on the soak's own
-vhost; the email workers paused first, so the work queue holds a backlog to lose), and SMTP greylisting of some recipients. The client retries whatever got no 202 with the
-same `request_id`.
+vhost; the email workers paused first, so the work queue holds a backlog to lose), and SMTP
+greylisting of some recipients. The client retries whatever got no 202 with the same
+`request_id`.
 
 Everything is its own: databases and vhost `notify_soak_*` (`--prefix`), Redis database 5
 (`--redis-db`), free ports; nothing of the machine's servers is restarted. Exit status 1 when
