@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
 
-.PHONY: help venv browser run test test-fast screenshots lint format migrate topology bench clean
+.PHONY: help venv browser run test test-fast screenshots lint format migrate topology bench soak clean
 
 help:
 	@echo "make run       install, create databases, migrate, declare topology, start all services"
@@ -17,6 +17,7 @@ help:
 	@echo "make migrate   create missing databases and apply migrations"
 	@echo "make topology  declare the RabbitMQ exchange and queues"
 	@echo "make bench     run the benchmarks and record the figures (BENCHMARKS.md, bench/history/)"
+	@echo "make soak      30 minutes of traffic under random faults: lost, stuck, duplicates, RSS/fds/connections (docs/soak.md)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,6 +75,14 @@ topology: venv
 # `make bench BENCH_ARGS="accept --duration 30"`; see BENCHMARKS.md.
 bench: venv
 	BENCH_VIA_MAKE=1 $(BIN)/python -m bench $(or $(BENCH_ARGS),all)
+
+# The soak: the whole stack as processes under steady traffic and a seeded schedule of faults,
+# in databases, vhost (notify_soak*) and Redis db 5 of its own; exit 1 when anything is lost or
+# stuck, duplicates pass their bound, or memory or open files grow. SOAK_ARGS passes options,
+# e.g. `make soak SOAK_ARGS="--minutes 2 --seed 7"`; the report, plot and logs land in
+# bench/results/soak-<time>/ (docs/soak.md).
+soak: venv
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

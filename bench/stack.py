@@ -216,6 +216,10 @@ class BenchEnv:
     log_dir: Path
     prefetch: int = 64
     log_level: str = "INFO"
+    # Names of its own (databases, vhost) and a Redis database: the soak (bench/soak.py) runs
+    # beside the benchmarks and the tests with prefixes of its own.
+    prefix: str = PREFIX
+    redis_db: int = REDIS_DB
     api_key: str = field(default_factory=lambda: "bench-" + secrets.token_urlsafe(18))
     procs: list[Proc] = field(default_factory=list)
     config: Config = field(init=False)
@@ -223,11 +227,11 @@ class BenchEnv:
 
     def __post_init__(self) -> None:
         self.config = Config(
-            rabbitmq_url=f"amqp://guest:guest@127.0.0.1:5672/{PREFIX}",
-            redis_url=f"redis://127.0.0.1:6379/{REDIS_DB}",
-            users_db_url=f"{PG}/{PREFIX}_users_db",
-            templates_db_url=f"{PG}/{PREFIX}_templates_db",
-            notifications_db_url=f"{PG}/{PREFIX}_notifications_db",
+            rabbitmq_url=f"amqp://guest:guest@127.0.0.1:5672/{self.prefix}",
+            redis_url=f"redis://127.0.0.1:6379/{self.redis_db}",
+            users_db_url=f"{PG}/{self.prefix}_users_db",
+            templates_db_url=f"{PG}/{self.prefix}_templates_db",
+            notifications_db_url=f"{PG}/{self.prefix}_notifications_db",
             gateway_api_keys=(self.api_key,),
             internal_api_token=secrets.token_urlsafe(24),
             jwt_secret=secrets.token_urlsafe(24),
@@ -247,8 +251,8 @@ class BenchEnv:
         for url in databases(self.config).values():
             await db.drop_database(url)  # leftovers of an interrupted run
         await migrate_all(self.config)
-        await asyncio.to_thread(rabbitmq_vhost, "delete", PREFIX)
-        await asyncio.to_thread(rabbitmq_vhost, "add", PREFIX)
+        await asyncio.to_thread(rabbitmq_vhost, "delete", self.prefix)
+        await asyncio.to_thread(rabbitmq_vhost, "add", self.prefix)
         connection = await amqp.connect(self.config.rabbitmq_url)
         try:
             await declare(await connection.channel(), self.config)
@@ -266,7 +270,7 @@ class BenchEnv:
         for url in databases(self.config).values():
             with contextlib.suppress(db.DatabaseError, OSError):
                 await db.drop_database(url)
-        await asyncio.to_thread(rabbitmq_vhost, "delete", PREFIX)
+        await asyncio.to_thread(rabbitmq_vhost, "delete", self.prefix)
         await self._flush_redis()
 
     async def _flush_redis(self) -> None:

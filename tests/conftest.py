@@ -106,6 +106,7 @@ def _rank(item: pytest.Item) -> int:
 # The tests that take longest (tens of seconds each: `pytest --durations=30`), longest first;
 # most wait on a clock or a fault rather than use a core.
 LONGEST = (
+    "test_soak.py::test_a_short_soak",  # about three minutes, mostly waiting on its faults
     "templates-negative",
     "test_restarts.py",
     "test_a_gateway_killed_while_dispatching_loses_nothing",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from typing import Any
@@ -26,6 +27,9 @@ class SmtpSink:
         # Greylisting, as receiving servers do: a recipient's first RCPT is answered 451.
         self.greylist: set[str] = set()  # the recipients it applies to
         self.greylisted: list[str] = []
+        # When set, each accepted message is handed to it (with the time it arrived) instead of
+        # being kept: a long run (bench/soak.py) would otherwise hold every message in memory.
+        self.on_message: Callable[[EmailMessage, float], None] | None = None
         self.received_data = threading.Event()  # set when a DATA arrives, before it is answered
         self._lock = threading.Lock()
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=smtputf8)
@@ -54,7 +58,11 @@ class SmtpSink:
             self.attempts.append(time.monotonic())
             if self.script:
                 return self.script.pop(0)
-            self.messages.append(message_from_bytes(envelope.content, policy=policy.default))
+            message = message_from_bytes(envelope.content, policy=policy.default)
+            if self.on_message is not None:
+                self.on_message(message, time.monotonic())
+                return "250 Message accepted for delivery"
+            self.messages.append(message)
             self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         return "250 Message accepted for delivery"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit, urlunsplit
 
 
 class TcpProxy:
@@ -78,3 +79,11 @@ class TcpProxy:
 
     async def close(self) -> None:
         await self.cut()
+
+
+def via(url: str, proxy: TcpProxy) -> str:
+    """`url` (postgresql://, amqp://, redis://) pointed at the proxy instead of its server."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))

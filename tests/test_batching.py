@@ -25,9 +25,8 @@ from common.lookups.clients import ServiceClient
 from common.web.ratelimit import RateLimiter
 from tests.conftest import API_KEY, Stack
 from tests.processes import ServiceProcess
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, via
 from tests.test_black_holes import all_delivered, exactly_once
-from tests.test_faults import via
 
 
 def _new(client: str, request_id: str, **fields: Any) -> NewNotification:

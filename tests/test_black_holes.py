@@ -30,8 +30,7 @@ from common.keys import METRICS_KEY
 from scripts.localenv import rabbitmq_vhost
 from tests.conftest import PREFIX, Stack
 from tests.processes import ServiceProcess
-from tests.tcp_proxy import TcpProxy
-from tests.test_faults import via
+from tests.tcp_proxy import TcpProxy, via
 from topology import declare
 
 

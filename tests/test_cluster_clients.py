@@ -24,8 +24,7 @@ from common.config import Config, ConfigError
 from scripts.localenv import rabbitmq_vhost
 from tests.conftest import PREFIX
 from tests.smtp_sink import free_port
-from tests.tcp_proxy import TcpProxy
-from tests.test_faults import via
+from tests.tcp_proxy import TcpProxy, via
 from topology import QUORUM_DELIVERY_LIMIT, declare
 
 

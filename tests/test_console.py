@@ -25,8 +25,7 @@ from playwright.async_api import Browser, BrowserContext, Page, expect
 from console.session import SIGNIN_FAILURES_ALLOWED
 from tests.browser import DESKTOP, PHONE
 from tests.conftest import API_KEY, Stack
-from tests.tcp_proxy import TcpProxy
-from tests.test_faults import via
+from tests.tcp_proxy import TcpProxy, via
 
 
 @pytest.fixture(scope="session")

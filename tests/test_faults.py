@@ -9,7 +9,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aio_pika
 import orjson
@@ -19,14 +19,7 @@ from common.broker.amqp import EXCHANGE
 from tests.conftest import API_KEY, Stack, failed_queue_messages
 from tests.processes import ServiceProcess
 from tests.smtp_sink import free_port
-from tests.tcp_proxy import TcpProxy
-
-
-def via(url: str, proxy: TcpProxy) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{proxy.port}"
-    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+from tests.tcp_proxy import TcpProxy, via
 
 
 async def send_many(

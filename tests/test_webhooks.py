@@ -22,8 +22,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from common.data import db, retention
 from common.features.webhooks.api import MAX_WEBHOOK_ENDPOINTS
 from tests.conftest import API_KEY, INTERNAL_TOKEN, Stack
-from tests.tcp_proxy import TcpProxy
-from tests.test_faults import via
+from tests.tcp_proxy import TcpProxy, via
 
 OTHER_KEY = "test-other-client-key-9876543210"
 SENDGRID_TOKEN = "hook-secret-0123456789"
