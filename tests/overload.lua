@@ -35,6 +35,7 @@ function init(args)
   sent = 0
   statuses = {}
   shed_ok = 0 -- 503 with Retry-After and error "overloaded"
+  errors = {} -- every answer that is not a 202, by its error code
   accepted = {} -- "request_id latency_us", one per 202
 end
 
@@ -52,16 +53,23 @@ function response(status, headers, body)
     if request_id then
       accepted[#accepted + 1] = request_id .. " " .. (now_us() - tonumber(sent_at))
     end
-  elseif status == 503 and headers["Retry-After"] and string.find(body, '"error":"overloaded"', 1, true) then
-    shed_ok = shed_ok + 1
+  else
+    local code = key .. " " .. (string.match(body, '"error":"([%w_]+)"') or "?")
+    errors[code] = (errors[code] or 0) + 1
+    if status == 503 and headers["Retry-After"] and code == "503 overloaded" then
+      shed_ok = shed_ok + 1
+    end
   end
 end
 
 function done(summary, latency, requests)
-  local totals, shed, lines = {}, 0, {}
+  local totals, codes, shed, lines = {}, {}, 0, {}
   for _, thread in ipairs(threads) do
     for key, count in pairs(thread:get("statuses")) do
       totals[key] = (totals[key] or 0) + count
+    end
+    for key, count in pairs(thread:get("errors")) do
+      codes[key] = (codes[key] or 0) + count
     end
     shed = shed + thread:get("shed_ok")
     for _, line in ipairs(thread:get("accepted")) do
@@ -75,14 +83,19 @@ function done(summary, latency, requests)
   for key, count in pairs(totals) do
     parts[#parts + 1] = string.format('"%s": %d', key, count)
   end
+  local errors_json = {}
+  for key, count in pairs(codes) do
+    errors_json[#errors_json + 1] = string.format('"%s": %d', key, count)
+  end
   local e = summary.errors
   out = io.open(SUMMARY_FILE, "w")
   out:write(string.format(
     '{"requests": %d, "duration_us": %d, "timeouts": %d, "connect_errors": %d, "read_errors": %d, '
       .. '"write_errors": %d, "shed_with_retry_after": %d, "p50_us": %d, "p99_us": %d, "max_us": %d, '
-      .. '"statuses": {%s}}',
+      .. '"statuses": {%s}, "errors": {%s}}',
     summary.requests, summary.duration, e.timeout, e.connect, e.read, e.write, shed,
-    latency:percentile(50), latency:percentile(99), latency.max, table.concat(parts, ", ")
+    latency:percentile(50), latency:percentile(99), latency.max, table.concat(parts, ", "),
+    table.concat(errors_json, ", ")
   ))
   out:close()
 end

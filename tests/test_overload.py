@@ -137,6 +137,7 @@ async def sequential_latencies(url: str, user_id: str, code: str, count: int) ->
     return took
 
 
+@pytest.mark.timeout(480)  # 20 s of load, then the delivery of all it accepted
 async def test_several_times_its_capacity_answered_in_time_and_delivered_once(
     stack_factory: Any, tmp_path: Path
 ) -> None:
@@ -148,9 +149,14 @@ async def test_several_times_its_capacity_answered_in_time_and_delivered_once(
     # in hand: 400 connections are several times that, whatever the machine.
     settings = {"rate_limit": 0, "accept_concurrency": IN_HAND}
     gateway = ServiceProcess("gateway.py", replace(stack.config, **settings), tmp_path / "gateway.log")
-    worker = ServiceProcess("email_worker.py", stack.config, tmp_path / "worker.log")
+    # Two workers, so that what was accepted is delivered within the test's time.
+    workers = [
+        ServiceProcess("email_worker.py", replace(stack.config, worker_prefetch=64), tmp_path / f"w{n}.log")
+        for n in range(2)
+    ]
     await gateway.start()
-    await worker.start()
+    for worker in workers:
+        await worker.start()
     try:
         assert gateway.process is not None
         await sequential_latencies(gateway.url, user["id"], code, 20)  # warm: caches, pools
@@ -169,7 +175,8 @@ async def test_several_times_its_capacity_answered_in_time_and_delivered_once(
         statuses = summary["statuses"]
         answered = summary["requests"]
         report = (
-            f"{answered} answered, statuses {statuses}, {summary['timeouts']} timeouts, "
+            f"{answered} answered, statuses {statuses}, errors {summary['errors']}, "
+            f"{summary['timeouts']} timeouts, "
             f"{summary['shed_with_retry_after']} shed with Retry-After; all: p50 "
             f"{summary['p50_us'] / 1e3:.0f} ms p99 {summary['p99_us'] / 1e3:.0f} ms; accepted: p50 "
             f"{percentile(list(accepted.values()), 0.5) * 1e3:.0f} ms p90 "
@@ -185,7 +192,11 @@ async def test_several_times_its_capacity_answered_in_time_and_delivered_once(
         assert summary["connect_errors"] == 0 and summary["read_errors"] == 0, report
         # Only 202s and sheds: nothing failed for being too much.
         assert set(statuses) <= {"202", "503"}, report
-        assert summary["shed_with_retry_after"] == statuses.get("503", 0) > 0, report
+        assert summary["shed_with_retry_after"] == summary["errors"].get("503 overloaded", 0) > 0, report
+        # Besides: when wrk stops, the requests it leaves half sent end in "Connection lost",
+        # answered 503 service_unavailable (seen read by wrk's other thread, still running).
+        assert set(summary["errors"]) <= {"503 overloaded", "503 service_unavailable"}, report
+        assert summary["errors"].get("503 service_unavailable", 0) <= CONNECTIONS, report
         assert len(accepted) == statuses["202"] > 0, report
         # The accepted keep their latency (without the bound, 1.4-1.8 s at the 99th percentile).
         assert percentile(list(accepted.values()), 0.99) < 1.0, report
@@ -204,7 +215,7 @@ async def test_several_times_its_capacity_answered_in_time_and_delivered_once(
         assert set(accepted) <= set(rows)
         assert len(rows) - len(accepted) <= CONNECTIONS, report
         expected = set(rows.values())
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         while len(set(stack.smtp.notification_ids(user["email"])) & expected) < len(expected):
             assert time.monotonic() < deadline, f"{len(expected)} to deliver; {report}"
             await asyncio.sleep(0.5)
@@ -213,7 +224,8 @@ async def test_several_times_its_capacity_answered_in_time_and_delivered_once(
         assert len(received) == len(expected), "some were delivered twice"
     finally:
         gateway.stop()
-        worker.stop()
+        for worker in workers:
+            worker.stop()
 
 
 # --- the gate alone (no servers) ---------------------------------------------------------------
