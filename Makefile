@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
 
-.PHONY: help venv browser run test test-fast screenshots lint format migrate topology bench soak clean
+.PHONY: help venv browser tools run test test-fast screenshots lint format migrate topology bench soak clean
 
 help:
 	@echo "make run       install, create databases, migrate, declare topology, start all services"
@@ -36,12 +36,19 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
 
+# The overload test (tests/test_overload.py) offers load with wrk, Debian's package; installed
+# here when missing, as chromium is above.
+tools:
+	@command -v wrk >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends wrk; }
+
 # The whole suite, on TEST_WORKERS processes (each with its own databases, vhost, Redis
 # database and ports: tests/conftest.py); most tests wait on servers, so more workers than cores.
 # One test handed out at a time (the longest first, tests/conftest.py), so no worker is left
 # holding a queue of long ones while the others sit idle.
 TEST_WORKERS ?= 4
-test: venv browser
+test: venv browser tools
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxschedchunk 1
 
 # The pure tests: those using no fixture that needs a server (marked `stack` by tests/conftest.py).

@@ -47,6 +47,7 @@ from common.features.workflows import api as workflows_api
 from common.group_commit import Batcher
 from common.keys import (
     ACCEPT_BATCH_KEY,
+    ADMISSION_KEY,
     CONFIG_KEY,
     DB_KEY,
     HTTP_KEY,
@@ -54,6 +55,8 @@ from common.keys import (
     KEY_RING_KEY,
     LIMITER_KEY,
     LOOKUPS_KEY,
+    METRICS_KEY,
+    OUTBOX_KEY,
     PRINCIPAL_KEY,
     REDIS_KEY,
     STORE_KEY,
@@ -65,7 +68,8 @@ from common.logs import CORRELATION_HEADER, setup_logging
 from common.lookups.cache import CachedLookups
 from common.lookups.clients import ServiceClient, outgoing_headers, services
 from common.runner import run
-from common.web import auth, openapi, ratelimit
+from common.web import admission, auth, openapi, ratelimit
+from common.web.admission import Admission
 from common.web.auth import require
 from common.web.http import ApiError, base_app, read_json
 from common.web.ratelimit import RateLimiter, WrongKeys
@@ -110,6 +114,7 @@ _PUBLIC_PREFIXES = ("/api/v1/auth/login", *email_links_api.PUBLIC_PREFIXES)
 # --- sending ----------------------------------------------------------------------------------
 
 
+@admission.bounded
 @ratelimit.counts_itself
 async def post_notification(request: web.Request) -> web.Response:
     """`POST /api/v1/notifications/`: to a topic's subscribers (a batch and its fan-out), or to
@@ -212,8 +217,21 @@ async def accept_batch_ctx(app: web.Application) -> AsyncIterator[None]:
         await batcher.close()
 
 
+async def in_hand_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The work in hand, as gauges read when /metrics is scraped (no bookkeeping per request)."""
+    gate, box, gauge = app[ADMISSION_KEY], app[OUTBOX_KEY], app[METRICS_KEY].in_hand
+    gauge.labels("accepting").set_function(lambda: gate.in_flight)
+    gauge.labels("waiting").set_function(lambda: gate.waiting)
+    gauge.labels("outbox").set_function(lambda: box.backlog)
+    app[METRICS_KEY].accept_limit.set_function(lambda: gate.limit)
+    yield
+
+
 def create_app(config: Config) -> web.Application:
     app = base_app("gateway", config)
+    app[ADMISSION_KEY] = Admission(config.accept_concurrency, config.accept_queue, config.accept_time_budget)
+    # First of the gateway's own: a shed request is answered before anything reads it.
+    app.middlewares.append(admission.middleware)
     app.middlewares.append(inbox_api.cors)  # answers the inbox's preflights, which carry no key
     app.middlewares.append(auth.middleware(_resolve, _PUBLIC_PREFIXES, inbox_api.TICKET_PATHS))
     app.middlewares.append(ratelimit.middleware)
@@ -229,6 +247,7 @@ def create_app(config: Config) -> web.Application:
             projects_ctx,
             accept_batch_ctx,
             outbox,
+            in_hand_ctx,
             dispatcher,
             workflows_api.engine,
             webhooks,

@@ -97,6 +97,12 @@ class Config:
     # Hot status-store statements are prepared once per connection (a generic plan). Off behind
     # a pooler in transaction mode (PgBouncer), which cannot keep a session's statements.
     db_prepared_statements: bool = True
+    # Load shedding at the gateway (common/web/admission.py): accept requests worked on at once
+    # at most (the limit adapts below it), more waiting for a slot, and the time budget: the
+    # longest one waits, and the time in hand above which the gateway works on fewer at once.
+    accept_concurrency: int = 256
+    accept_queue: int = 1024
+    accept_time_budget: float = 0.5
     rate_limit: int = 1000
     rate_limit_window: float = 1.0
     login_rate_limit: int = 10
@@ -405,6 +411,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "db_pool_size": _non_negative_int,
     "db_prepared_statements": _flag,
     "retention_days": _positive_int,
+    "accept_concurrency": _positive_int,
+    "accept_queue": _non_negative_int,
+    "accept_time_budget": _positive_float,
     "rate_limit": _non_negative_int,
     "rate_limit_window": _positive_float,
     "login_rate_limit": _non_negative_int,

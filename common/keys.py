@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from common.lookups.clients import ServiceClient
     from common.metrics import Metrics
     from common.rendering.renderer import RenderPool
+    from common.web.admission import Admission
     from common.web.auth import Principal
     from common.web.http import Check
     from common.web.ratelimit import RateLimiter, Verdict, WrongKeys
@@ -71,6 +72,8 @@ LIMITER_KEY: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
 WRONG_KEYS_KEY: web.AppKey[WrongKeys] = web.AppKey("wrong_keys")
 LOOKUPS_KEY: web.AppKey[CachedLookups] = web.AppKey("lookups")
 ACCEPT_BATCH_KEY: web.AppKey[Batcher[Any, Any]] = web.AppKey("accept_batch")
+# the bound on the accept requests in hand (load shedding, common/web/admission.py)
+ADMISSION_KEY: web.AppKey[Admission] = web.AppKey("admission")
 BATCHES_KEY: web.AppKey[BatchStore] = web.AppKey("batches")
 FANOUT_KEY: web.AppKey[Fanout] = web.AppKey("fanout")
 WEBHOOKS_KEY: web.AppKey[WebhookStore] = web.AppKey("webhooks")

@@ -68,6 +68,15 @@ _DEFINITIONS: tuple[tuple[str, type, str, str, str], ...] = (
      " per-endpoint or per-key concurrency, sent round again)"),
     ("webhook_latency", Histogram, "notify_webhook_attempt_duration_seconds", "",
      "Time a client's endpoint took to answer one webhook attempt"),
+    # Load shedding at the gateway (common/web/admission.py).
+    ("shed", Counter, "notify_shed_total", "reason",
+     "Accept requests answered 503 overloaded without being worked on: queue_full (the waiting"
+     " room was full), waited_too_long (no slot within ACCEPT_TIME_BUDGET)"),
+    ("in_hand", Gauge, "notify_gateway_in_hand", "kind",
+     "Work the gateway holds now: accepting (accept requests worked on), waiting (for a slot),"
+     " outbox (rows handed to the outbox and not yet confirmed by the broker)"),
+    ("accept_limit", Gauge, "notify_accept_concurrency_limit", "",
+     "Accept requests the gateway lets in at once now: adapts between 4 and ACCEPT_CONCURRENCY"),
     ("webhooks_disabled", Counter, "notify_webhook_endpoints_disabled_total", "reason",
      "Client webhook endpoints disabled: answered 410 (gone) or failed for WEBHOOK_DISABLE_AFTER (failing)"),
 )  # fmt: skip
@@ -100,6 +109,9 @@ class Metrics:
     webhook_deliveries: Counter
     webhook_latency: Histogram
     webhooks_disabled: Counter
+    shed: Counter
+    in_hand: Gauge
+    accept_limit: Gauge
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()

@@ -117,6 +117,7 @@ LONGEST = (
     "users-negative",
     "notifications-negative",
     "test_rabbit_cluster.py",
+    "test_several_times_its_capacity",
     "test_a_fanout_killed_half_way",
     "test_black_holes.py::test_postgres_black_hole",
     "test_black_holes.py::test_rabbitmq_black_hole",

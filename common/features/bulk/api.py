@@ -29,6 +29,7 @@ from common.rendering import templating
 from common.sending import parsing
 from common.sending.decision import Send
 from common.sending.parsing import MAX_RECIPIENTS
+from common.web import admission
 from common.web.auth import require
 from common.web.http import ApiError, cursor_meta, json_response, not_found, paging, read_json
 from common.web.validation import CODE_RE, USER_ID_HINT, USER_ID_RE, Fields, parse_uuid
@@ -66,6 +67,7 @@ def _conflict(request_id: str) -> ApiError:
 # --- bulk ------------------------------------------------------------------------------------
 
 
+@admission.bounded
 async def bulk(request: web.Request) -> web.Response:
     principal = require(request, "client")
     body = await read_json(request)

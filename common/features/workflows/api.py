@@ -49,7 +49,7 @@ from common.lookups.clients import ServiceUnavailable
 from common.sending import parsing
 from common.sending.decision import recipient_of
 from common.vocabulary import FINAL_RUN, RUN_STATUSES
-from common.web import cursors
+from common.web import admission, cursors
 from common.web.auth import require
 from common.web.http import (
     ApiError,
@@ -262,6 +262,7 @@ def _parse_trigger(body: dict[str, Any]) -> Trigger:
     return Trigger(list(dict.fromkeys(users)), topic, payload, request_id, cancellation_key)
 
 
+@admission.bounded
 async def trigger(request: web.Request) -> web.Response:
     project = require(request, "client").project
     key = _key(request)
