@@ -14,11 +14,13 @@ and in the main thread: it installs signal handlers, and runs before any event l
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -29,6 +31,7 @@ STOP_TIMEOUT = 25.0
 POLL_INTERVAL = 0.2
 # A configuration error: the same settings will fail the same way again.
 NOT_RESTARTED = frozenset({2})
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,25 @@ def _say(prefix: str, text: str, error: bool = False) -> None:
     print(f"{prefix}: {text}", file=sys.stderr if error else sys.stdout, flush=True)
 
 
+def _dies_with(parent: int) -> Callable[[], None] | None:
+    """Run in the child before it execs (Linux): SIGTERM it when the supervisor dies, even by
+    SIGKILL, so that no child is left holding its port and its connections with nobody to stop
+    it."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arrange() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the supervisor died before the line above
+            os._exit(1)
+
+    return arrange
+
+
 def _start(entry: _Running, cwd: Path | None) -> None:
-    entry.process = subprocess.Popen(list(entry.child.argv), cwd=cwd, env=entry.child.env)
+    entry.process = subprocess.Popen(
+        list(entry.child.argv), cwd=cwd, env=entry.child.env, preexec_fn=_dies_with(os.getpid())
+    )
     entry.started_at = time.monotonic()
     entry.restart_at = None
 

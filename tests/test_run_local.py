@@ -395,3 +395,19 @@ def test_two_gateways_both_answer_and_a_sigkilled_one_comes_back(base_config: Co
     assert "run: gateway-1 was killed by SIGKILL; restarting it in 1 s" in out, out
     assert "run: gateway-1 restarted (pid " in out, out
     assert all(_health(port) is None for port in ports)
+
+
+def test_children_are_stopped_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves the supervisor no time to stop anything: the kernel tells each child
+    (PR_SET_PDEATHSIG), and each gets SIGTERM, so none is left holding its port."""
+    markers = [tmp_path / "one.stopped", tmp_path / "two.stopped"]
+    supervisor = _supervise({"one": _sleeper(markers[0]), "two": _sleeper(markers[1])}, restart=True)
+    try:
+        _wait_for([marker.with_suffix(".up") for marker in markers])
+        supervisor.kill()
+        supervisor.communicate(timeout=30)
+        _wait_for(markers, timeout=10)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+    assert [m.read_text() for m in markers] == ["SIGTERM", "SIGTERM"]
