@@ -2,12 +2,10 @@
 
 - `message(row)`: the AMQP body built from a stored row (the gateway and the relay send the same);
 - `Outbox.submit(row)`: a committed row, published off the request's path in batches (their
-  confirms awaited together), each batch locked while it is published and marked published in
-  the same transaction;
+  confirms awaited together) and marked published in one UPDATE per batch;
 - `relay`: a loop republishing rows stored but never confirmed by the broker (an outage, a crash
-  between commit and publish). Rows are locked with SKIP LOCKED, by the relay and by the
-  publish above alike, so several gateways (or GATEWAY_PROCESSES) relay without publishing one
-  row twice; a mark lost in a crash only makes the relay publish that
+  between commit and publish). Rows are locked with SKIP LOCKED so several gateways relay
+  without publishing one row twice; a mark lost in a crash only makes the relay publish that
   row again, which the workers' claim step makes harmless;
 - `reconcile`: a loop that makes the status store the single source of truth. A notification
   not final that has not moved for longer than it should have (`pending` though published,
@@ -84,6 +82,8 @@ class Outbox:
         self._publishing = 0
         self._wakeup = asyncio.Event()
         self._suspect_until = 0.0
+        # Submitted and not yet confirmed and marked: the relay leaves these to this process.
+        self._in_hand: set[Any] = set()
 
     async def _send(self, row: dict[str, Any], attempt: int = 1) -> None:
         await amqp.publish(
@@ -107,6 +107,7 @@ class Outbox:
         does not get through stays unpublished in the store for the relay."""
         if self.broker.ready and time.monotonic() >= self._suspect_until and len(self._queue) < MAX_BACKLOG:
             self._queue.append(row)
+            self._in_hand.add(row["id"])
             self._wakeup.set()
 
     async def publish_pending(self) -> None:
@@ -116,25 +117,16 @@ class Outbox:
         if not batch:
             return
         self._publishing = len(batch)
-        results: list[BaseException | None] = []
         try:
-            async with self.store.db.transaction() as tx:
-                # Locked while they are published, as the dispatcher's are: the relay of every
-                # process skips them (SKIP LOCKED), and a row a relay took first (it waited here
-                # past RELAY_AGE) is not taken again, so no process publishes a row twice.
-                mine = await self.store.lock_unpublished(tx, [row["id"] for row in batch])
-                rows = [row for row in batch if row["id"] in mine]
-                results = await asyncio.gather(*(self._send(row) for row in rows), return_exceptions=True)
-                confirmed = [row["id"] for row, result in zip(rows, results, strict=True) if result is None]
-                await self.store.mark_published(confirmed, tx)
-        except Exception as exc:  # noqa: BLE001 - what is not marked stays for the relay: harmless
-            log.warning("could not publish and mark %d notification(s): %s", len(batch), exc)
+            results = await asyncio.gather(*(self._send(row) for row in batch), return_exceptions=True)
         finally:
             self._publishing = 0
+        confirmed = [row["id"] for row, result in zip(batch, results, strict=True) if result is None]
         failed = [result for result in results if result is not None]
         if failed:
             # A broker that does not answer must not cost every request's publish a timeout.
             self._suspect_until = time.monotonic() + BROKER_SUSPECT_FOR
+            self._in_hand.difference_update(row["id"] for row in self._queue)
             self._queue.clear()
             log.warning(
                 "%d publish(es) failed, the relay will retry: %s: %s",
@@ -142,6 +134,12 @@ class Outbox:
                 type(failed[0]).__name__,
                 failed[0],
             )
+        try:
+            await self.store.mark_published(confirmed)
+        except Exception as exc:  # noqa: BLE001 - unmarked rows are published again by the relay: harmless
+            log.warning("could not mark %d notification(s) published: %s", len(confirmed), exc)
+        finally:
+            self._in_hand.difference_update(row["id"] for row in batch)
 
     async def publish_loop(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -173,7 +171,7 @@ class Outbox:
 
     async def relay_once(self) -> None:
         async with self.store.db.transaction() as tx:
-            rows = await self.store.unpublished(tx, RELAY_AGE, RELAY_BATCH)
+            rows = await self.store.unpublished(tx, RELAY_AGE, RELAY_BATCH, exclude=list(self._in_hand))
             confirmed = await self.publish_locked(tx, rows)
         if confirmed:
             self._suspect_until = 0.0

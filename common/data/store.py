@@ -391,28 +391,20 @@ class StatusStore:
             project,
         )
 
-    async def unpublished(self, db: Executor, older_than: float, limit: int) -> list[Row]:
-        """Rows accepted but not confirmed by the broker, oldest first; locked for this relay
-        (SKIP LOCKED: rows an outbox is publishing, locked by `lock_unpublished`, are skipped)."""
+    async def unpublished(
+        self, db: Executor, older_than: float, limit: int, exclude: list[uuid.UUID] | None = None
+    ) -> list[Row]:
+        """Rows accepted but not confirmed by the broker, oldest first; locked for this relay.
+        `exclude`: rows the caller's own outbox is publishing (a long queue on a busy machine)."""
         return await db.fetch(
             f"SELECT {_PUBLIC_COLUMNS} FROM notifications"
             " WHERE publish_pending AND updated_at < now() - make_interval(secs => %s)"
+            " AND NOT (id = ANY(%s::uuid[]))"
             " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED",
             older_than,
+            exclude or [],
             limit,
         )
-
-    async def lock_unpublished(self, db: Executor, ids: list[uuid.UUID]) -> set[uuid.UUID]:
-        """Of `ids`, those still unpublished and not locked by anyone else (a relay), locked for
-        this transaction's publish."""
-        if not ids:
-            return set()
-        rows = await db.fetch(
-            "SELECT id FROM notifications WHERE id = ANY(%s::uuid[]) AND publish_pending"
-            " FOR UPDATE SKIP LOCKED",
-            ids,
-        )
-        return {row["id"] for row in rows}
 
     async def stalled(self, db: Executor, after: float, delays: tuple[float, ...], limit: int) -> list[Row]:
         """Notifications not final that have not moved for longer than they should have, beyond
