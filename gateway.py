@@ -67,7 +67,7 @@ from common.keys import (
 from common.logs import CORRELATION_HEADER, setup_logging
 from common.lookups.cache import CachedLookups
 from common.lookups.clients import ServiceClient, outgoing_headers, services
-from common.runner import run
+from common.runner import serve
 from common.web import admission, auth, openapi, ratelimit
 from common.web.admission import Admission
 from common.web.auth import require
@@ -280,7 +280,7 @@ def create_app(config: Config) -> web.Application:
 def main() -> None:
     config = load_config("gateway_api_keys", "internal_api_token", "jwt_secret")
     setup_logging("gateway", config.log_level, config.log_format)
-    run(create_app(config), config, default_port=8000)
+    serve("gateway", lambda: create_app(config), config, 8000, processes=config.gateway_processes)
 
 
 if __name__ == "__main__":

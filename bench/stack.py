@@ -237,6 +237,8 @@ class BenchEnv:
             jwt_secret=secrets.token_urlsafe(24),
             rate_limit=0,  # the benchmark measures the service, not the limiter's ceiling
             event_loop=os.environ.get("BENCH_SERVICE_LOOP", "uvloop"),
+            # GATEWAY_PROCESSES=2 make bench BENCH_ARGS=accept: the gateway as 2 processes on its port.
+            gateway_processes=int(os.environ.get("GATEWAY_PROCESSES", "1")),
             worker_prefetch=self.prefetch,
             log_level=self.log_level,
             log_format="json",

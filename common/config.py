@@ -114,6 +114,9 @@ class Config:
     queue_type: str = "classic"
     http_timeout: float = 10.0
     event_loop: str = "uvloop"
+    # Gateway processes sharing one port (SO_REUSEPORT) under one parent, each with its own
+    # event loop and pools: one per core the gateway may use (common/runner.py).
+    gateway_processes: int = 1
     log_level: str = "INFO"
     log_format: str = "json"
     # Email delivery: unsubscribe links, circuit breakers, bounce webhooks.
@@ -423,6 +426,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "queue_type": _one_of(QUEUE_TYPES),
     "http_timeout": _positive_float,
     "event_loop": _one_of(("asyncio", "uvloop")),
+    "gateway_processes": _positive_int,
     "log_level": _log_level,
     "log_format": _one_of(LOG_FORMATS),
     "public_base_url": _http,

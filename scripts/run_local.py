@@ -1,12 +1,16 @@
 """`make run`: the whole system as local processes, on a machine with PostgreSQL, Redis and
 RabbitMQ at their defaults. Creates `.env` with fresh secrets on first run, checks that the three
-dependencies answer, migrates, declares the topology, starts the five services (and the
-development SMTP sink when SMTP points at 127.0.0.1:1025). Ctrl-C stops them all.
+dependencies answer, migrates, declares the topology, starts the six services (and the
+development SMTP sink when SMTP points at 127.0.0.1:1025), as many copies of each as
+`GATEWAYS`, `EMAIL_WORKERS`, … say. A process that exits by itself is restarted after a backoff
+(common/supervisor.py), unless `--stop-on-first-death` / `RUN_STOP_ON_DEATH=1`. Ctrl-C stops
+them all.
 
 Exit status: 0 once Ctrl-C or SIGTERM has stopped everything; 1 when a dependency does not
-answer (naming it and how to get it), when migrating or declaring the topology fails, or when a
-process it started exits by itself (naming it and its exit code; the others are then stopped);
-2 on a malformed setting."""
+answer (naming it and how to get it), when migrating or declaring the topology fails, or, with
+stop-on-first-death or on a configuration error (exit code 2) of one of them, when a process it
+started exits by itself (naming it and its exit code; the others are then stopped); 2 on a
+malformed setting."""
 
 from __future__ import annotations
 
@@ -14,21 +18,20 @@ import argparse
 import asyncio
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from urllib.parse import urlsplit
 
 from common.config import Config, ConfigError
 from common.data.db import DatabaseError
 from common.data.migrate import migrate_all
+from common.supervisor import Child, describe_exit, supervise
+from scripts.healthcheck import SERVICE_PORTS
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = ROOT / ".env"
@@ -36,9 +39,6 @@ SERVICES = ("user_service", "template_service", "gateway", "email_worker", "push
 # Long enough for a loaded machine's loopback or LAN, short enough that a dependency that drops
 # packets does not make `make run` look hung.
 CONNECT_TIMEOUT = 1.5
-# Workers finish their in-flight messages within 20 s of SIGTERM (common/delivery/worker.py).
-STOP_TIMEOUT = 25.0
-POLL_INTERVAL = 0.2
 DEBIAN_PACKAGES = {"PostgreSQL": "postgresql", "Redis": "redis-server", "RabbitMQ": "rabbitmq-server"}
 COMPOSE_DEPENDENCIES = "docker compose up -d postgres redis rabbitmq mailpit"
 
@@ -141,69 +141,47 @@ def unreachable_message(missing: Sequence[tuple[Dependency, str]]) -> str:
 
 # --- the processes -------------------------------------------------------------------------------
 
-
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"was killed by {signal.Signals(-returncode).name}"
-        except ValueError:  # a real-time signal has no name
-            return f"was killed by signal {-returncode}"
-    return f"exited with code {returncode}"
-
-
-def _stop_all(processes: Mapping[str, subprocess.Popen[bytes]], timeout: float) -> None:
-    for p in processes.values():
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for name, p in processes.items():
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"run: {name} did not stop within {timeout:g} s; killing it", file=sys.stderr, flush=True)
-            p.kill()
-            p.wait()
+# How many of each `make run` starts: GATEWAYS=2 EMAIL_WORKERS=3 make run.
+COUNT_SETTINGS = {
+    "user_service": "USER_SERVICES",
+    "template_service": "TEMPLATE_SERVICES",
+    "gateway": "GATEWAYS",
+    "email_worker": "EMAIL_WORKERS",
+    "push_worker": "PUSH_WORKERS",
+    "inbox_worker": "INBOX_WORKERS",
+}
+# The n-th copy of a service listens on its port + (n - 1) * PORT_STEP: gateways on 8000, 8100,
+# 8200, email workers on 8003, 8103, ...: never on another service's port.
+PORT_STEP = 100
 
 
-def supervise(
-    commands: Mapping[str, Sequence[str]],
-    started: str | None = None,
-    stop_timeout: float = STOP_TIMEOUT,
-) -> int:
-    """Start every command, then wait until SIGINT/SIGTERM (→ 0) or until one of them exits by
-    itself (→ 1, naming it), and stop the rest either way."""
-    stop_signal: list[int] = []
+class SettingError(ValueError):
+    """A `make run` setting is malformed; the message names it."""
 
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        stop_signal.append(signum)
 
-    # Installed before the first start, so that a Ctrl-C while starting still stops what started.
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    processes: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        for name, argv in commands.items():
-            processes[name] = subprocess.Popen(list(argv), cwd=ROOT)
-        if started:
-            print(started, flush=True)
-        while not stop_signal:
-            dead = next(((n, p.returncode) for n, p in processes.items() if p.poll() is not None), None)
-            # A Ctrl-C reaches the services too (one process group), and one may be gone before
-            # our handler has run: that is the stop asked for, not a failure.
-            if dead is not None and not stop_signal:
-                name, returncode = dead
-                print(
-                    f"run: {name} {describe_exit(returncode)}; stopping the others",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return 1
-            time.sleep(POLL_INTERVAL)
-        print(f"run: {signal.Signals(stop_signal[0]).name}: stopping everything", flush=True)
-        return 0
-    finally:
-        _stop_all(processes, stop_timeout)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def counts(env: Mapping[str, str]) -> dict[str, int]:
+    found = {}
+    for service, setting in COUNT_SETTINGS.items():
+        raw = env.get(setting, "").strip() or "1"
+        if not raw.isdigit() or not 1 <= int(raw) < 10:
+            raise SettingError(f"{setting}={raw!r} is not valid: must be a whole number from 1 to 9")
+        found[service] = int(raw)
+    return found
+
+
+def children(how_many: Mapping[str, int], ports: Mapping[str, int], env: Mapping[str, str]) -> list[Child]:
+    """One Child per copy of each service that exists, named `gateway` when alone and
+    `gateway-1`, `gateway-2` … when not, each copy on a port of its own."""
+    found = []
+    for service, count in how_many.items():
+        if not (ROOT / f"{service}.py").exists():
+            continue
+        for n in range(1, count + 1):
+            name = service if count == 1 else f"{service}-{n}"
+            port = ports[service] + (n - 1) * PORT_STEP
+            child_env = dict(env) if count == 1 else {**env, "PORT": str(port)}
+            found.append(Child(name, [sys.executable, f"{service}.py"], child_env))
+    return found
 
 
 # --- make run ------------------------------------------------------------------------------------
@@ -217,11 +195,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=ENV_FILE,
         help="settings read after the environment; written with fresh secrets when missing (default: .env)",
     )
+    parser.add_argument(
+        "--stop-on-first-death",
+        action="store_true",
+        default=os.environ.get("RUN_STOP_ON_DEATH", "").strip().lower() in ("1", "true", "yes", "on"),
+        help="when a process exits by itself, stop everything and exit 1 instead of restarting it "
+        "(also RUN_STOP_ON_DEATH=1)",
+    )
     args = parser.parse_args(argv)
     load_env_file(args.env_file)
     try:
         config = Config.from_env()
-    except ConfigError as exc:
+        how_many = counts(os.environ)
+    except (ConfigError, SettingError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
 
@@ -242,16 +228,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"run: declaring the RabbitMQ topology failed (python -m topology {how})", file=sys.stderr)
         return 1
 
-    commands: dict[str, list[str]] = {}
+    started: list[Child] = []
     if (config.smtp_host, config.smtp_port) == ("127.0.0.1", 1025):
-        commands["smtp_sink"] = [sys.executable, "-m", "scripts.smtp_sink"]
-    for service in SERVICES:
-        if (ROOT / f"{service}.py").exists():
-            commands[service] = [sys.executable, f"{service}.py"]
+        started.append(Child("smtp_sink", [sys.executable, "-m", "scripts.smtp_sink"]))
+    started += children(how_many, SERVICE_PORTS, dict(os.environ))
+    gateways = ", ".join(
+        f"http://127.0.0.1:{SERVICE_PORTS['gateway'] + n * PORT_STEP}" for n in range(how_many["gateway"])
+    )
+    then = "exits 1" if args.stop_on_first_death else "is restarted"
     return supervise(
-        commands,
-        started=f"run: started; API key in {args.env_file.name} (GATEWAY_API_KEYS). "
-        "Gateway on http://127.0.0.1:8000. Ctrl-C stops everything.",
+        started,
+        restart=not args.stop_on_first_death,
+        started=f"started; API key in {args.env_file.name} (GATEWAY_API_KEYS). Gateway on {gateways}. "
+        f"A process that exits by itself {then}. Ctrl-C stops everything.",
+        cwd=ROOT,
     )
 
 

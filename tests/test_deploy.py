@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
+from common import supervisor
 from common.config import Config
 from common.data.migrate import databases
 from common.metrics import Metrics
@@ -608,3 +611,60 @@ def test_compose_env_points_make_run_at_the_dependencies_compose_publishes(
     # Never a setting .env already has.
     kept = compose_env.make_run_lines(secrets_text + "\nREDIS_URL=redis://elsewhere:6379/0\n")
     assert [line.split("=", 1)[0] for line in kept] == [k for k in env if k != "REDIS_URL"]
+
+
+# --- systemd -------------------------------------------------------------------------------------
+
+SYSTEMD_UNIT = ROOT / "deploy/systemd/notify@.service"
+
+
+def _unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """A unit file's sections → key → values (a key may repeat, as EnvironmentFile does)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key, []).append(value)
+    return sections
+
+
+def test_the_systemd_unit_restarts_on_failure_and_stops_within_the_services_bound() -> None:
+    service = _unit(SYSTEMD_UNIT.read_text())["Service"]
+    assert service["Restart"] == ["on-failure"]
+    assert service["RestartPreventExitStatus"] == ["2"]  # a configuration error, as the supervisor
+    assert service["KillSignal"] == ["SIGTERM"] and service["KillMode"] == ["mixed"]
+    assert float(service["TimeoutStopSec"][0]) > supervisor.STOP_TIMEOUT
+    assert service["EnvironmentFile"] == ["/etc/notify/notify.env", "-/etc/notify/%i.env"]
+    # Every variable of the example settings file is one a service reads.
+    example = (ROOT / "deploy/systemd/notify.env.example").read_text()
+    names = {line.split("=", 1)[0].lstrip("# ") for line in example.splitlines() if "=" in line}
+    assert names and names <= CONFIG_VARIABLES, names - CONFIG_VARIABLES
+
+
+@pytest.mark.parametrize("instance", sorted(DESIGN_PORTS))
+def test_the_systemd_unit_starts_a_service_module_that_exists(instance: str) -> None:
+    """The command line with systemd's own substitutions (%i, then ${NOTIFY_SERVICE}) made."""
+    service = _unit(SYSTEMD_UNIT.read_text())["Service"]
+    env = dict(entry.replace("%i", instance).split("=", 1) for entry in service["Environment"])
+    argv = shlex.split(service["ExecStart"][0].replace("${NOTIFY_SERVICE}", env["NOTIFY_SERVICE"]))
+    assert argv[0] == "/opt/notify/.venv/bin/python", argv
+    path = ROOT / Path(argv[1]).relative_to(service["WorkingDirectory"][0])
+    assert path.is_file(), path
+    assert re.search(r"^def main\(", path.read_text(), re.M), f"{path} has no main()"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
+    """As installed under /opt/notify, but pointed at this checkout, whose .venv exists."""
+    unit = tmp_path / "notify@gateway.service"
+    unit.write_text(SYSTEMD_UNIT.read_text().replace("/opt/notify", str(ROOT)))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr

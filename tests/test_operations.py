@@ -165,6 +165,7 @@ async def _run_topology(env: dict[str, str]) -> subprocess.CompletedProcess[str]
         ("RABBITMQ_URL", "http://x", "RABBITMQ_URL"),
         ("EMAIL_PROVIDERS", "smtp,pigeon", "EMAIL_PROVIDERS"),
         ("WORKER_PREFETCH", "0", "WORKER_PREFETCH"),
+        ("GATEWAY_PROCESSES", "0", "GATEWAY_PROCESSES"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL"),
     ],
 )
@@ -178,6 +179,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert config.rabbitmq_url == "amqp://guest:guest@127.0.0.1:5672/"
     assert config.retry_delays == (1, 5, 25, 125, 625) and config.max_attempts == 6
     assert config.email_providers == ("smtp",) and config.smtp_port == 1025
+    assert config.gateway_processes == 1
     parsed = Config.from_env({"RETRY_DELAYS": "1, 2", "GATEWAY_API_KEYS": "a, b"})
     assert parsed.retry_delays == (1.0, 2.0) and parsed.gateway_api_keys == ("a", "b")
 
