@@ -88,6 +88,9 @@ class Options:
     # The reconciler's RECONCILE_AFTER: short, so that a drain of two minutes covers a pass. Made
     # long, it shows what the soak sees when nothing redrives what the broker lost.
     reconcile_after: float = 10.0
+    # DB_POOL_SIZE of every process (0: the services' own). The short soak in `make test` keeps
+    # it small: it shares the machine's PostgreSQL (max_connections) with the suite's workers.
+    db_pool_size: int = 0
 
 
 @dataclass
@@ -450,6 +453,7 @@ async def run(options: Options) -> Result:
         retry_delays=(1.0, 2.0, 4.0, 8.0, 16.0),
         reconcile_after=options.reconcile_after,
         claim_timeout=10.0,
+        db_pool_size=options.db_pool_size,
     )
     soak = Soak(options, env, out / "logs", random.Random(options.seed))
     traffic_seconds = options.minutes * 60

@@ -90,7 +90,7 @@ async def test_n_processes_share_one_port_publish_each_once_and_stop_together(
     user = await stack.create_user()
     code = (await stack.create_template())["code"]
     gateway = ServiceProcess(
-        "gateway.py", replace(stack.config, gateway_processes=PROCESSES), tmp_path / "g.log"
+        "gateway.py", replace(stack.config, gateway_processes=PROCESSES, db_pool_size=6), tmp_path / "g.log"
     )
     await gateway.start()
     try:

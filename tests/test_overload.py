@@ -147,11 +147,16 @@ async def test_several_times_its_capacity_answered_in_time_and_delivered_once(
     code = (await stack.create_template())["code"]
     # The offered load is about capacity, not about a client's quota. At most ACCEPT_CONCURRENCY
     # in hand: 400 connections are several times that, whatever the machine.
-    settings = {"rate_limit": 0, "accept_concurrency": IN_HAND}
+    # Pools kept small (DB_POOL_SIZE): the suite's other workers share the machine's PostgreSQL.
+    settings = {"rate_limit": 0, "accept_concurrency": IN_HAND, "db_pool_size": 8}
     gateway = ServiceProcess("gateway.py", replace(stack.config, **settings), tmp_path / "gateway.log")
     # Two workers, so that what was accepted is delivered within the test's time.
     workers = [
-        ServiceProcess("email_worker.py", replace(stack.config, worker_prefetch=64), tmp_path / f"w{n}.log")
+        ServiceProcess(
+            "email_worker.py",
+            replace(stack.config, worker_prefetch=64, db_pool_size=4),
+            tmp_path / f"w{n}.log",
+        )
         for n in range(2)
     ]
     await gateway.start()

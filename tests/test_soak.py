@@ -32,6 +32,7 @@ async def test_a_short_soak_loses_nothing_and_sends_twice_only_in_the_window(tmp
             prefix=f"{PREFIX}_soak",
             redis_db=REDIS_DB,
             out=tmp_path,
+            db_pool_size=4,  # about 30 connections for its eight processes, not 60
         )
     )
     report = result.markdown()
