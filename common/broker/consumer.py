@@ -17,13 +17,6 @@ once:
 
 The queue is declared again, identically, on the consumer's channel: a robust channel restores
 after a reconnect the consumers only of queues it declared itself.
-
-- **watched**: a consumer can be lost without the loop hearing of it (a restore after a reconnect
-  that failed half-way, a quorum queue's leader moving while it is registered): the iterator then
-  waits for ever while messages pile up. Every `stall_check` seconds a consumer that received
-  nothing and holds nothing asks the broker how many messages are ready; ready messages at two
-  looks in a row mean it is lost, and it consumes again. A loop that ends or fails starts again
-  too, after a pause (1 s doubling to 30 s).
 """
 
 from __future__ import annotations
@@ -46,14 +39,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
-STALL_CHECK = 15.0  # seconds between looks at a consumer that has received nothing
-RESTART_FIRST, RESTART_MAX = 1.0, 30.0  # the pause before consuming again, doubling
-RESTART_RESET = 60.0  # a loop that ran this long starts the pauses over
-
-
-class Stalled(Exception):
-    """Messages are ready on the queue and none reach this consumer."""
-
 
 @dataclass(frozen=True)
 class FailedRoute:
@@ -74,7 +59,6 @@ class Consumer:
         channel: AbstractChannel | None = None,
         concurrent: bool = True,
         publish_timeout: float = 5.0,
-        stall_check: float = STALL_CHECK,
     ) -> None:
         """`stream` names the work queue (`<stream>.queue`) and its retry queues; `channel`, when
         given, is one of the consumer's own (its prefetch bounds the messages in flight), else
@@ -87,23 +71,12 @@ class Consumer:
         self.concurrent = concurrent
         self.publish_timeout = publish_timeout
         self.in_flight: set[asyncio.Task[None]] = set()
-        self.stall_check = stall_check
-        self.iterator: aio_pika.abc.AbstractQueueIterator | None = None  # the one consuming now
-        self.restarts = 0  # times the loop consumed again (lost, ended or failed)
-        self._received = False  # a message arrived since the last look
-        self._busy = 0  # messages being handled (one at a time when not concurrent)
         self._task: asyncio.Task[None] | None = None
 
     # the loop
 
-    @property
-    def consumer_tag(self) -> str | None:
-        """The broker's name for the consumer now (aio-pika's iterator has it, untyped)."""
-        tag = getattr(self.iterator, "consumer_tag", None)
-        return str(tag) if tag else None
-
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"{self.stream}-consumer")
+        self._task = asyncio.create_task(self._consume(), name=f"{self.stream}-consumer")
 
     async def stop(self, grace: float) -> None:
         """Take no more messages, let those in flight finish within `grace` seconds; the rest
@@ -119,41 +92,11 @@ class Consumer:
             task.cancel()
         await asyncio.gather(*self.in_flight, return_exceptions=True)
 
-    async def _run(self) -> None:
-        pause = RESTART_FIRST
-        while True:
-            started = time.monotonic()
-            try:
-                async with asyncio.TaskGroup() as group:
-                    queue = await self._declare()
-                    group.create_task(self._watch(queue))
-                    await self._consume(queue)
-                    raise Stalled("the broker ended the consumer")
-            except* Stalled as lost:
-                log.warning("%s: consumer lost (%s); consuming again", self.stream, lost.exceptions[0])
-            except* Exception as failed:
-                exc = failed.exceptions[0]
-                if is_infrastructure(exc):
-                    log.warning(
-                        "%s: consumer failed (%s: %s); consuming again", self.stream, type(exc).__name__, exc
-                    )
-                else:
-                    log.error("%s: consumer failed; consuming again", self.stream, exc_info=exc)
-            self.restarts += 1
-            if time.monotonic() - started > RESTART_RESET:
-                pause = RESTART_FIRST
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, RESTART_MAX)
-
-    async def _declare(self) -> aio_pika.abc.AbstractQueue:
+    async def _consume(self) -> None:
         name = amqp.work_queue(self.stream)
-        return await self.channel.declare_queue(name, durable=True, arguments=dict(self.broker.queues[name]))
-
-    async def _consume(self, queue: aio_pika.abc.AbstractQueue) -> None:
+        queue = await self.channel.declare_queue(name, durable=True, arguments=dict(self.broker.queues[name]))
         async with queue.iterator() as messages:
-            self.iterator = messages
             async for message in messages:
-                self._received = True
                 if not self.concurrent:
                     await self.settle(message)
                     continue
@@ -162,36 +105,8 @@ class Consumer:
                 self.in_flight.add(task)
                 task.add_done_callback(self.in_flight.discard)
 
-    async def _watch(self, queue: aio_pika.abc.AbstractQueue) -> None:
-        """Raises Stalled when messages are ready at two looks in a row and none came."""
-        quiet = 0
-        while True:
-            await asyncio.sleep(self.stall_check)
-            if self._received or self._busy or not self.broker.ready:
-                # Working, or reconnecting (restoring the consumer is the connection's part).
-                self._received, quiet = False, 0
-                continue
-            try:
-                # The same declaration again: its answer counts the ready messages.
-                declared = await queue.declare(timeout=self.publish_timeout)
-            except Exception as exc:
-                if not is_infrastructure(exc):
-                    raise
-                continue
-            ready = declared.message_count or 0
-            quiet = quiet + 1 if ready else 0
-            if quiet >= 2:
-                raise Stalled(f"{ready} message(s) ready, none received in {2 * self.stall_check:.0f} s")
-
     async def settle(self, message: AbstractIncomingMessage) -> None:
         """Run the handler on one message and settle it exactly once."""
-        self._busy += 1
-        try:
-            await self._settle(message)
-        finally:
-            self._busy -= 1
-
-    async def _settle(self, message: AbstractIncomingMessage) -> None:
         try:
             async with message.process(requeue=False, ignore_processed=True):
                 try:
