@@ -535,6 +535,12 @@ def parse(argv: list[str] | None = None) -> Options:
     p.add_argument(
         "--reconcile-after", type=float, default=10.0, help="RECONCILE_AFTER of the services (default 10)"
     )
+    p.add_argument(
+        "--db-pool-size",
+        type=int,
+        default=0,
+        help="DB_POOL_SIZE of every process (default 0: the services' own)",
+    )
     p.add_argument("--out", type=Path, help="directory for the report, plot and logs")
     a = p.parse_args(argv)
     return Options(
@@ -547,6 +553,7 @@ def parse(argv: list[str] | None = None) -> Options:
         redis_db=a.redis_db,
         out=a.out,
         reconcile_after=a.reconcile_after,
+        db_pool_size=a.db_pool_size,
     )
 
 
