@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.stats import fmt_num, markdown_table, text_table
@@ -230,20 +231,24 @@ def short_file(path: str) -> str:
     return path
 
 
+def stacks(raw: str) -> Iterator[tuple[list[str], int]]:
+    """py-spy's raw (collapsed) output: each stack's frames, outermost first, and its samples."""
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            yield stack.split(";"), int(count_text)
+
+
 def top_functions(raw: str, limit: int = 15) -> tuple[int, list[tuple[str, int, int]]]:
     """From py-spy's raw (collapsed) output: total samples and the `limit` functions with the
     most own samples (the frame on top of the stack), each with its inclusive samples."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
-    for line in raw.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
+    for frames, count in stacks(raw):
         total += count
         names = []
-        for frame in stack.split(";"):
+        for frame in frames:
             m = FRAME.match(frame)
             names.append(f"{m['func']} ({short_file(m['file'])})" if m else frame)
         own[names[-1]] += count
@@ -320,14 +325,10 @@ def step_shares(raw: str) -> tuple[int, dict[str, float]]:
     """From py-spy's raw output: total samples and each step's share of them (`STEPS`)."""
     counts: Counter[str] = Counter()
     total = 0
-    for line in raw.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
+    for frames, count in stacks(raw):
         total += count
         step, best = OTHER_STEP, TRANSPARENT
-        for frame in reversed(stack.split(";")):  # the deepest first: it wins among equals
+        for frame in reversed(frames):  # the deepest first: it wins among equals
             m = FRAME.match(frame)
             if m is None:
                 continue

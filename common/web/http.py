@@ -258,16 +258,7 @@ async def error_middleware(
         }.get(exc.status, exc.reason)
         return json_response(None, message, status=exc.status, error=code)
     except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as exc:
-        # A dependency (database, broker, another service) did not answer: not our bug, and
-        # the caller can try again. Logged once with the correlation id.
-        log.warning("dependency unavailable: %s: %s", type(exc).__name__, exc)
-        return json_response(
-            None,
-            "A dependency is unavailable; please retry shortly.",
-            status=503,
-            error="service_unavailable",
-            headers={"Retry-After": "1"},
-        )
+        return _dependency_unavailable(exc)
     except Exception as exc:
         refused = _input_error(exc)
         if refused is not None:
@@ -275,14 +266,7 @@ async def error_middleware(
             return json_response(None, refused.message, status=refused.status, error=refused.code)
         if stale_handle(exc):
             # A connection that could not be made (common/event_loop.py): retried, not a 500.
-            log.warning("dependency unavailable: %s", exc)
-            return json_response(
-                None,
-                "A dependency is unavailable; please retry shortly.",
-                status=503,
-                error="service_unavailable",
-                headers={"Retry-After": "1"},
-            )
+            return _dependency_unavailable(exc)
         if _is_db_unavailable(exc):
             log.warning("database unavailable: %s", exc)
             return json_response(
@@ -294,6 +278,19 @@ async def error_middleware(
             )
         log.exception("unexpected error on %s %s", request.method, request.path)
         return json_response(None, "Internal error.", status=500, error="internal_error")
+
+
+def _dependency_unavailable(exc: BaseException) -> web.Response:
+    """A dependency (database, broker, another service) did not answer: not our bug, and the
+    caller can try again. Logged once with the correlation id."""
+    log.warning("dependency unavailable: %s: %s", type(exc).__name__, exc)
+    return json_response(
+        None,
+        "A dependency is unavailable; please retry shortly.",
+        status=503,
+        error="service_unavailable",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _is_db_unavailable(exc: BaseException) -> bool:
