@@ -189,7 +189,8 @@ class Database(Executor):
         # aiopg bounds connecting and each query (`timeout`), not waiting for a free connection:
         # with every connection stuck on a dead server, that wait must end too.
         async def acquire() -> Any:
-            for attempt in range(1, HANDLE_TRIES + 1):
+            attempt = 1
+            while True:
                 try:
                     return await self.pool.acquire()
                 except RuntimeError as exc:
@@ -198,8 +199,8 @@ class Database(Executor):
                     if attempt == HANDLE_TRIES:
                         # A connection error like any other: a 503 or a retry, never a 500.
                         raise OperationalError(f"could not register a new connection: {exc}") from exc
-                    await asyncio.sleep(HANDLE_PAUSE * attempt)
-            raise AssertionError("unreachable")
+                await asyncio.sleep(HANDLE_PAUSE * attempt)
+                attempt += 1
 
         return await asyncio.wait_for(acquire(), self.timeout)
 
