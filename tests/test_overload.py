@@ -5,11 +5,13 @@ memory, delivers every accepted notification exactly once, and is back to normal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import shutil
 import statistics
 import time
 import uuid
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,18 @@ def accepted_by_wrk(tmp_path: Path) -> dict[str, float]:
     return found
 
 
+def said(folder: Path) -> dict[str, int]:
+    """How often each message above `info` was logged by the workers (why, when one failed)."""
+    counts: Counter[str] = Counter()
+    for path in folder.glob("w*.log"):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = orjson.loads(line)
+                if entry.get("level") != "info":
+                    counts[f"{entry.get('level')}: {str(entry.get('message'))[:160]}"] += 1
+    return dict(counts.most_common(12))
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 1000) - 1]
 
@@ -116,7 +130,11 @@ async def stored(stack: Stack, prefix: str) -> dict[str, str]:
     return found
 
 
-async def sequential_latencies(url: str, user_id: str, code: str, count: int) -> list[float]:
+async def sequential_latencies(
+    url: str, user_id: str, code: str, count: int, *, shed_ok: bool = False
+) -> list[float]:
+    """Seconds each of `count` sends in a row took to its 202; with `shed_ok`, a send still shed
+    right after the load (the gateway finishing what it had in hand) counts as infinitely slow."""
     took = []
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
         for _ in range(count):
@@ -131,8 +149,11 @@ async def sequential_latencies(url: str, user_id: str, code: str, count: int) ->
                     "request_id": f"after-{uuid.uuid4()}",
                 },
             ) as response:
-                assert response.status == 202, await response.text()
-                await response.read()
+                body = await response.text()
+                if shed_ok and response.status == 503 and "overloaded" in body:
+                    took.append(math.inf)
+                    continue
+                assert response.status == 202, body
             took.append(time.monotonic() - started)
     return took
 
@@ -171,9 +192,9 @@ async def test_several_times_its_capacity_answered_in_time_and_delivered_once(
         ended = time.monotonic()
         rss_after = vm_rss_mb(gateway.process.pid)
         # Back to normal within seconds: 20 sends in a row, each answered within 200 ms.
-        after = await sequential_latencies(gateway.url, user["id"], code, 20)
+        after = await sequential_latencies(gateway.url, user["id"], code, 20, shed_ok=True)
         while max(after[-20:]) >= 0.2 and time.monotonic() - ended < 10:
-            after += await sequential_latencies(gateway.url, user["id"], code, 1)
+            after += await sequential_latencies(gateway.url, user["id"], code, 1, shed_ok=True)
         back_within = time.monotonic() - ended
 
         accepted = accepted_by_wrk(tmp_path)
@@ -188,7 +209,8 @@ async def test_several_times_its_capacity_answered_in_time_and_delivered_once(
             f"{percentile(list(accepted.values()), 0.9) * 1e3:.0f} ms p99 "
             f"{percentile(list(accepted.values()), 0.99) * 1e3:.0f} ms max "
             f"{max(accepted.values()) * 1e3:.0f} ms; RSS {rss_before:.0f} → {rss_after:.0f} MiB; "
-            f"after: {[round(t * 1e3) for t in after]} ms, 20 in a row < 200 ms within "
+            f"after: {[round(t * 1e3) if t < math.inf else 'shed' for t in after]} ms, "
+            f"20 in a row < 200 ms within "
             f"{back_within:.1f} s"
         )
         print(report)
@@ -227,7 +249,8 @@ async def test_several_times_its_capacity_answered_in_time_and_delivered_once(
             await asyncio.sleep(0.5)
         await asyncio.sleep(1)  # time for a duplicate to show up, were there one
         received = [i for i in stack.smtp.notification_ids(user["email"]) if i in expected]
-        assert len(received) == len(expected), "some were delivered twice"
+        twice = len(received) - len(set(received))
+        assert twice == 0, f"{twice} delivered twice; the workers said: {said(tmp_path)}; {report}"
     finally:
         gateway.stop()
         for worker in workers:
